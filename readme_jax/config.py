@@ -34,6 +34,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim); the router's reference variant uses 1.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):

@@ -71,12 +71,12 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
         k = layers.apply_rope((h @ lp["wk"]).reshape(B, T, K, hd), cos, sin)
         v = (h @ lp["wv"]).reshape(B, T, K, hd)
         if ck is None:
-            a = layers.attend(q, k, v, positions_BT, positions_BT)
+            a = layers.attend(q, k, v, positions_BT, positions_BT, cfg.attn_scale)
         else:
             ck = layers.write_cache(ck, k, positions_BT)
             cv = layers.write_cache(cv, v, positions_BT)
             kpos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=jnp.int32), (B, ck.shape[1]))
-            a = layers.attend(q, ck, cv, positions_BT, kpos)
+            a = layers.attend(q, ck, cv, positions_BT, kpos, cfg.attn_scale)
         x_BTD = x_BTD + (a @ lp["wo"]).astype(dt)
         h = layers.rms_norm(x_BTD, lp["ffn_norm"], cfg.norm_eps)
         y, aux = ffn(lp, h, ffn_ctx)

@@ -41,6 +41,8 @@ class Layers(nnx.Module):
         for name, shape in shapes.items():
             if name.endswith("norm"):
                 value = jnp.ones(shape, dtype)
+            elif name.startswith("bias"):
+                value = jnp.zeros(shape, dtype)
             else:
                 fan_in = shape[-2]
                 value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
