@@ -1,0 +1,246 @@
+"""Expert extraction: channel selection per domain and the physical expert weights.
+
+Expert ``e`` of layer ``l`` is the set of FFN channels (columns of Wg/Wu, rows of Wd) with the
+``F_e = expert_width(F, r)`` largest calibration statistics of domain ``e``. The channels every
+expert keeps form the permanent expert. Two physical layouts (see docs/CONVERT.md):
+
+* ``fixed`` (default, what the MoE model uses): each expert holds all its F_e channels,
+  permanent ones included: ``wg, wu: [L, E, D, F_e]``, ``wd: [L, E, F_e, D]``.
+* ``split``: a shared permanent FFN ``[L, D, P_max]`` plus expert remainders ``[L, E, D, R_max]``,
+  zero-padded (zero columns contribute exactly 0) with valid counts recorded.
+
+Column ``j`` of an expert came from dense channel ``channel_index[..., j]`` (ascending; -1 = pad).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from readme_jax.config import ModelConfig
+from readme_jax.errors import ConfigError, ShapeError
+
+FFN_KEYS = ("wg", "wu", "wd")
+
+
+def expert_width(ffn_dim: int, r: float) -> int:
+    """``F_e = round(r * F)`` with halves rounded up; ConfigError unless 0 < r <= 1 and F_e >= 1."""
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not math.isfinite(r):
+        raise ConfigError(f"expert ratio r must be a number in (0, 1], got {r!r}")
+    if not 0.0 < r <= 1.0:
+        raise ConfigError(f"expert ratio r must lie in (0, 1], got {r}")
+    width = int(math.floor(r * ffn_dim + 0.5))
+    if width < 1:
+        raise ConfigError(f"expert ratio r={r} keeps round(r*F)={width} of F={ffn_dim} channels; need at least 1")
+    return width
+
+
+def top_channels(score_XF: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the k highest scores on the last axis; ties go to the lower channel index."""
+    order = np.argsort(-np.asarray(score_XF, np.float64), axis=-1, kind="stable")[..., :k]
+    mask = np.zeros(np.shape(score_XF), bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    return mask
+
+
+def select_channels(stats_mean_NLF: np.ndarray, r: float) -> np.ndarray:
+    """Per domain and layer, keep exactly ``expert_width(F, r)`` channels: ``bool[N, L, F]``.
+
+    Ranking is a stable sort on (-score, channel index), so the result is deterministic.
+    """
+    s = np.asarray(stats_mean_NLF)
+    if s.ndim != 3:
+        raise ShapeError(f"select_channels: stats must be [n_domains, n_layers, ffn_dim], got shape {s.shape}")
+    if s.size == 0:
+        raise ShapeError(f"select_channels: stats are empty, shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ShapeError("select_channels: stats contain inf/nan at (domain, layer) "
+                         f"{sorted({(int(a), int(b)) for a, b, _ in np.argwhere(~np.isfinite(s))})[:5]}")
+    return top_channels(s, expert_width(s.shape[-1], r))
+
+
+def permanent_channels(masks_NLF: np.ndarray) -> np.ndarray:
+    """Channels kept by every expert (the always-on permanent expert): ``bool[L, F]``."""
+    return np.logical_and.reduce(_check_masks(masks_NLF)[0], axis=0)
+
+
+def permanent_sizes(masks_NLF: np.ndarray) -> np.ndarray:
+    """Number of permanent channels per layer: ``int64[L]``."""
+    return permanent_channels(masks_NLF).sum(-1).astype(np.int64)
+
+
+def expert_overlap(masks_NLF: np.ndarray) -> np.ndarray:
+    """Shared fraction ``|A ∩ B| / F_e`` for every pair of experts: float64 ``[L, N, N]``.
+
+    All experts have F_e channels, so this is also ``|A ∩ B| / |A|``; Jaccard is ``o / (2 - o)``.
+    """
+    m, fe = _check_masks(masks_NLF)
+    inter = np.einsum("alf,blf->lab", m.astype(np.int64), m.astype(np.int64))
+    return inter / fe
+
+
+def _check_masks(masks_NLF) -> tuple[np.ndarray, int]:
+    """Validate a mask stack (bool [N,L,F], same count everywhere); return it and F_e."""
+    m = np.asarray(masks_NLF)
+    if m.ndim != 3 or m.dtype != np.bool_:
+        raise ShapeError(f"channel masks must be bool [n_experts, n_layers, ffn_dim], got {m.dtype} {m.shape}")
+    counts = m.sum(-1)
+    if m.size == 0 or counts.min() != counts.max() or counts.min() < 1:
+        raise ShapeError(f"every (expert, layer) mask must keep the same number (>= 1) of channels; "
+                         f"counts range over [{counts.min() if m.size else 0}, {counts.max() if m.size else 0}]")
+    return m, int(counts.flat[0])
+
+
+def _dense_ffn(dense_arrays: Mapping, masks_NLF: np.ndarray | None = None, where: str = "") -> dict:
+    """The dense ``wg, wu: [L,D,F]``, ``wd: [L,F,D]`` as numpy, checked against the masks' [L, F]."""
+    lp = dense_arrays.get("layers", dense_arrays) if isinstance(dense_arrays, Mapping) else None
+    if lp is None or any(k not in lp for k in FFN_KEYS):
+        raise ShapeError(f"{where}: expected dense arrays with 'layers.wg/wu/wd' (decoder.forward layout)")
+    w = {k: np.asarray(lp[k]) for k in FFN_KEYS}
+    if w["wg"].ndim != 3:
+        raise ShapeError(f"{where}: 'layers.wg' must be [L, D, F], got shape {w['wg'].shape}")
+    L, D, F = w["wg"].shape
+    for k, shape in (("wu", (L, D, F)), ("wd", (L, F, D))):
+        if w[k].shape != shape:
+            raise ShapeError(f"{where}: 'layers.{k}' has shape {w[k].shape}, expected {shape} "
+                             f"(from layers.wg {w['wg'].shape})")
+    if masks_NLF is not None and tuple(masks_NLF.shape[1:]) != (L, F):
+        raise ShapeError(f"{where}: channel masks/stats are [.., L={masks_NLF.shape[1]}, F={masks_NLF.shape[2]}] "
+                         f"but the dense model has L={L}, F={F} (layers.wg {w['wg'].shape})")
+    return w
+
+
+def _require_full(dense_arrays, where: str) -> None:
+    if not isinstance(dense_arrays, Mapping) or not isinstance(dense_arrays.get("layers"), Mapping):
+        raise ShapeError(f"{where}: expected the full dense param dict with a 'layers' group "
+                         f"(decoder.forward layout)")
+
+
+def _sorted_index(mask_XF: np.ndarray, width: int) -> np.ndarray:
+    """Indices of True entries on the last axis, ascending, padded with -1 to ``width``: int32."""
+    count = mask_XF.sum(-1, keepdims=True)
+    order = np.argsort(~mask_XF, axis=-1, kind="stable")[..., :width]
+    return np.where(np.arange(width) < count, order, -1).astype(np.int32)
+
+
+def _gather(w: dict, idx_LXK: np.ndarray) -> dict:
+    """Gather channels ``idx [L, ..., K]`` (-1 = zero pad): wg/wu -> [L,...,D,K], wd -> [L,...,K,D]."""
+    valid = idx_LXK >= 0
+    safe = np.where(valid, idx_LXK, 0)
+    L = idx_LXK.shape[0]
+    g = {}
+    for k in ("wg", "wu"):
+        cols = np.stack([np.take(w[k][l], safe[l], axis=-1) for l in range(L)])  # [L, D, ..., K]
+        cols = np.moveaxis(cols, 1, -2)  # [L, ..., D, K]
+        g[k] = np.where(valid[..., None, :], cols, np.zeros((), cols.dtype))
+    rows = np.stack([np.take(w["wd"][l], safe[l], axis=0) for l in range(L)])  # [L, ..., K, D]
+    g["wd"] = np.where(valid[..., None], rows, np.zeros((), rows.dtype))
+    return g
+
+
+def extract_experts(dense_arrays: Mapping, masks_NLF: np.ndarray, layout: str = "fixed") -> dict:
+    """Physical expert weights from a dense model and channel masks ``bool[E, L, F]``.
+
+    ``fixed``: ``{"wg","wu": [L,E,D,F_e], "wd": [L,E,F_e,D], "channel_index": int32[L,E,F_e]}``.
+    ``split``: ``{"shared_wg","shared_wu": [L,D,P], "shared_wd": [L,P,D], "shared_index": int32[L,P],
+    "shared_count": int32[L], "wg","wu": [L,E,D,R], "wd": [L,E,R,D], "channel_index": int32[L,E,R],
+    "expert_count": int32[L]}`` with P = max permanent size, R = F_e - min permanent size.
+    Arrays are numpy in the dense dtype; padding columns are zero and index -1.
+    """
+    masks, fe = _check_masks(masks_NLF)
+    w = _dense_ffn(dense_arrays, masks, "extract_experts")
+    m_LEF = np.swapaxes(masks, 0, 1)
+    if layout == "fixed":
+        idx = _sorted_index(m_LEF, fe)
+        return {**_gather(w, idx), "channel_index": idx}
+    if layout == "split":
+        perm_LF = np.logical_and.reduce(masks, axis=0)
+        p_L = perm_LF.sum(-1)
+        P, R = int(p_L.max()), int(fe - p_L.min())
+        shared_idx = _sorted_index(perm_LF, P)
+        expert_idx = _sorted_index(m_LEF & ~perm_LF[:, None, :], R)
+        shared = _gather(w, shared_idx)
+        out = {f"shared_{k}": v for k, v in shared.items()}
+        out.update(shared_index=shared_idx, shared_count=p_L.astype(np.int32))
+        out.update(_gather(w, expert_idx), channel_index=expert_idx,
+                   expert_count=(fe - p_L).astype(np.int32))
+        return out
+    raise ConfigError(f"extract_experts: layout must be 'fixed' or 'split', got {layout!r}")
+
+
+def layout_cost(masks_NLF: np.ndarray, k: int, d_model: int, bytes_per_param: int = 2) -> dict:
+    """FFN weight bytes read by a batch touching ``k`` distinct experts, and FLOPs per token.
+
+    Sums over layers. ``split_exact`` assumes no padding (P_l per layer); ``split_padded`` is
+    what :func:`extract_experts` builds (P_max shared + R_max per expert in every layer).
+    """
+    masks, fe = _check_masks(masks_NLF)
+    if not 1 <= k <= masks.shape[0]:
+        raise ConfigError(f"layout_cost: k must be in [1, {masks.shape[0]}] experts, got {k}")
+    p_L = np.logical_and.reduce(masks, axis=0).sum(-1).astype(np.int64)
+    L = len(p_L)
+    P, R = int(p_L.max()), int(fe - p_L.min())
+    per_channel = 3 * d_model * bytes_per_param  # one column of Wg and Wu, one row of Wd
+    ch = {"fixed": L * k * fe, "split_exact": int((p_L + k * (fe - p_L)).sum()), "split_padded": L * (P + k * R)}
+    flops = {"fixed": L * fe, "split_exact": L * fe, "split_padded": L * (P + R)}
+    return {"k": k, "expert_width": fe, "permanent_per_layer": p_L.tolist(),
+            "bytes": {n: c * per_channel for n, c in ch.items()},
+            "flops_per_token": {n: 2 * 3 * d_model * c for n, c in flops.items()}}
+
+
+def moe_arrays_from_dense(dense_arrays: Mapping, masks_NLF: np.ndarray, *, domains: Sequence[str] | None = None,
+                          r: float | None = None) -> tuple[dict, dict]:
+    """The Read-ME MoE params (fixed layout) and their metadata.
+
+    ``params`` has the dense top-level and attention arrays (same objects, not copied) with
+    ``layers.wg/wu/wd`` replaced by ``[L,E,D,F_e]`` / ``[L,E,F_e,D]``. ``meta`` holds
+    ``channel_index int32[L,E,F_e]``, ``permanent bool[L,F]``, ``domains``, ``r``,
+    ``n_experts``, ``expert_width``, ``ffn_dim``.
+    """
+    masks, fe = _check_masks(masks_NLF)
+    E, L, F = masks.shape
+    _require_full(dense_arrays, "moe_arrays_from_dense")
+    if domains is None:
+        domains = [f"expert{e}" for e in range(E)]
+    domains = [str(d) for d in domains]
+    if len(domains) != E:
+        raise ShapeError(f"moe_arrays_from_dense: {len(domains)} domain names for {E} expert masks")
+    if r is not None and expert_width(F, r) != fe:
+        raise ConfigError(f"moe_arrays_from_dense: r={r} gives {expert_width(F, r)} channels of F={F}, "
+                          f"but the masks keep {fe}")
+    ex = extract_experts(dense_arrays, masks, "fixed")
+    params = {k: v for k, v in dense_arrays.items() if k != "layers"}
+    params["layers"] = {k: v for k, v in dense_arrays["layers"].items() if k not in FFN_KEYS}
+    params["layers"].update(wg=ex["wg"], wu=ex["wu"], wd=ex["wd"])
+    meta = {"channel_index": ex["channel_index"], "permanent": np.logical_and.reduce(masks, axis=0),
+            "domains": domains, "r": float(r) if r is not None else fe / F, "n_experts": E,
+            "expert_width": fe, "ffn_dim": F}
+    return params, meta
+
+
+def pruned_dense_arrays(dense_arrays: Mapping, pooled_stats_LF: np.ndarray, width: int,
+                        cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """The equal-size pruned dense baseline: per layer keep the ``width`` channels with the
+    largest pooled statistic (ascending channel order). Returns ``(params, cfg with ffn_dim=width)``.
+    """
+    _require_full(dense_arrays, "pruned_dense_arrays")
+    s = np.asarray(pooled_stats_LF)
+    if s.ndim != 2:
+        raise ShapeError(f"pruned_dense_arrays: pooled stats must be [n_layers, ffn_dim], got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ShapeError("pruned_dense_arrays: pooled stats contain inf/nan")
+    w = _dense_ffn(dense_arrays, s[None], "pruned_dense_arrays")
+    L, D, F = w["wg"].shape
+    if (L, D, F) != (cfg.n_layers, cfg.d_model, cfg.ffn_dim):
+        raise ShapeError(f"pruned_dense_arrays: dense arrays are L={L}, D={D}, F={F} but cfg says "
+                         f"L={cfg.n_layers}, D={cfg.d_model}, F={cfg.ffn_dim}")
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= F:
+        raise ConfigError(f"pruned_dense_arrays: width must be an integer in [1, {F}], got {width!r}")
+    idx = _sorted_index(top_channels(s, int(width)), int(width))
+    g = _gather(w, idx)
+    params = {k: v for k, v in dense_arrays.items() if k != "layers"}
+    params["layers"] = {**{k: v for k, v in dense_arrays["layers"].items() if k not in FFN_KEYS}, **g}
+    return params, dataclasses.replace(cfg, ffn_dim=int(width))
