@@ -1,0 +1,95 @@
+"""The Read-ME MoE backbone and the conventional layer-wise-routed baseline built from the same experts.
+
+Attention, norms and embeddings are the dense model's; each layer's FFN is E experts of width F_e
+stacked as ``wg, wu: [L, E, D, F_e]``, ``wd: [L, E, F_e, D]``, and every FFN call goes through the
+one entry point :func:`readme_jax.ops.expert_ffn.expert_ffn`.
+
+- :class:`MoEBackbone` takes route ids ``[B, T]`` (from the decoupled router) and uses the SAME
+  expert for a token in every layer; top-1, no gate scaling (Read-ME).
+- :class:`LayerwiseMoE` is the conventional MoE: a router per layer reading that layer's hidden
+  state, top-1 with the softmax gate probability scaling the expert's output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from readme_jax.config import ModelConfig
+from readme_jax.errors import ConfigError
+from readme_jax.model import decoder
+from readme_jax.model.llama import Decoder
+from readme_jax.ops.expert_ffn import expert_ffn
+
+
+def expert_shapes(cfg: ModelConfig, n_experts: int, expert_dim: int) -> dict:
+    L, D, E, Fe = cfg.n_layers, cfg.d_model, n_experts, expert_dim
+    return {"wg": (L, E, D, Fe), "wu": (L, E, D, Fe), "wd": (L, E, Fe, D)}
+
+
+def routed_ffn(impl: str):
+    """FFN for decoder.forward: ``ctx`` is the route ``[B, T]``, the same for every layer."""
+
+    def ffn(lp, h_BTD, route_BT):
+        B, T, D = h_BTD.shape
+        y = expert_ffn(h_BTD.reshape(B * T, D), route_BT.reshape(B * T), lp["wg"], lp["wu"], lp["wd"], impl=impl)
+        return y.reshape(B, T, D), None
+
+    return ffn
+
+
+def layerwise_ffn(impl: str):
+    """FFN of the conventional MoE: per-layer top-1 router with softmax gate; aux = router logits."""
+
+    def ffn(lp, h_BTD, ctx):
+        del ctx
+        B, T, D = h_BTD.shape
+        logits = jnp.dot(h_BTD, lp["gate"], preferred_element_type=jnp.float32)  # [B,T,E]
+        route = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), route[..., None], axis=-1)
+        y = expert_ffn(h_BTD.reshape(B * T, D), route.reshape(B * T), lp["wg"], lp["wu"], lp["wd"], impl=impl)
+        return (y.reshape(B, T, D) * prob.astype(y.dtype)), logits
+
+    return ffn
+
+
+class MoEBackbone(Decoder):
+    """Read-ME backbone: dense attention + stacked experts, routed by precomputed route ids."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, n_experts: int, expert_dim: int, impl: str = "xla"):
+        if n_experts < 1 or expert_dim < 1:
+            raise ConfigError(f"MoE needs n_experts >= 1 and expert_dim >= 1, got {n_experts}, {expert_dim}")
+        self.n_experts = n_experts
+        self.expert_dim = expert_dim
+        self.impl = impl
+        super().__init__(cfg, rngs=rngs)
+
+    def ffn_shapes(self) -> dict:
+        return expert_shapes(self.cfg, self.n_experts, self.expert_dim)
+
+    def ffn_fn(self):
+        return routed_ffn(self.impl)
+
+    def __call__(self, tokens_BT, positions_BT=None, cache=None, *, route_BT=None, ffn_ctx=None):
+        if route_BT is None:
+            route_BT = ffn_ctx
+        if route_BT is None:
+            raise ConfigError("MoEBackbone needs route_BT (one expert id per token)")
+        return super().__call__(tokens_BT, positions_BT, cache, ffn_ctx=route_BT)
+
+
+class LayerwiseMoE(MoEBackbone):
+    """Conventional MoE baseline over the same experts: a [D, E] gate per layer, top-1, softmax gate."""
+
+    def ffn_shapes(self) -> dict:
+        out = super().ffn_shapes()
+        out["gate"] = (self.cfg.n_layers, self.cfg.d_model, self.n_experts)
+        return out
+
+    def ffn_fn(self):
+        return layerwise_ffn(self.impl)
+
+    def __call__(self, tokens_BT, positions_BT=None, cache=None, **_):
+        out, cache, _ = decoder.forward(self.arrays(), self.cfg, tokens_BT, positions_BT, cache, ffn=self.ffn_fn())
+        return out, cache
