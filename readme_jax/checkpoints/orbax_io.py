@@ -1,0 +1,65 @@
+"""Our own checkpoint format: an orbax PyTree checkpoint of the arrays plus ``meta.json``.
+
+Layout of a directory written by :func:`save_params`::
+
+    dir/params/      orbax StandardCheckpointHandler output (the nested dict of arrays)
+    dir/meta.json    JSON metadata (e.g. {"model_config": {...}, "kind": "llama", ...})
+    dir/tokenizer.json, tokenizer_config.json   (optional, when a tokenizer is given)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from readme_jax.errors import CheckpointError
+
+PARAMS_DIR = "params"
+META_FILE = "meta.json"
+
+
+def is_orbax_dir(path) -> bool:
+    d = Path(path)
+    return (d / PARAMS_DIR).is_dir() and (d / META_FILE).is_file()
+
+
+def save_params(path, arrays: dict, meta: dict, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write ``arrays`` with orbax and ``meta`` as JSON (and the tokenizer when given)."""
+    d = Path(path).absolute()
+    if (d / PARAMS_DIR).exists():
+        if not overwrite:
+            raise CheckpointError(f"{d / PARAMS_DIR} already exists; pass overwrite=True to replace it")
+        shutil.rmtree(d / PARAMS_DIR)
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise CheckpointError(f"meta for {d} is not JSON-serializable: {e}") from None
+    d.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(d / PARAMS_DIR, arrays)
+    ckptr.wait_until_finished()
+    (d / META_FILE).write_text(meta_text)
+    if tokenizer is not None:
+        tokenizer.save_hf(d)
+    return d
+
+
+def restore_params(path) -> tuple[dict, dict]:
+    """Read back ``(arrays, meta)``; arrays are jax arrays on the default device."""
+    d = Path(path).absolute()
+    if not is_orbax_dir(d):
+        raise CheckpointError(f"{d}: not a readme-jax orbax checkpoint (expected {PARAMS_DIR}/ and {META_FILE})")
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / META_FILE}: invalid JSON ({e})") from None
+    ckptr = ocp.StandardCheckpointer()
+    tree = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+    arrays = ckptr.restore(d / PARAMS_DIR, target)
+    return arrays, meta

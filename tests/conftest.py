@@ -1,0 +1,98 @@
+"""Shared fixtures: random Llama weights in our layout, and writers for HF dirs and GGUF files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from readme_jax.config import ModelConfig, tiny_model_config
+
+
+def random_llama_arrays(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random float32 numpy weights in our layout, scaled so logits are O(1)."""
+    rng = np.random.default_rng(seed)
+    L, D, V, F = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.ffn_dim
+    Hq, Hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+    def mat(*shape):
+        return (rng.standard_normal(shape) * shape[-2] ** -0.5).astype(np.float32)
+
+    def norm(*shape):
+        return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+    out = {"embed": rng.standard_normal((V, D)).astype(np.float32), "final_norm": norm(D),
+           "layers": {"attn_norm": norm(L, D), "wq": mat(L, D, Hq), "wk": mat(L, D, Hk), "wv": mat(L, D, Hk),
+                      "wo": mat(L, Hq, D), "ffn_norm": norm(L, D), "wg": mat(L, D, F), "wu": mat(L, D, F),
+                      "wd": mat(L, F, D)}}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = mat(D, V)
+    return out
+
+
+@pytest.fixture
+def make_hf_dir(tmp_path):
+    """Factory: ``make_hf_dir(cfg=None, seed=0, **save_kw) -> (dir, cfg, arrays)`` via ``save_hf``."""
+    from readme_jax.checkpoints.hf import save_hf
+
+    count = [0]
+
+    def make(cfg: ModelConfig | None = None, seed: int = 0, **save_kw):
+        cfg = cfg or tiny_model_config()
+        arrays = random_llama_arrays(cfg, seed)
+        count[0] += 1
+        d = save_hf(tmp_path / f"hf{count[0]}", cfg, arrays, **save_kw)
+        return d, cfg, arrays
+
+    return make
+
+
+def write_gguf(path, *, metadata: dict | None = None, tensors: dict | None = None, arch: str = "llama",
+               tokenizer: dict | None = None):
+    """Write a GGUF file. ``tensors``: name -> (float32 array [out, in], GGMLQuantizationType);
+    ``tokenizer``: {"tokens", "types", "merges", "pre", "bos", "eos", "chat_template"} (optional);
+    ``metadata``: extra key -> value (int -> uint32, float -> float32, str, bool)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_string(key, value)
+    if tokenizer is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tokenizer.get("pre", "smollm"))
+        w.add_token_list(tokenizer["tokens"])
+        w.add_token_types(tokenizer["types"])
+        w.add_token_merges(tokenizer["merges"])
+        w.add_bos_token_id(tokenizer.get("bos", 1))
+        w.add_eos_token_id(tokenizer.get("eos", 2))
+        if tokenizer.get("chat_template"):
+            w.add_chat_template(tokenizer["chat_template"])
+    for name, (arr, qtype) in (tensors or {}).items():
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_shape=arr.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def gguf_writer():
+    """The :func:`write_gguf` helper, as a fixture."""
+    return write_gguf
+
+
+@pytest.fixture
+def llama_arrays():
+    """The :func:`random_llama_arrays` helper, as a fixture."""
+    return random_llama_arrays

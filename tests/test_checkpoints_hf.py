@@ -1,0 +1,175 @@
+"""HF safetensors in/out against transformers, sharded and bf16 files, orbax, load_model, errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from readme_jax.checkpoints import load_model, save_model
+from readme_jax.checkpoints.hf import load_hf, save_hf
+from readme_jax.checkpoints.orbax_io import restore_params, save_params
+from readme_jax.config import tiny_model_config
+from readme_jax.errors import CheckpointError
+from readme_jax.model import decoder
+from readme_jax.model.llama import Llama
+
+CONFIGS = {
+    "gqa_untied": tiny_model_config(n_heads=4, n_kv_heads=2, tie_embeddings=False, rope_theta=5000.0),
+    "mha_tied": tiny_model_config(n_heads=4, n_kv_heads=4, tie_embeddings=True, norm_eps=1e-6),
+    # head_dim 16 != d_model / n_heads = 8: the explicit head_dim key must be honoured
+    "gqa_wide_heads": tiny_model_config(n_heads=4, n_kv_heads=1, head_dim=16, tie_embeddings=True),
+}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def hf_logits(d, tokens):
+    m = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return m(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def tree_equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], dict):
+            tree_equal(a[k], b[k])
+        else:
+            np.testing.assert_array_equal(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32), err_msg=k)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hf_parity_full_and_kv_cache(make_hf_dir, name):
+    d, cfg, arrays = make_hf_dir(CONFIGS[name], seed=len(name))
+    cfg2, loaded = load_hf(d)
+    assert cfg2 == cfg
+    tree_equal(loaded, arrays)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11))
+    ref = hf_logits(d, tokens)
+    model = Llama.from_arrays(cfg2, loaded, source=str(d))
+    full, _ = model(jnp.asarray(tokens))
+    assert rel_err(full, ref) < 1e-4
+    # prefill 6 tokens, then one token at a time through the KV cache
+    B, T, P = tokens.shape[0], tokens.shape[1], 6
+    cache = decoder.init_cache(cfg2, B, 16)
+    pos = jnp.broadcast_to(jnp.arange(P), (B, P))
+    out, cache = model(jnp.asarray(tokens[:, :P]), pos, cache)
+    steps = [out]
+    for t in range(P, T):
+        out, cache = model(jnp.asarray(tokens[:, t:t + 1]), jnp.full((B, 1), t), cache)
+        steps.append(out)
+    assert rel_err(jnp.concatenate(steps, axis=1), ref) < 1e-4
+
+
+def test_bf16_file_loads(make_hf_dir):
+    cfg = tiny_model_config(param_dtype="bfloat16", tie_embeddings=False)
+    d, cfg, arrays = make_hf_dir(cfg, seed=3)
+    raw = load_file(d / "model.safetensors")
+    assert raw["model.layers.0.self_attn.q_proj.weight"].dtype.name == "bfloat16"
+    cfg32, loaded = load_hf(d, dtype="float32")
+    assert cfg32.param_dtype == "float32" and loaded["layers"]["wq"].dtype == np.float32
+    np.testing.assert_array_equal(loaded["layers"]["wq"],
+                                  np.asarray(arrays["layers"]["wq"]).astype(jnp.bfloat16).astype(np.float32))
+    cfg16, loaded16 = load_hf(d, dtype="bfloat16")
+    assert loaded16["embed"].dtype.name == "bfloat16" and cfg16.dtype == "bfloat16"
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 9))
+    ours, _ = Llama.from_arrays(cfg32, loaded)(jnp.asarray(tokens))
+    assert rel_err(ours, hf_logits(d, tokens)) < 1e-4
+
+
+def test_sharded_index(make_hf_dir):
+    d, cfg, arrays = make_hf_dir(tiny_model_config(), seed=5, max_shard_bytes=20_000)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (d / "model.safetensors").exists()
+    cfg2, loaded = load_hf(d)
+    tree_equal(loaded, arrays)
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 7))
+    ours, _ = Llama.from_arrays(cfg2, loaded)(jnp.asarray(tokens))
+    assert rel_err(ours, hf_logits(d, tokens)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _edit_config(d, **kw):
+    raw = json.loads((d / "config.json").read_text())
+    raw.update(kw)
+    (d / "config.json").write_text(json.dumps(raw))
+
+
+def test_errors_paths_and_config(make_hf_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="HF checkpoint directory not found"):
+        load_hf(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_hf(tmp_path / "empty")
+    d, cfg, _ = make_hf_dir()
+    _edit_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(CheckpointError, match=r"expected a Llama checkpoint.*GPT2LMHeadModel.*'gpt2'"):
+        load_hf(d)
+    d, _, _ = make_hf_dir()
+    _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
+    with pytest.raises(CheckpointError, match="rope type 'llama3' is not supported"):
+        load_hf(d)
+    d, _, _ = make_hf_dir()
+    _edit_config(d, mlp_bias=True)
+    with pytest.raises(CheckpointError, match="mlp_bias=true is not supported"):
+        load_hf(d)
+    d, _, _ = make_hf_dir()
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_hf(d)
+
+
+def test_errors_tensors(make_hf_dir):
+    d, cfg, _ = make_hf_dir()
+    t = load_file(d / "model.safetensors")
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(48, 32\)\)"):
+        load_hf(d)
+    d, cfg, _ = make_hf_dir()
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+    save_file(t, d / "model.safetensors")
+    with pytest.raises(CheckpointError,
+                       match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(8, 32\), expected \(16, 32\)"):
+        load_hf(d)
+    d, _, _ = make_hf_dir(max_shard_bytes=20_000)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (d / victim).unlink()
+    with pytest.raises(CheckpointError, match=f"shard '{victim}'.*not found"):
+        load_hf(d)
+
+
+# ----------------------------------------------------------------------------- orbax + load_model
+
+
+def test_orbax_round_trip(tmp_path, llama_arrays):
+    cfg = tiny_model_config()
+    arrays = llama_arrays(cfg, seed=7)
+    arrays["layers"]["wq"] = jnp.asarray(arrays["layers"]["wq"], jnp.bfloat16)
+    save_params(tmp_path / "ck", arrays, {"step": 3, "note": "x"})
+    back, meta = restore_params(tmp_path / "ck")
+    assert meta == {"step": 3, "note": "x"}
+    assert back["layers"]["wq"].dtype == jnp.bfloat16
+    tree_equal(back, arrays)
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        save_params(tmp_path / "ck", arrays, {})
+    save_params(tmp_path / "ck", arrays, {"step": 4}, overwrite=True)
+    assert restore_params(tmp_path / "ck")[1] == {"step": 4}
+    with pytest.raises(CheckpointError, match="not a readme-jax orbax checkpoint"):
+        restore_params(tmp_path)
+    with pytest.raises(CheckpointError, match="not JSON-serializable"):
+        save_params(tmp_path / "ck2", arrays, {"bad": object()})
+
