@@ -1,0 +1,176 @@
+"""Serving requests, units of pending work, and the batches a scheduler hands to an engine.
+
+A :class:`Request` carries its prompt's routes (one expert id per prompt token, computed by
+the decoupled router when the request arrives). After every step the engine reports the
+route of each newly sampled token, so every queued token's expert is known before the
+backbone runs it. Read-ME routes a token to ONE expert for all layers, so one id per token.
+
+Only the scheduler mutates a request's state fields; engines and simulators read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Sequence
+
+import numpy as np
+
+from readme_jax.errors import RequestError
+
+
+class Kind(str, enum.Enum):
+    """What a batch item asks the engine to do."""
+
+    PREFILL = "prefill"  # run the whole prompt into the request's KV slot, sample token 1
+    DECODE = "decode"  # run the last sampled token (1 token), sample the next one
+
+
+class Status(str, enum.Enum):
+    WAITING = "waiting"  # queued, no KV slot yet
+    ADMITTED = "admitted"  # has a slot; its prefill is pending
+    RUNNING = "running"  # prefilled; decoding
+    FINISHED = "finished"
+    REJECTED = "rejected"  # never served; ``reject_reason`` says why
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    ``prompt_routes`` holds the expert of every prompt token; ``max_new_tokens`` bounds the
+    output (the engine may finish earlier, e.g. on EOS). ``prompt_ids`` is optional: the
+    scheduler never reads it, the engine does.
+    """
+
+    rid: int
+    arrival_s: float
+    prompt_routes: np.ndarray
+    max_new_tokens: int
+    prompt_ids: np.ndarray | None = None
+    # --- state, written by the scheduler
+    status: Status = Status.WAITING
+    slot: int | None = None
+    n_generated: int = 0
+    next_route: int | None = None  # expert of the sampled token the next decode will run
+    admitted_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    reject_reason: str | None = None
+
+    def __post_init__(self):
+        routes = np.asarray(self.prompt_routes)
+        if routes.ndim != 1 or routes.size == 0:
+            raise RequestError(
+                f"request {self.rid}: prompt_routes must be a non-empty 1-D array of expert ids, "
+                f"got shape {routes.shape}"
+            )
+        if not np.issubdtype(routes.dtype, np.integer):
+            raise RequestError(f"request {self.rid}: prompt_routes must be integers, got dtype {routes.dtype}")
+        if routes.min() < 0:
+            raise RequestError(f"request {self.rid}: prompt_routes has a negative expert id {int(routes.min())}")
+        self.prompt_routes = routes.astype(np.int32)
+        if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) != self.max_new_tokens \
+                or self.max_new_tokens < 1:
+            raise RequestError(f"request {self.rid}: max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not np.isfinite(self.arrival_s) or self.arrival_s < 0:
+            raise RequestError(f"request {self.rid}: arrival_s must be finite and >= 0, got {self.arrival_s!r}")
+        if self.prompt_ids is not None and len(self.prompt_ids) != len(routes):
+            raise RequestError(
+                f"request {self.rid}: prompt_ids has {len(self.prompt_ids)} tokens but prompt_routes has {len(routes)}"
+            )
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.prompt_routes.shape[0])
+
+
+def majority_expert(routes: np.ndarray) -> int:
+    """The most frequent expert id in ``routes``; ties go to the smallest id."""
+    counts = np.bincount(np.asarray(routes))
+    return int(np.argmax(counts))  # argmax returns the first (smallest) maximum
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WorkItem:
+    """Pending work of one request: its whole prefill, or the decode of one token.
+
+    ``ready_step`` is the scheduler step from which the item could run; a batch at step s
+    that takes it makes it wait ``s - ready_step`` steps. ``queue_expert`` is the expert it
+    is queued under by expert-aware batching (a prefill: its majority expert).
+    """
+
+    request: Request
+    kind: Kind
+    n_tokens: int
+    ready_step: int
+    experts: frozenset
+    queue_expert: int
+
+    @property
+    def rid(self) -> int:
+        return self.request.rid
+
+    @staticmethod
+    def prefill(request: Request, ready_step: int) -> "WorkItem":
+        r = request.prompt_routes
+        return WorkItem(request, Kind.PREFILL, int(r.shape[0]), ready_step,
+                        frozenset(int(e) for e in np.unique(r)), majority_expert(r))
+
+    @staticmethod
+    def decode(request: Request, route: int, ready_step: int) -> "WorkItem":
+        return WorkItem(request, Kind.DECODE, 1, ready_step, frozenset((int(route),)), int(route))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One entry of a batch: run ``n_tokens`` of ``kind`` for ``request`` in KV slot ``slot``."""
+
+    request: Request
+    kind: Kind
+    n_tokens: int
+    slot: int
+    wait_steps: int  # steps this work waited after it became ready
+    experts: frozenset
+
+    @property
+    def rid(self) -> int:
+        return self.request.rid
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """The work of one engine step (prefills and decodes together)."""
+
+    step: int
+    items: tuple[BatchItem, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(it.n_tokens for it in self.items)
+
+    @property
+    def experts(self) -> frozenset:
+        """Unique experts the step needs (every token of every item)."""
+        out: set = set()
+        for it in self.items:
+            out |= it.experts
+        return frozenset(out)
+
+    @property
+    def prefills(self) -> list[BatchItem]:
+        return [it for it in self.items if it.kind is Kind.PREFILL]
+
+    @property
+    def decodes(self) -> list[BatchItem]:
+        return [it for it in self.items if it.kind is Kind.DECODE]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def unique_experts(items: Sequence[WorkItem | BatchItem]) -> frozenset:
+    out: set = set()
+    for it in items:
+        out |= it.experts
+    return frozenset(out)

@@ -1,0 +1,298 @@
+"""Continuous-batching schedulers: Read-ME expert-aware batching and three baselines.
+
+The engine contract (see docs/SERVING.md)::
+
+    sched.add(request)                  # route ids of the prompt already computed
+    batch = sched.next_batch()          # one step: prefills + decodes within the token budget
+    ... engine runs the batch, samples one token per item, routes each sampled token ...
+    sched.on_step_done(batch, next_routes, now_s)   # rid -> expert of its new token (None: finished)
+
+Shared by every policy (so they differ only in which ready work they pick):
+
+* KV slots: at most ``n_slots`` requests hold a slot; waiting requests get free slots in
+  arrival order (FCFS admission). At most ``max_queue`` requests wait; more are rejected
+  with a reason. A prompt longer than ``token_budget`` is rejected too: a prefill is never
+  split (its tokens attend to each other), so it must fit in one step.
+* Ready work: each slotted request has exactly one pending item, its whole prefill or the
+  decode of its last sampled token (1 token). A step's items never exceed ``token_budget``.
+* Age bound: an item that has waited ``max_wait_steps`` steps is overdue; overdue items go
+  first, oldest first. The oldest overdue item always fits an empty step, and at most
+  ``n_slots - 1`` items are older than any given one, so no ready item waits more than
+  ``max_wait_steps + n_slots - 1`` steps (exactly ``max_wait_steps`` when the overdue items
+  of every step fit the budget together).
+
+Policies (``policy`` in :data:`SCHEDULER_POLICIES`), each filling the rest of the budget first-fit:
+
+* ``fcfs``: oldest ready first.
+* ``decode_first`` (DeepSpeed-FastGen-like): all decodes, oldest first, then prefills.
+* ``prefill_first`` (vLLM/TGI-like): prefills, oldest first, then decodes.
+* ``expert_aware`` (Read-ME Algorithm 1): queue work by expert; repeatedly take the expert
+  whose queue holds the most tokens and add its items (oldest first) while they fit. A
+  prefill is queued under its MAJORITY expert (ties: smallest id) with all its tokens, since
+  it cannot be split; its other experts still count in the batch's expert set. Queue ties
+  go to an expert already in the batch, then the smallest id.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+from typing import Callable, Mapping, Sequence
+
+from readme_jax.errors import ConfigError, ReadmeError, RequestError
+from readme_jax.serve.requests import Batch, BatchItem, Kind, Request, Status, WorkItem
+
+SCHEDULER_POLICIES = ("expert_aware", "decode_first", "prefill_first", "fcfs")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "expert_aware"
+    token_budget: int = 256  # tokens per step, same for every policy
+    n_slots: int = 64  # KV-cache slots = max requests in flight
+    max_queue: int = 1024  # max waiting (unslotted) requests; more are rejected
+    max_wait_steps: int | None = 16  # age bound; None disables it
+    n_experts: int = 8  # route ids must be in [0, n_experts)
+
+    def __post_init__(self):
+        if self.policy not in SCHEDULER_POLICIES:
+            raise ConfigError(f"scheduler.policy must be one of {', '.join(SCHEDULER_POLICIES)}, got {self.policy!r}")
+        for name in ("token_budget", "n_slots", "n_experts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"scheduler.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_queue < 0:
+            raise ConfigError(f"scheduler.max_queue must be >= 0, got {self.max_queue!r}")
+        if self.max_wait_steps is not None and self.max_wait_steps < 0:
+            raise ConfigError(f"scheduler.max_wait_steps must be >= 0 or null, got {self.max_wait_steps!r}")
+
+
+# ----------------------------------------------------------------------------- policies
+# Each takes the ready items sorted oldest first (ready_step, rid) and the remaining budget,
+# and returns the items to run, in order. Pure: no scheduler state.
+
+Select = Callable[[Sequence[WorkItem], int], list]
+
+
+def _first_fit(items, budget: int, chosen: list) -> int:
+    used = 0
+    for it in items:
+        if used + it.n_tokens <= budget:
+            chosen.append(it)
+            used += it.n_tokens
+    return used
+
+
+def select_fcfs(items: Sequence[WorkItem], budget: int) -> list:
+    chosen: list = []
+    _first_fit(items, budget, chosen)
+    return chosen
+
+
+def select_decode_first(items: Sequence[WorkItem], budget: int) -> list:
+    chosen: list = []
+    used = _first_fit([i for i in items if i.kind is Kind.DECODE], budget, chosen)
+    _first_fit([i for i in items if i.kind is Kind.PREFILL], budget - used, chosen)
+    return chosen
+
+
+def select_prefill_first(items: Sequence[WorkItem], budget: int) -> list:
+    chosen: list = []
+    used = _first_fit([i for i in items if i.kind is Kind.PREFILL], budget, chosen)
+    _first_fit([i for i in items if i.kind is Kind.DECODE], budget - used, chosen)
+    return chosen
+
+
+def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: frozenset = frozenset()) -> list:
+    """Read-ME Algorithm 1: serve the longest per-expert queue (in tokens) first."""
+    queues: dict[int, list] = collections.defaultdict(list)
+    for it in items:
+        queues[it.queue_expert].append(it)
+    in_batch = set(batch_experts)
+    chosen: list = []
+    used = 0
+    while queues and used < budget:
+        e = max(queues, key=lambda k: (sum(i.n_tokens for i in queues[k]), k in in_batch, -k))
+        for it in queues.pop(e):
+            if used + it.n_tokens <= budget:
+                chosen.append(it)
+                used += it.n_tokens
+                in_batch |= it.experts
+    return chosen
+
+
+_SELECT: dict[str, Callable] = {
+    "fcfs": select_fcfs,
+    "decode_first": select_decode_first,
+    "prefill_first": select_prefill_first,
+    "expert_aware": select_expert_aware,
+}
+
+
+def plan_step(items: Sequence[WorkItem], budget: int, step: int, policy: str, max_wait_steps: int | None) -> list:
+    """Items one step takes: overdue ones first (oldest first), then the policy's picks."""
+    items = sorted(items, key=lambda i: (i.ready_step, i.rid))
+    chosen: list = []
+    used = 0
+    if max_wait_steps is not None:
+        overdue = [i for i in items if step - i.ready_step >= max_wait_steps]
+        used = _first_fit(overdue, budget, chosen)
+    taken = {id(i) for i in chosen}
+    rest = [i for i in items if id(i) not in taken]
+    if policy == "expert_aware":
+        picks = select_expert_aware(rest, budget - used, frozenset().union(*(i.experts for i in chosen)))
+    else:
+        picks = _SELECT[policy](rest, budget - used)
+    return chosen + picks
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+class Scheduler:
+    """Admission, KV slots, ready work and one policy; drives an engine one step at a time."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.step = 0  # index of the next non-empty batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._free_slots = list(range(cfg.n_slots))
+        heapq.heapify(self._free_slots)
+        self._pending: dict[int, WorkItem] = {}  # rid -> its one ready item
+        self._running: dict[int, Request] = {}  # rid -> slotted request
+        self._seen: set[int] = set()
+        self._in_flight: Batch | None = None
+        self.finished: list[Request] = []
+        self.rejected: list[Request] = []
+
+    # --- queries
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    def has_work(self) -> bool:
+        """True while any accepted request is unfinished."""
+        return bool(self._waiting or self._running)
+
+    # --- engine-facing API
+    def add(self, request: Request) -> bool:
+        """Queue a request; returns False (status REJECTED, ``reject_reason`` set) if it cannot be served."""
+        if request.rid in self._seen:
+            raise RequestError(f"request id {request.rid} was already added to this scheduler")
+        if request.status is not Status.WAITING:
+            raise RequestError(f"request {request.rid} must be new (status waiting), got status {request.status.value}")
+        top = int(request.prompt_routes.max())
+        if top >= self.cfg.n_experts:
+            raise RequestError(
+                f"request {request.rid}: prompt route {top} out of range [0, {self.cfg.n_experts}) (scheduler.n_experts)"
+            )
+        self._seen.add(request.rid)
+        reason = None
+        if request.prompt_len > self.cfg.token_budget:
+            reason = (f"prompt has {request.prompt_len} tokens > scheduler.token_budget={self.cfg.token_budget} "
+                      f"(a prefill is never split)")
+        elif len(self._waiting) >= self.cfg.max_queue:
+            reason = f"queue full: {len(self._waiting)} requests waiting (scheduler.max_queue={self.cfg.max_queue})"
+        if reason is not None:
+            request.status = Status.REJECTED
+            request.reject_reason = reason
+            self.rejected.append(request)
+            return False
+        self._waiting.append(request)
+        return True
+
+    def next_batch(self, budget: int | None = None, now_s: float | None = None) -> Batch:
+        """Admit waiting requests into free slots, then pick this step's work.
+
+        Returns an empty batch only when no work is ready. The batch is in flight until
+        :meth:`on_step_done`; asking for another one before that is an error.
+        """
+        if self._in_flight is not None:
+            raise ReadmeError(f"next_batch: step {self._in_flight.step} is still in flight; call on_step_done first")
+        budget = self.cfg.token_budget if budget is None else int(budget)
+        if not 1 <= budget <= self.cfg.token_budget:
+            raise ConfigError(f"next_batch budget must be in [1, scheduler.token_budget={self.cfg.token_budget}], "
+                              f"got {budget}")
+        while self._waiting and self._free_slots:
+            req = self._waiting.popleft()
+            req.slot = heapq.heappop(self._free_slots)
+            req.status = Status.ADMITTED
+            req.admitted_s = now_s
+            self._running[req.rid] = req
+            self._pending[req.rid] = WorkItem.prefill(req, self.step)
+        chosen = plan_step(list(self._pending.values()), budget, self.step, self.cfg.policy, self.cfg.max_wait_steps)
+        if self._pending and not chosen:
+            # every item fits an empty step (prompts are checked at add), so a policy that
+            # picks nothing while work is ready is a bug; fail loudly rather than spin
+            raise ReadmeError(f"policy {self.cfg.policy} picked no work with {len(self._pending)} items ready "
+                              f"and budget {budget}")
+        items = []
+        for it in chosen:
+            del self._pending[it.rid]
+            items.append(BatchItem(it.request, it.kind, it.n_tokens, it.request.slot,
+                                   self.step - it.ready_step, it.experts))
+        batch = Batch(self.step, tuple(items))
+        if items:
+            self._in_flight = batch
+            self.step += 1
+        return batch
+
+    def on_step_done(self, batch: Batch, next_routes: Mapping[int, int | None], now_s: float) -> list[Request]:
+        """Record one sampled token per item; ``next_routes[rid]`` routes it (None: request finished).
+
+        A request also finishes when it reaches ``max_new_tokens`` (its route is then ignored).
+        Returns the requests that finished in this step.
+        """
+        if self._in_flight is None or batch is not self._in_flight:
+            raise ReadmeError(f"on_step_done: batch of step {batch.step} is not the batch in flight")
+        self._in_flight = None
+        done = []
+        for it in batch.items:
+            req = it.request
+            if req.rid not in next_routes:
+                raise RequestError(f"on_step_done: no route given for request {req.rid} of step {batch.step}")
+            req.n_generated += 1
+            if it.kind is Kind.PREFILL:
+                req.first_token_s = now_s
+                req.status = Status.RUNNING
+            route = next_routes[req.rid]
+            if route is None or req.n_generated >= req.max_new_tokens:
+                req.status = Status.FINISHED
+                req.finish_s = now_s
+                req.next_route = None
+                del self._running[req.rid]
+                heapq.heappush(self._free_slots, req.slot)
+                self.finished.append(req)
+                done.append(req)
+                continue
+            route = int(route)
+            if not 0 <= route < self.cfg.n_experts:
+                raise RequestError(f"on_step_done: route {route} of request {req.rid} out of range "
+                                   f"[0, {self.cfg.n_experts}) (scheduler.n_experts)")
+            req.next_route = route
+            self._pending[req.rid] = WorkItem.decode(req, route, self.step)
+        return done
+
+    def lookahead(self, n_steps: int, budget: int | None = None) -> list[frozenset]:
+        """Expert sets of the next ``n_steps`` batches this policy would form from KNOWN work.
+
+        A dry run over the pending items (nothing changes): tokens not yet sampled are unknown,
+        so later planned steps hold only what is already queued. Stops when nothing is left.
+        """
+        budget = self.cfg.token_budget if budget is None else int(budget)
+        items = list(self._pending.values())
+        out = []
+        step = self.step
+        for _ in range(n_steps):
+            if not items:
+                break
+            chosen = plan_step(items, budget, step, self.cfg.policy, self.cfg.max_wait_steps)
+            ids = {id(i) for i in chosen}
+            items = [i for i in items if id(i) not in ids]
+            out.append(frozenset().union(*(i.experts for i in chosen)))
+            step += 1
+        return out

@@ -1,0 +1,128 @@
+"""Model-free serving simulation: a workload through a scheduler under a cost model.
+
+Time per step = ``a_s + b_s_per_token * tokens + c_s_per_expert * unique_experts`` (all
+MODELLED, not measured), plus simulated expert-transfer stalls when a store is given. The
+generated tokens' routes come from the workload's synthetic routes, revealed to the
+scheduler one token at a time, as a real engine would after sampling and routing.
+
+Use it to compare policies without a model; the real engine replaces the cost model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from tqdm import tqdm
+
+from readme_jax.errors import ConfigError, DataError, ReadmeError
+from readme_jax.serve.cache_policy import ExpertCache
+from readme_jax.serve.requests import Batch, Request
+from readme_jax.serve.scheduler import Scheduler
+from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
+from readme_jax.serve.workload import RequestSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Modelled step time; the defaults are illustrative, not measured."""
+
+    a_s: float = 0.02
+    b_s_per_token: float = 0.001
+    c_s_per_expert: float = 0.004
+
+    def __call__(self, batch: Batch) -> float:
+        return self.a_s + self.b_s_per_token * batch.n_tokens + self.c_s_per_expert * len(batch.experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    step: int
+    start_s: float  # batch formed
+    end_s: float
+    n_tokens: int
+    n_prefill: int
+    n_decode: int
+    experts: frozenset
+    compute_s: float  # modelled (cost model)
+    stall_s: float  # simulated transfer stall (0 without a store)
+    max_wait_steps: int  # longest wait of an item in this batch
+    future: tuple = ()  # flattened lookahead accesses known at this step (if recorded)
+
+
+@dataclasses.dataclass
+class SimResult:
+    requests: list[Request]  # every request, finished or rejected
+    steps: list[StepRecord]
+    batches: list[Batch]  # kept only with keep_batches=True
+    probe_stats: dict  # (policy, capacity) -> CacheStats of the probe caches
+    makespan_s: float
+
+
+def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: CostModel = CostModel(), *,
+             store: StoreConfig | None = None, cache_probes: Sequence[tuple[str, int]] = (),
+             lookahead_steps: int = 8, record_future: bool = False, keep_batches: bool = False,
+             max_steps: int = 10_000_000, progress: bool = False, seed: int = 0) -> SimResult:
+    """Run every request of ``workload`` to completion (or rejection).
+
+    ``store``: an expert store whose simulated transfers add stalls to step times.
+    ``cache_probes``: extra (policy, capacity) caches fed the same accesses, for hit ratios;
+    Belady caches (store or probes) see the scheduler's ``lookahead_steps`` known future.
+    """
+    specs = sorted(workload, key=lambda s: (s.arrival_s, s.rid))
+    for s in specs:
+        if s.output_routes is None or len(s.output_routes) != s.output_len:
+            raise DataError(f"simulate: request {s.rid} needs output_routes of length {s.output_len} "
+                            f"(generate_workload(..., with_routes=True))")
+    if lookahead_steps < 0:
+        raise ConfigError(f"lookahead_steps must be >= 0, got {lookahead_steps}")
+    reqs = [s.to_request() for s in specs]
+    out_routes = {s.rid: s.output_routes for s in specs}
+    store_sim = ExpertStoreSim(store) if store is not None else None
+    probes = {(p, c): ExpertCache(c, p, seed=seed) for p, c in cache_probes}
+    need_future = record_future or any(p == "belady" for p, _ in probes) or (store is not None and store.policy == "belady")
+    steps: list[StepRecord] = []
+    batches: list[Batch] = []
+    now = 0.0
+    i = 0
+    bar = tqdm(total=len(reqs), desc=f"simulate {scheduler.cfg.policy}", disable=not progress)
+    while i < len(reqs) or scheduler.has_work():
+        while i < len(reqs) and reqs[i].arrival_s <= now:
+            if not scheduler.add(reqs[i]):
+                bar.update(1)
+            i += 1
+        batch = scheduler.next_batch(now_s=now)
+        if not batch.items:
+            if i >= len(reqs):
+                raise ReadmeError("simulate: scheduler has work but formed an empty batch")
+            now = max(now, reqs[i].arrival_s)
+            continue
+        if len(steps) >= max_steps:
+            raise ReadmeError(f"simulate: exceeded max_steps={max_steps}")
+        future = ()
+        if need_future:
+            future = tuple(e for s in scheduler.lookahead(lookahead_steps) for e in sorted(s))
+        experts = batch.experts
+        compute = float(cost_model(batch))
+        if store_sim is not None:
+            timing = store_sim.step(experts, future, now, compute)
+            end, stall = timing.end_s, timing.stall_s
+        else:
+            end, stall = now + compute, 0.0
+        for cache in probes.values():
+            cache.access_step(experts, future if cache.policy == "belady" else ())
+        next_routes = {}
+        for it in batch.items:
+            g = it.request.n_generated + 1  # tokens generated after this step
+            routes = out_routes[it.rid]
+            next_routes[it.rid] = int(routes[g - 1]) if g < len(routes) else None
+        done = scheduler.on_step_done(batch, next_routes, end)
+        bar.update(len(done))
+        steps.append(StepRecord(batch.step, now, end, batch.n_tokens, len(batch.prefills), len(batch.decodes),
+                                experts, compute, stall, max(it.wait_steps for it in batch.items),
+                                future if record_future else ()))
+        if keep_batches:
+            batches.append(batch)
+        now = end
+    bar.close()
+    return SimResult(reqs, steps, batches, {k: c.stats for k, c in probes.items()}, now)
