@@ -86,13 +86,13 @@ def write_gguf(path, *, metadata: dict | None = None, tensors: dict | None = Non
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gguf_writer():
     """The :func:`write_gguf` helper, as a fixture."""
     return write_gguf
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def llama_arrays():
     """The :func:`random_llama_arrays` helper, as a fixture."""
     return random_llama_arrays
