@@ -167,7 +167,8 @@ def test_r_one_gives_whole_ffn(dense):
     assert permanent_sizes(m).tolist() == [cfg.ffn_dim] * cfg.n_layers
 
 
-def test_split_layout_equals_masked_dense(dense):
+@pytest.mark.parametrize("layout", ["split", "split_min"])
+def test_split_layouts_equal_masked_dense(dense, layout):
     cfg, arrays = dense
     rng = np.random.default_rng(4)
     E, L, F, D = 3, cfg.n_layers, cfg.ffn_dim, cfg.d_model
@@ -175,29 +176,32 @@ def test_split_layout_equals_masked_dense(dense):
     base = rng.standard_normal((1, L, F)) * np.array([3.0, 0.5])[None, :, None]
     m = select_channels(base + rng.standard_normal((E, L, F)), 0.5)
     p_L = permanent_sizes(m)
-    assert p_L.min() != p_L.max()  # padding is exercised
+    assert p_L.min() != p_L.max()  # padding (split) / spill-over (split_min) is exercised
     fe = expert_width(F, 0.5)
-    sp = extract_experts(arrays, m, layout="split")
-    P, R = int(p_L.max()), int(fe - p_L.min())
+    sp = extract_experts(arrays, m, layout=layout)
+    s_L = p_L if layout == "split" else np.full(L, p_L.min())
+    P, R = int(s_L.max()), int(fe - s_L.min())
     assert sp["shared_wg"].shape == (L, D, P) and sp["shared_wd"].shape == (L, P, D)
     assert sp["wg"].shape == (L, E, D, R) and sp["wd"].shape == (L, E, R, D)
-    np.testing.assert_array_equal(sp["shared_count"], p_L)
-    np.testing.assert_array_equal(sp["expert_count"], fe - p_L)
+    np.testing.assert_array_equal(sp["shared_count"], s_L)
+    np.testing.assert_array_equal(sp["expert_count"], fe - s_L)
+    perm = permanent_channels(m)
     x = rng.standard_normal((4, D))
     lw = {k: np.asarray(arrays["layers"][k]) for k in ("wg", "wu", "wd")}
     for l in range(L):
         sidx = sp["shared_index"][l]
-        assert (sidx[p_L[l]:] == -1).all() and (sp["shared_wg"][l][:, p_L[l]:] == 0).all()
+        assert (sidx[s_L[l]:] == -1).all() and (sp["shared_wg"][l][:, s_L[l]:] == 0).all()
+        assert set(sidx[sidx >= 0]) <= set(np.nonzero(perm[l])[0])
         for e in range(E):
             eidx = sp["channel_index"][l, e]
-            assert (eidx[fe - p_L[l]:] == -1).all() and (sp["wd"][l, e][fe - p_L[l]:] == 0).all()
-            valid = set(sidx[sidx >= 0]) | set(eidx[eidx >= 0])
-            assert valid == set(np.nonzero(m[e, l])[0])
+            assert (eidx[fe - s_L[l]:] == -1).all() and (sp["wd"][l, e][fe - s_L[l]:] == 0).all()
+            shared, own = set(sidx[sidx >= 0]), set(eidx[eidx >= 0])
+            assert not shared & own and shared | own == set(np.nonzero(m[e, l])[0])
             got = (_swiglu64(x, sp["shared_wg"][l], sp["shared_wu"][l], sp["shared_wd"][l])
                    + _swiglu64(x, sp["wg"][l, e], sp["wu"][l, e], sp["wd"][l, e]))
             want = _swiglu64(x, lw["wg"][l], lw["wu"][l], lw["wd"][l], keep=m[e, l])
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ConfigError, match="layout must be 'fixed' or 'split', got 'ragged'"):
+    with pytest.raises(ConfigError, match="layout must be 'fixed', 'split' or 'split_min', got 'ragged'"):
         extract_experts(arrays, m, layout="ragged")
 
 
@@ -210,9 +214,11 @@ def test_layout_cost_counts():
     per = 3 * 10 * 2
     assert c["bytes"]["fixed"] == 2 * 2 * 2 * per  # L * k * F_e
     assert c["bytes"]["split_exact"] == ((1 + 2 * 1) + (0 + 2 * 2)) * per
-    assert c["bytes"]["split_padded"] == 2 * (1 + 2 * 2) * per  # P_max=1, R_max=2
+    assert c["bytes"]["split"] == 2 * (1 + 2 * 2) * per  # P_max=1, R_max=2
+    assert c["bytes"]["split_min"] == 2 * (0 + 2 * 2) * per  # P_min=0
     assert c["flops_per_token"]["fixed"] == 2 * 3 * 10 * 2 * 2
-    assert c["flops_per_token"]["split_padded"] == 2 * 3 * 10 * 2 * 3
+    assert c["flops_per_token"]["split"] == 2 * 3 * 10 * 2 * 3
+    assert c["flops_per_token"]["split_min"] == c["flops_per_token"]["fixed"]
     with pytest.raises(ConfigError, match=r"k must be in \[1, 2\] experts, got 3"):
         layout_cost(m, k=3, d_model=10)
 
@@ -290,3 +296,23 @@ def test_pruned_dense_keeps_top_pooled_channels(dense):
         pruned_dense_arrays(arrays, np.zeros((3, 48)), 10, cfg)
     with pytest.raises(ShapeError, match=r"pooled stats must be \[n_layers, ffn_dim\], got shape \(48,\)"):
         pruned_dense_arrays(arrays, np.zeros(48), 10, cfg)
+
+
+def test_summary_and_report_cli(dense, tmp_path, capsys):
+    from readme_jax.convert.calibrate import CalibrationStats, save_stats
+    from readme_jax.convert.experts import main, summarize
+
+    cfg, _ = dense
+    rng = np.random.default_rng(8)
+    sums = rng.random((3, cfg.n_layers, cfg.ffn_dim))
+    m = select_channels(sums / 4, 0.5)
+    s = summarize(m, cfg.d_model)
+    assert s["permanent_per_layer"] == permanent_sizes(m).tolist() and len(s["cost"]) == 3
+    ov = expert_overlap(m)
+    assert s["mean_overlap_per_layer"][1] == pytest.approx((ov[1].sum() - 3) / 6)
+    prov = {"model_id": "t", "model_config": {"d_model": cfg.d_model}}
+    save_stats(tmp_path / "s.npz", CalibrationStats(("a", "b", "c"), sums, np.array([4, 4, 4]), prov))
+    main([str(tmp_path / "s.npz"), "--r", "0.5"])
+    out = capsys.readouterr().out
+    assert f"permanent channels per layer: {permanent_sizes(m).tolist()}" in out
+    assert "F=48 r=0.5 -> F_e=24; L=2; D=32" in out

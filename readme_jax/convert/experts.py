@@ -8,6 +8,9 @@ expert keeps form the permanent expert. Two physical layouts (see docs/CONVERT.m
   permanent ones included: ``wg, wu: [L, E, D, F_e]``, ``wd: [L, E, F_e, D]``.
 * ``split``: a shared permanent FFN ``[L, D, P_max]`` plus expert remainders ``[L, E, D, R_max]``,
   zero-padded (zero columns contribute exactly 0) with valid counts recorded.
+* ``split_min``: the shared FFN holds only ``P_min = min_l P_l`` permanent channels per layer
+  (lowest indices first); each layer's other permanent channels stay in every expert's remainder,
+  so every width is exact (``P_min`` and ``F_e - P_min``) and nothing is padded.
 
 Column ``j`` of an expert came from dense channel ``channel_index[..., j]`` (ascending; -1 = pad).
 """
@@ -145,9 +148,10 @@ def extract_experts(dense_arrays: Mapping, masks_NLF: np.ndarray, layout: str = 
     """Physical expert weights from a dense model and channel masks ``bool[E, L, F]``.
 
     ``fixed``: ``{"wg","wu": [L,E,D,F_e], "wd": [L,E,F_e,D], "channel_index": int32[L,E,F_e]}``.
-    ``split``: ``{"shared_wg","shared_wu": [L,D,P], "shared_wd": [L,P,D], "shared_index": int32[L,P],
-    "shared_count": int32[L], "wg","wu": [L,E,D,R], "wd": [L,E,R,D], "channel_index": int32[L,E,R],
-    "expert_count": int32[L]}`` with P = max permanent size, R = F_e - min permanent size.
+    ``split`` / ``split_min``: ``{"shared_wg","shared_wu": [L,D,P], "shared_wd": [L,P,D],
+    "shared_index": int32[L,P], "shared_count": int32[L], "wg","wu": [L,E,D,R], "wd": [L,E,R,D],
+    "channel_index": int32[L,E,R], "expert_count": int32[L]}``; for ``split`` P = max_l P_l and
+    R = F_e - min_l P_l (zero-padded), for ``split_min`` P = min_l P_l and R = F_e - P (exact).
     Arrays are numpy in the dense dtype; padding columns are zero and index -1.
     """
     masks, fe = _check_masks(masks_NLF)
@@ -156,39 +160,40 @@ def extract_experts(dense_arrays: Mapping, masks_NLF: np.ndarray, layout: str = 
     if layout == "fixed":
         idx = _sorted_index(m_LEF, fe)
         return {**_gather(w, idx), "channel_index": idx}
-    if layout == "split":
-        perm_LF = np.logical_and.reduce(masks, axis=0)
-        p_L = perm_LF.sum(-1)
-        P, R = int(p_L.max()), int(fe - p_L.min())
-        shared_idx = _sorted_index(perm_LF, P)
-        expert_idx = _sorted_index(m_LEF & ~perm_LF[:, None, :], R)
-        shared = _gather(w, shared_idx)
-        out = {f"shared_{k}": v for k, v in shared.items()}
-        out.update(shared_index=shared_idx, shared_count=p_L.astype(np.int32))
-        out.update(_gather(w, expert_idx), channel_index=expert_idx,
-                   expert_count=(fe - p_L).astype(np.int32))
-        return out
-    raise ConfigError(f"extract_experts: layout must be 'fixed' or 'split', got {layout!r}")
+    if layout not in ("split", "split_min"):
+        raise ConfigError(f"extract_experts: layout must be 'fixed', 'split' or 'split_min', got {layout!r}")
+    shared_LF = np.logical_and.reduce(masks, axis=0)
+    if layout == "split_min":
+        shared_LF &= np.cumsum(shared_LF, axis=-1) <= shared_LF.sum(-1).min()
+    s_L = shared_LF.sum(-1)
+    shared_idx = _sorted_index(shared_LF, int(s_L.max()))
+    expert_idx = _sorted_index(m_LEF & ~shared_LF[:, None, :], int(fe - s_L.min()))
+    out = {f"shared_{k}": v for k, v in _gather(w, shared_idx).items()}
+    out.update(shared_index=shared_idx, shared_count=s_L.astype(np.int32))
+    out.update(_gather(w, expert_idx), channel_index=expert_idx, expert_count=(fe - s_L).astype(np.int32))
+    return out
 
 
 def layout_cost(masks_NLF: np.ndarray, k: int, d_model: int, bytes_per_param: int = 2) -> dict:
     """FFN weight bytes read by a batch touching ``k`` distinct experts, and FLOPs per token.
 
-    Sums over layers. ``split_exact`` assumes no padding (P_l per layer); ``split_padded`` is
-    what :func:`extract_experts` builds (P_max shared + R_max per expert in every layer).
+    Sums over layers; one channel is a column of Wg and Wu and a row of Wd (3 D params).
+    ``split_exact`` is the unpadded ideal (P_l shared per layer, not a layout we build);
+    ``split`` and ``split_min`` are what :func:`extract_experts` builds.
     """
     masks, fe = _check_masks(masks_NLF)
     if not 1 <= k <= masks.shape[0]:
         raise ConfigError(f"layout_cost: k must be in [1, {masks.shape[0]}] experts, got {k}")
     p_L = np.logical_and.reduce(masks, axis=0).sum(-1).astype(np.int64)
     L = len(p_L)
-    P, R = int(p_L.max()), int(fe - p_L.min())
-    per_channel = 3 * d_model * bytes_per_param  # one column of Wg and Wu, one row of Wd
-    ch = {"fixed": L * k * fe, "split_exact": int((p_L + k * (fe - p_L)).sum()), "split_padded": L * (P + k * R)}
-    flops = {"fixed": L * fe, "split_exact": L * fe, "split_padded": L * (P + R)}
+    P, p = int(p_L.max()), int(p_L.min())
+    per_channel = 3 * d_model * bytes_per_param
+    ch = {"fixed": L * k * fe, "split_exact": int((p_L + k * (fe - p_L)).sum()),
+          "split": L * (P + k * (fe - p)), "split_min": L * (p + k * (fe - p))}
+    flops = {"fixed": L * fe, "split_exact": L * fe, "split": L * (P + fe - p), "split_min": L * fe}
     return {"k": k, "expert_width": fe, "permanent_per_layer": p_L.tolist(),
             "bytes": {n: c * per_channel for n, c in ch.items()},
-            "flops_per_token": {n: 2 * 3 * d_model * c for n, c in flops.items()}}
+            "flops_per_token": {n: 2 * c * d_model * 3 for n, c in flops.items()}}
 
 
 def moe_arrays_from_dense(dense_arrays: Mapping, masks_NLF: np.ndarray, *, domains: Sequence[str] | None = None,
@@ -244,3 +249,53 @@ def pruned_dense_arrays(dense_arrays: Mapping, pooled_stats_LF: np.ndarray, widt
     params = {k: v for k, v in dense_arrays.items() if k != "layers"}
     params["layers"] = {**{k: v for k, v in dense_arrays["layers"].items() if k not in FFN_KEYS}, **g}
     return params, dataclasses.replace(cfg, ffn_dim=int(width))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(masks_NLF: np.ndarray, d_model: int, bytes_per_param: int = 2) -> dict:
+    """Permanent sizes, mean pairwise overlap per layer, and :func:`layout_cost` for k = 1..E."""
+    masks, fe = _check_masks(masks_NLF)
+    E = masks.shape[0]
+    ov = expert_overlap(masks)
+    off = ~np.eye(E, dtype=bool)
+    mean_overlap = ov[:, off].mean(-1) if E > 1 else np.ones(ov.shape[0])
+    return {"expert_width": fe, "n_experts": E, "permanent_per_layer": permanent_sizes(masks).tolist(),
+            "mean_overlap_per_layer": mean_overlap.tolist(),
+            "cost": [layout_cost(masks, k, d_model, bytes_per_param) for k in range(1, E + 1)]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m readme_jax.convert.experts STATS.npz [--r 0.5]``: print the channel report."""
+    import argparse
+
+    from readme_jax.convert.calibrate import load_stats
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("stats", help="calibration stats .npz written by save_stats")
+    ap.add_argument("--r", type=float, default=0.5, help="expert ratio r (default 0.5)")
+    ap.add_argument("--bytes-per-param", type=int, default=2, help="weight bytes per parameter (default 2)")
+    a = ap.parse_args(argv)
+    stats = load_stats(a.stats)
+    D = int(stats.provenance["model_config"]["d_model"])
+    s = summarize(select_channels(stats.mean(), a.r), D, a.bytes_per_param)
+    p = np.array(s["permanent_per_layer"])
+    fe = s["expert_width"]
+    print(f"model {stats.provenance.get('model_id')}; domains {list(stats.domains)}; "
+          f"tokens {dict(zip(stats.domains, stats.tokens_N.tolist()))}")
+    print(f"F={stats.sums_NLF.shape[-1]} r={a.r} -> F_e={fe}; L={len(p)}; D={D}")
+    print(f"permanent channels per layer: {p.tolist()}")
+    print(f"  min {p.min()} mean {p.mean():.1f} max {p.max()} (of F_e={fe}: {p.mean() / fe:.1%} on average)")
+    print(f"mean pairwise overlap |A&B|/F_e per layer: {[round(o, 3) for o in s['mean_overlap_per_layer']]}")
+    names = ("fixed", "split_exact", "split", "split_min")
+    print("FFN weight MB read by a batch touching k experts (ratio to fixed):")
+    print("  k  " + "".join(f"{n:>20}" for n in names))
+    for c in s["cost"]:
+        b = c["bytes"]
+        print(f"  {c['k']:<3}" + "".join(f"{b[n] / 1e6:>12.2f} ({b[n] / b['fixed']:.3f})" for n in names))
+    f = s["cost"][0]["flops_per_token"]
+    print("FFN FLOPs per token (M): " + ", ".join(f"{n} {f[n] / 1e6:.2f}" for n in names))
+
+if __name__ == "__main__":
+    main()
