@@ -316,3 +316,26 @@ def test_summary_and_report_cli(dense, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"permanent channels per layer: {permanent_sizes(m).tolist()}" in out
     assert "F=48 r=0.5 -> F_e=24; L=2; D=32" in out
+
+
+def test_moe_backbone_loads_converted_params(dense):
+    """End to end: converted params in the MoE backbone == dense FFN masked by each token's expert."""
+    from readme_jax.model.moe import MoEBackbone
+
+    cfg, arrays = dense
+    rng = np.random.default_rng(9)
+    E = 4
+    m = _random_masks(rng, E, cfg.n_layers, cfg.ffn_dim, 0.5)
+    params, meta = moe_arrays_from_dense(arrays, m)
+    moe = MoEBackbone.from_arrays(cfg, params, n_experts=E, expert_dim=meta["expert_width"], impl="reference")
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    route = jnp.asarray(rng.integers(0, E, (2, 7)), jnp.int32)
+    got, _ = moe(tokens, route_BT=route)
+
+    def masked_ffn(lp, h, route_BT):
+        hid = layers.ffn_hidden(h, lp["wg"], lp["wu"]) * lp["keep"][route_BT]
+        return jnp.dot(hid, lp["wd"]), None
+
+    dparams = {**arrays, "layers": {**arrays["layers"], "keep": jnp.asarray(np.swapaxes(m, 0, 1), jnp.float32)}}
+    want, _, _ = decoder.forward(dparams, cfg, tokens, ffn=masked_ffn, ffn_ctx=route)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
