@@ -78,7 +78,7 @@ def write_gguf(path, *, metadata: dict | None = None, tensors: dict | None = Non
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, arr)
         else:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_shape=arr.shape, raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

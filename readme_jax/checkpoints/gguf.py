@@ -78,6 +78,11 @@ def _meta(reader, key: str, where: str, default=...):
     return f.contents()
 
 
+def _f32(v) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(v)))
+
+
 def config_from_gguf(reader, where: str, dtype="float32") -> ModelConfig:
     """ModelConfig from ``llama.*`` metadata (architecture must be llama, dense, unscaled RoPE)."""
     arch = _meta(reader, "general.architecture", where)
@@ -115,8 +120,8 @@ def config_from_gguf(reader, where: str, dtype="float32") -> ModelConfig:
         n_kv_heads=int(_meta(reader, "llama.attention.head_count_kv", where, h)),
         head_dim=hd,
         ffn_dim=int(_meta(reader, "llama.feed_forward_length", where)),
-        rope_theta=float(_meta(reader, "llama.rope.freq_base", where, 10000.0)),
-        norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", where)),
+        rope_theta=_f32(_meta(reader, "llama.rope.freq_base", where, 10000.0)),
+        norm_eps=_f32(_meta(reader, "llama.attention.layer_norm_rms_epsilon", where)),
         tie_embeddings="output.weight" not in _tensors(reader),
         max_seq_len=int(_meta(reader, "llama.context_length", where, 2048)),
         dtype=name,

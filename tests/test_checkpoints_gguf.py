@@ -1,0 +1,198 @@
+"""GGUF in: written here the llama.cpp way (q/k permuted, F32 + quantized), read back exactly,
+same logits as the un-permuted model and as transformers on the same file; every bad input raises."""
+
+from __future__ import annotations
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from readme_jax.checkpoints.gguf import load_gguf, read_tensor
+from readme_jax.config import tiny_model_config
+from readme_jax.errors import CheckpointError
+from readme_jax.model.llama import Llama
+
+NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+         "ffn_norm": "ffn_norm", "wg": "ffn_gate", "wu": "ffn_up", "wd": "ffn_down"}
+# ffn_dim 64 so every row length is a multiple of the 32-wide quantization blocks
+CFG_UNTIED = tiny_model_config(ffn_dim=64, n_heads=4, n_kv_heads=2, tie_embeddings=False, rope_theta=20000.0)
+CFG_TIED = tiny_model_config(ffn_dim=64, n_heads=4, n_kv_heads=1, tie_embeddings=True)
+
+
+def llama_cpp_permute(w_OI, n_head):
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out independently of our loader."""
+    return w_OI.reshape(n_head, 2, w_OI.shape[0] // n_head // 2, w_OI.shape[1]).swapaxes(1, 2).reshape(w_OI.shape)
+
+
+def llama_md(cfg, **extra):
+    md = {"llama.block_count": cfg.n_layers, "llama.context_length": cfg.max_seq_len,
+          "llama.embedding_length": cfg.d_model, "llama.feed_forward_length": cfg.ffn_dim,
+          "llama.attention.head_count": cfg.n_heads, "llama.attention.head_count_kv": cfg.n_kv_heads,
+          "llama.rope.freq_base": float(cfg.rope_theta), "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+          "llama.vocab_size": cfg.vocab_size}
+    md.update(extra)
+    return md
+
+
+def gguf_tensors(cfg, arrays, qtype=lambda name: Q.F32):
+    """Our arrays -> GGUF tensors ([out, in] rows, q/k permuted), types chosen per name."""
+    t = {"token_embd.weight": arrays["embed"], "output_norm.weight": arrays["final_norm"]}
+    if not cfg.tie_embeddings:
+        t["output.weight"] = arrays["lm_head"].T
+    for i in range(cfg.n_layers):
+        for ours, g in NAMES.items():
+            w = arrays["layers"][ours][i]
+            w = w.T if w.ndim == 2 else w
+            if ours == "wq":
+                w = llama_cpp_permute(w, cfg.n_heads)
+            elif ours == "wk":
+                w = llama_cpp_permute(w, cfg.n_kv_heads)
+            t[f"blk.{i}.{g}.weight"] = w
+    return {name: (w, qtype(name)) for name, w in t.items()}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def logits(cfg, arrays, tokens):
+    return np.asarray(Llama.from_arrays(cfg, arrays)(jnp.asarray(tokens))[0])
+
+
+def test_interleaved_rope_on_permuted_rows_equals_rotate_half():
+    """Why the permutation exists: llama.cpp's interleaved RoPE on permuted rows == HF rotate-half."""
+    rng = np.random.default_rng(0)
+    H, hd, D, T = 3, 8, 12, 5
+    W = rng.standard_normal((H * hd, D))
+    x = rng.standard_normal((T, D))
+    inv = 10000.0 ** (-np.arange(0, hd, 2) / hd)
+    ang = np.arange(T)[:, None] * inv  # [T, hd/2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    q = (x @ W.T).reshape(T, H, hd)  # rotate-half: pairs (i, i + hd/2)
+    a, b = q[..., : hd // 2], q[..., hd // 2:]
+    ref = np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+    qp = (x @ llama_cpp_permute(W, H).T).reshape(T, H, hd)  # interleaved: pairs (2i, 2i + 1)
+    e, o = qp[..., 0::2], qp[..., 1::2]
+    out = np.empty_like(qp)
+    out[..., 0::2], out[..., 1::2] = e * cos - o * sin, o * cos + e * sin
+    # interleaved output lane 2i/2i+1 holds rotate-half lane i/i+hd/2: compare after the same permutation
+    np.testing.assert_allclose(out, llama_cpp_permute(ref.reshape(T, H * hd).T, H).T.reshape(T, H, hd), atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [CFG_UNTIED, CFG_TIED], ids=["untied_gqa", "tied_mqa"])
+def test_f32_round_trip_exact(tmp_path, gguf_writer, llama_arrays, cfg):
+    arrays = llama_arrays(cfg, seed=1)
+    path = gguf_writer(tmp_path / "m.gguf", metadata=llama_md(cfg), tensors=gguf_tensors(cfg, arrays))
+    cfg2, back = load_gguf(path)
+    assert cfg2 == cfg
+    for k in ("embed", "final_norm") + (() if cfg.tie_embeddings else ("lm_head",)):
+        np.testing.assert_array_equal(back[k], arrays[k], err_msg=k)
+    for k in NAMES:
+        np.testing.assert_array_equal(back["layers"][k], arrays["layers"][k], err_msg=k)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9))
+    assert rel_err(logits(cfg2, back, tokens), logits(cfg, arrays, tokens)) < 1e-5
+
+
+def block_bound(x, qtype):
+    """Largest error each quantization type may make, per 32-wide block of a row: half a step, or a
+    whole step for Q4_0/Q5_0 whose scale is set by the signed extreme (the other sign can clip)."""
+    frac = {Q.F16: 1e-3, Q.BF16: 4e-3, Q.Q8_0: 0.6 / 127, Q.Q4_0: 1.01 / 8, Q.Q4_1: 0.07, Q.Q5_0: 1.01 / 16,
+            Q.Q5_1: 0.035}[qtype]
+    blocks = np.abs(x).reshape(x.shape[0], -1, 32).max(-1, keepdims=True)
+    return np.broadcast_to(blocks * frac + 1e-7, x.shape[:1] + (x.shape[1] // 32, 32)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
+def test_supported_types_dequantize_within_bound(tmp_path, gguf_writer, qtype):
+    x = np.random.default_rng(3).standard_normal((6, 64)).astype(np.float32)
+    path = gguf_writer(tmp_path / "t.gguf", tensors={"w": (x, qtype)})
+    reader = gguf.GGUFReader(path)
+    y = read_tensor(reader.tensors[0], (6, 64), str(path))
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert np.all(np.abs(y - x) <= block_bound(x, qtype))
+    assert np.abs(y - x).max() > 0  # really quantized
+
+
+def test_quantized_model_matches_transformers(tmp_path, gguf_writer, llama_arrays):
+    """Q8_0 matrices + F32 norms: weights within Q8_0 error, logits equal transformers on the same file."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = CFG_UNTIED
+    arrays = llama_arrays(cfg, seed=4)
+    path = gguf_writer(tmp_path / "q.gguf", metadata=llama_md(cfg),
+                       tensors=gguf_tensors(cfg, arrays, lambda n: Q.F32 if "norm" in n else Q.Q8_0))
+    cfg2, back = load_gguf(path)
+    for k in NAMES:
+        for i in range(cfg.n_layers):
+            x, y = arrays["layers"][k][i], back["layers"][k][i]
+            if x.ndim == 1:
+                np.testing.assert_array_equal(y, x)
+            else:  # blocks run along the input axis: check in [out, in] layout
+                assert np.all(np.abs(y.T - x.T) <= block_bound(x.T, Q.Q8_0)), (k, i)
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 10))
+    ours = logits(cfg2, back, tokens)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = ref(torch.as_tensor(tokens)).logits.numpy()
+    assert rel_err(ours, theirs) < 1e-4
+    assert 1e-4 < rel_err(ours, logits(cfg, arrays, tokens)) < 0.05  # quantized, but close to the original
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors(tmp_path, gguf_writer, llama_arrays):
+    cfg = CFG_UNTIED
+    arrays = llama_arrays(cfg, seed=6)
+    good = gguf_tensors(cfg, arrays)
+    with pytest.raises(CheckpointError, match="GGUF file not found: .*nope.gguf"):
+        load_gguf(tmp_path / "nope.gguf")
+    p = gguf_writer(tmp_path / "gpt2.gguf", metadata={"gpt2.block_count": 2}, arch="gpt2")
+    with pytest.raises(CheckpointError, match=r"gpt2.gguf: general.architecture must be 'llama', found 'gpt2'"):
+        load_gguf(p)
+    p = gguf_writer(tmp_path / "nokey.gguf", metadata={k: v for k, v in llama_md(cfg).items()
+                                                       if k != "llama.feed_forward_length"}, tensors=good)
+    with pytest.raises(CheckpointError, match="missing metadata key 'llama.feed_forward_length'"):
+        load_gguf(p)
+    p = gguf_writer(tmp_path / "miss.gguf", metadata=llama_md(cfg),
+                    tensors={k: v for k, v in good.items() if k != "blk.1.ffn_up.weight"})
+    with pytest.raises(CheckpointError, match=r"miss.gguf: missing tensor 'blk.1.ffn_up.weight'"):
+        load_gguf(p)
+    bad = dict(good, **{"blk.0.attn_k.weight": (np.zeros((8, 32), np.float32), Q.F32)})
+    p = gguf_writer(tmp_path / "shape.gguf", metadata=llama_md(cfg), tensors=bad)
+    with pytest.raises(CheckpointError, match=r"tensor 'blk.0.attn_k.weight' has shape \(8, 32\), expected \(16, 32\)"):
+        load_gguf(p)
+    p = gguf_writer(tmp_path / "rope.gguf", metadata=llama_md(cfg, **{"llama.rope.dimension_count": 4}), tensors=good)
+    with pytest.raises(CheckpointError, match="partial RoPE is not supported"):
+        load_gguf(p)
+    p = gguf_writer(tmp_path / "moe.gguf", metadata=llama_md(cfg, **{"llama.expert_count": 8}), tensors=good)
+    with pytest.raises(CheckpointError, match="llama.expert_count > 0"):
+        load_gguf(p)
+
+
+def test_unsupported_quant_type(tmp_path, llama_arrays):
+    """A Q4_K tensor (no numpy quantizer in gguf, so raw bytes) is refused, naming tensor and type."""
+    cfg = tiny_model_config(d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256, n_layers=1,
+                            vocab_size=16, tie_embeddings=True)
+    arrays = llama_arrays(cfg, seed=7)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for k, v in llama_md(cfg).items():
+        (w.add_uint32 if isinstance(v, int) else w.add_float32)(k, v)
+    for name, (arr, _) in gguf_tensors(cfg, arrays).items():
+        if name == "blk.0.ffn_gate.weight":
+            block = gguf.GGML_QUANT_SIZES[Q.Q4_K][1]  # bytes per 256 values
+            raw = np.zeros((arr.shape[0], arr.shape[1] // 256 * block), np.uint8)
+            w.add_tensor(name, raw, raw_dtype=Q.Q4_K)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"tensor 'blk.0.ffn_gate.weight' has unsupported type Q4_K; supported:"):
+        load_gguf(tmp_path / "k.gguf")
