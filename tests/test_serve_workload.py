@@ -13,8 +13,8 @@ from readme_jax.serve.cache_policy import simulate_cache
 from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity, plot_normalized_latency_hist,
                                       plot_unique_experts, request_metrics, summarize)
 from readme_jax.serve.requests import Request, Status
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, simulate
+from readme_jax.serve.scheduler import SchedulerConfig
+from readme_jax.serve.simulate import CostModel, run_policies
 from readme_jax.serve.workload import (LMSYS_PROMPT_MEAN_TOKENS, LMSYS_RESPONSE_MEAN_TOKENS, PRESETS,
                                        WorkloadConfig, expected_length, expert_popularity, generate_workload,
                                        sample_lengths, solve_mu)
@@ -168,14 +168,14 @@ def test_request_metrics_and_summary_by_hand():
 
 def test_summary_of_a_simulation_and_hit_ratio_table(tmp_path):
     wl = generate_workload(dataclasses.replace(PRESETS["cpu"], n_requests=40, rate_per_s=20.0, prompt_max=192))
-    runs = {}
-    for policy in ("expert_aware", "fcfs"):
-        sch = Scheduler(SchedulerConfig(policy=policy, token_budget=24, n_slots=16, max_wait_steps=8))
-        runs[policy] = simulate(wl, sch, CostModel(), record_future=True, lookahead_steps=4)
+    runs = run_policies(wl, SchedulerConfig(token_budget=24, n_slots=16, max_wait_steps=8), ("expert_aware", "fcfs"),
+                        CostModel(), record_future=True, lookahead_steps=4)
     res = runs["expert_aware"]
     s = summarize(res.requests, res.steps, res.makespan_s)
     assert s["n_finished"] == 40 and s["n_steps"] == len(res.steps)
     assert s["tokens_per_batch_mean"] == pytest.approx(np.mean([st.n_tokens for st in res.steps]))
+    assert s["items_per_batch_mean"] == pytest.approx(np.mean([st.n_prefill + st.n_decode for st in res.steps]))
+    assert s["transfer_stall_s_total_simulated"] == 0.0  # no store given
     sets = [st.experts for st in res.steps]
     table = hit_ratio_table(sets, [1, 2, 4], futures=[st.future for st in res.steps])
     assert set(table) == {"belady", "lru", "fifo", "random", "optimum"}

@@ -9,7 +9,7 @@ from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacit
                                       plot_unique_experts, request_metrics, summarize)
 from readme_jax.serve.requests import Batch, BatchItem, Kind, Request, Status, WorkItem
 from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, SimResult, StepRecord, simulate
+from readme_jax.serve.simulate import CostModel, SimResult, StepRecord, run_policies, simulate
 from readme_jax.serve.transfer import (ExpertStoreSim, LinkModel, StoreConfig, TransferTimeline,
                                        compare_prefetch)
 from readme_jax.serve.workload import PRESETS, RequestSpec, WorkloadConfig, generate_workload
@@ -20,5 +20,5 @@ __all__ = [
     "Status", "StepRecord", "StoreConfig", "TransferTimeline", "WorkItem", "WorkloadConfig", "compare_prefetch",
     "generate_workload", "hit_ratio_table", "offline_optimum_misses", "optimal_misses_bruteforce",
     "plot_hit_ratio_vs_capacity", "plot_normalized_latency_hist", "plot_unique_experts", "request_metrics",
-    "simulate", "simulate_cache", "step_access_sequence", "summarize",
+    "run_policies", "simulate", "simulate_cache", "step_access_sequence", "summarize",
 ]

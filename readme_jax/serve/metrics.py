@@ -73,6 +73,10 @@ def summarize(requests: Sequence[Request], steps: Sequence = (), makespan_s: flo
         out["n_steps"] = len(steps)
         out["unique_experts_per_batch_mean"] = _mean([len(s.experts) for s in steps])
         out["tokens_per_batch_mean"] = _mean([s.n_tokens for s in steps])
+        if all(hasattr(s, "n_prefill") for s in steps):
+            out["items_per_batch_mean"] = _mean([s.n_prefill + s.n_decode for s in steps])
+        if all(hasattr(s, "stall_s") for s in steps):
+            out["transfer_stall_s_total_simulated"] = float(sum(s.stall_s for s in steps))
     return out
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from readme_jax.errors import ConfigError, DataError, ReadmeError
 from readme_jax.serve.cache_policy import ExpertCache
 from readme_jax.serve.requests import Batch, Request
-from readme_jax.serve.scheduler import Scheduler
+from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
 from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
 from readme_jax.serve.workload import RequestSpec
 
@@ -126,3 +126,11 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
         now = end
     bar.close()
     return SimResult(reqs, steps, batches, {k: c.stats for k, c in probes.items()}, now)
+
+
+def run_policies(workload: Sequence[RequestSpec], cfg: SchedulerConfig,
+                 policies: Sequence[str] = SCHEDULER_POLICIES, cost_model: CostModel = CostModel(),
+                 **kw) -> dict[str, SimResult]:
+    """The same workload under each policy (same budget, slots, queue and age bound)."""
+    return {p: simulate(workload, Scheduler(dataclasses.replace(cfg, policy=p)), cost_model, **kw)
+            for p in policies}
