@@ -96,3 +96,20 @@ def gguf_writer():
 def llama_arrays():
     """The :func:`random_llama_arrays` helper, as a fixture."""
     return random_llama_arrays
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A 259-token byte-level BPE: <|endoftext|>, <|im_start|>, <|im_end|>, then the 256 byte symbols."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from readme_jax.data.tokenizer import Tokenizer, bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    symbols = sorted(bytes_to_unicode().values())
+    tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + symbols)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return Tokenizer(tk, bos_id=1, eos_id=2, chat_template="{{ messages[0]['content'] }}")

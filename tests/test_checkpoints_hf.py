@@ -173,3 +173,37 @@ def test_orbax_round_trip(tmp_path, llama_arrays):
     with pytest.raises(CheckpointError, match="not JSON-serializable"):
         save_params(tmp_path / "ck2", arrays, {"bad": object()})
 
+
+
+def test_load_model_hf_and_orbax(make_hf_dir, byte_tokenizer, tmp_path):
+    cfg = tiny_model_config(vocab_size=300)
+    d, cfg, arrays = make_hf_dir(cfg, seed=8, tokenizer=byte_tokenizer)
+    model, tok = load_model(d)
+    tokens = jnp.asarray(tok.encode("<|im_start|>hello, world"))[None]
+    ref = Llama.from_arrays(cfg, arrays)(tokens)[0]
+    assert rel_err(model(tokens)[0], ref) < 1e-6
+    assert tok.encode("héllo") == byte_tokenizer.encode("héllo") and tok.bos_id == 1
+    save_model(tmp_path / "ours", model, tok, meta={"note": "copy"})
+    model2, tok2 = load_model(tmp_path / "ours")
+    assert model2.cfg == cfg and rel_err(model2(tokens)[0], ref) < 1e-6
+    assert tok2.encode("héllo") == tok.encode("héllo") and tok2.chat_template == tok.chat_template
+    model3, _ = load_model(tmp_path / "ours", dtype="bfloat16")
+    assert model3.cfg.param_dtype == "bfloat16" and model3.arrays()["embed"].dtype == jnp.bfloat16
+
+
+def test_load_model_errors(make_hf_dir, byte_tokenizer, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="cannot tell the checkpoint format"):
+        load_model(tmp_path / "plain")
+    d, _, _ = make_hf_dir(tiny_model_config(vocab_size=200), tokenizer=byte_tokenizer)
+    with pytest.raises(CheckpointError, match="tokenizer has 259 tokens but the model's embedding has only 200 rows"):
+        load_model(d)
+    d, _, arrays = make_hf_dir(tiny_model_config(vocab_size=300))
+    save_params(tmp_path / "notok", arrays, {"model_config": {"vocab_size": 300}})
+    with pytest.raises(CheckpointError, match="missing required config key"):
+        load_model(tmp_path / "notok")
+    save_params(tmp_path / "moe", arrays, {"kind": "readme_moe"})
+    with pytest.raises(CheckpointError, match="kind is 'readme_moe'"):
+        load_model(tmp_path / "moe")

@@ -27,6 +27,14 @@ __all__ = ["load_model", "save_model", "load_gguf", "load_hf", "save_hf", "save_
 
 def load_model(source: str | Path | None = None, dtype: str = "float32"):
     """Load a dense Llama and its tokenizer: returns ``(Llama, Tokenizer)``."""
+    model, tok = _load_model(source, dtype)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise CheckpointError(f"{source}: tokenizer has {tok.vocab_size} tokens but the model's embedding "
+                              f"has only {model.cfg.vocab_size} rows")
+    return model, tok
+
+
+def _load_model(source, dtype):
     from readme_jax.model.llama import Llama
 
     if source is None or str(source) == "embedded":
