@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from readme_jax.errors import ShapeError
 from readme_jax.ops import expert_ffn, group_sizes, sort_by_expert
+from readme_jax.ops.grouping import max_tiles, tile_layout
 
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh data every run; printed on failure
 
@@ -65,63 +66,110 @@ def rel_err(got, want):
     return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
 
 
-def ids_from_sizes(rng, sizes):
-    ids = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)] + [np.zeros(0)]).astype(np.int32)
-    return rng.permutation(ids)
+T_FIX, E_FIX = 24, 5  # hypothesis cases share one shape (one compile per variant)
 
 
-sizes_strategy = st.integers(1, 5).flatmap(
-    lambda E: st.lists(st.integers(0, 9), min_size=E, max_size=E).filter(lambda s: sum(s) > 0))
+def ids_from_sizes(rng, sizes, T=T_FIX):
+    """Shuffled ids with sizes[k] tokens of expert k; the rest of the T tokens get id -1 (dropped)."""
+    ids = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)] + [np.full(T - sum(sizes), -1)])
+    return rng.permutation(ids.astype(np.int32))
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-@settings(max_examples=15, deadline=None)
-@given(sizes=sizes_strategy, salt=st.integers(0, 2**31 - 1))
-def test_forward_matches_numpy_f32(impl, sizes, salt):
+# Group sizes over E_FIX experts, sum <= T_FIX: empty groups, all dropped, one group with everything.
+sizes_strategy = st.lists(st.integers(0, 12), min_size=E_FIX, max_size=E_FIX).filter(lambda s: sum(s) <= T_FIX)
+EDGE_SIZES = [[T_FIX, 0, 0, 0, 0], [0, 0, 0, 0, T_FIX], [0] * E_FIX, [1, 0, 0, 0, 0]]
+
+# (impl, impl_kw): every impl and xla strategy; tm=2 forces groups spanning several tiles.
+VARIANTS = [("reference", {}), ("xla", {}), ("xla", {"strategy": "ragged"}),
+            ("xla", {"strategy": "tiles", "tm": 2}), ("xla", {"strategy": "tiles", "tm": 4})]
+VARIANT_IDS = ["reference", "xla", "xla-ragged", "xla-tiles2", "xla-tiles4"]
+variants = pytest.mark.parametrize("impl, kw", VARIANTS, ids=VARIANT_IDS)
+_JIT = {}
+
+
+def jitted(kind, impl, kw):
+    """One jitted forward / gradient function per variant (cached: hypothesis reuses the compile)."""
+    key = (kind, impl, tuple(sorted(kw.items())))
+    if key not in _JIT:
+        if kind == "fwd":
+            _JIT[key] = jax.jit(lambda x, e, wg, wu, wd: expert_ffn(x, e, wg, wu, wd, impl=impl, **kw))
+        else:
+            loss = lambda x, e, wg, wu, wd, gy: jnp.sum(expert_ffn(x, e, wg, wu, wd, impl=impl, **kw) * gy)  # noqa: E731
+            _JIT[key] = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))
+    return _JIT[key]
+
+
+def check_forward(impl, kw, ids, salt):
     rng = np.random.default_rng([SEED, salt])
-    ids = ids_from_sizes(rng, sizes)
-    x, e, wg, wu, wd = make(rng, len(ids), 8, 12, len(sizes), ids=ids)
-    y = jax.jit(lambda *a: expert_ffn(*a, impl=impl))(x, e, wg, wu, wd)
+    x, e, wg, wu, wd = make(rng, len(ids), 8, 12, E_FIX, ids=ids)
+    y = jitted("fwd", impl, kw)(x, e, wg, wu, wd)
     assert y.dtype == jnp.float32 and y.shape == x.shape
-    assert rel_err(y, np_ffn(x, e, wg, wu, wd)) < 1e-5, (SEED, salt, sizes)
+    assert rel_err(y, np_ffn(x, e, wg, wu, wd)) < 1e-5, (SEED, salt, ids)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-@pytest.mark.parametrize("T", [1, 7, 33])
-def test_forward_bf16(impl, T):
+def check_grads(impl, kw, ids, salt):
+    rng = np.random.default_rng([SEED, salt])
+    x, e, wg, wu, wd = make(rng, len(ids), 8, 12, E_FIX, ids=ids)
+    gy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    got = jitted("grad", impl, kw)(x, e, wg, wu, wd, gy)
+    want = np_grads(x, e, wg, wu, wd, gy)
+    for name, g, w in zip(("x", "wg", "wu", "wd"), got, want):
+        if np.linalg.norm(w) == 0:
+            assert np.all(np.asarray(g) == 0), (name, SEED, salt, ids)
+        else:
+            assert rel_err(g, w) < 1e-5, (name, SEED, salt, ids)
+
+
+@variants
+@settings(max_examples=12, deadline=None)
+@given(sizes=sizes_strategy, salt=st.integers(0, 2**31 - 1))
+def test_forward_matches_numpy_f32(impl, kw, sizes, salt):
+    check_forward(impl, kw, ids_from_sizes(np.random.default_rng(salt), sizes), salt)
+
+
+@variants
+@settings(max_examples=8, deadline=None)
+@given(sizes=sizes_strategy, salt=st.integers(0, 2**31 - 1))
+def test_grads_match_numpy(impl, kw, sizes, salt):
+    check_grads(impl, kw, ids_from_sizes(np.random.default_rng(salt), sizes), salt)
+
+
+@variants
+@pytest.mark.parametrize("sizes", EDGE_SIZES, ids=["all-first", "all-last", "all-dropped", "one"])
+def test_edge_group_sizes(impl, kw, sizes):
+    ids = ids_from_sizes(np.random.default_rng(SEED), sizes)
+    check_forward(impl, kw, ids, 1)
+    check_grads(impl, kw, ids, 2)
+
+
+@variants
+def test_single_token(impl, kw):
+    for k in range(E_FIX):
+        check_forward(impl, kw, np.array([k], np.int32), k)
+    check_grads(impl, kw, np.array([E_FIX - 1], np.int32), 7)
+
+
+@variants
+@pytest.mark.parametrize("T", [1, 33])
+def test_forward_bf16(impl, kw, T):
     rng = np.random.default_rng([SEED, T])
     x, e, wg, wu, wd = make(rng, T, 16, 24, 3, dtype=jnp.bfloat16)
-    y = expert_ffn(x, e, wg, wu, wd, impl=impl)
+    y = expert_ffn(x, e, wg, wu, wd, impl=impl, **kw)
     assert y.dtype == jnp.bfloat16
     assert rel_err(y, np_ffn(x, e, wg, wu, wd)) < 1e-2, SEED
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-@settings(max_examples=10, deadline=None)
-@given(sizes=sizes_strategy, salt=st.integers(0, 2**31 - 1))
-def test_grads_match_numpy(impl, sizes, salt):
-    rng = np.random.default_rng([SEED, salt])
-    ids = ids_from_sizes(rng, sizes)
-    x, e, wg, wu, wd = make(rng, len(ids), 8, 12, len(sizes), ids=ids)
-    gy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    loss = lambda x, wg, wu, wd: jnp.sum(expert_ffn(x, e, wg, wu, wd, impl=impl) * gy)  # noqa: E731
-    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
-    want = np_grads(x, e, wg, wu, wd, gy)
-    for name, g, w in zip(("x", "wg", "wu", "wd"), got, want):
-        assert rel_err(g, w) < 1e-5, (name, SEED, salt, sizes)
-
-
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-def test_traced_out_of_range_ids_are_dropped(impl):
+@variants
+def test_traced_out_of_range_ids_are_dropped(impl, kw):
     rng = np.random.default_rng(SEED)
     ids = np.array([0, -1, 2, 3, 1, 7, 2], np.int32)  # E=3: -1, 3, 7 are dropped
     x, e, wg, wu, wd = make(rng, len(ids), 8, 12, 3, ids=ids)
-    f = jax.jit(lambda *a: expert_ffn(*a, impl=impl))
+    f = jax.jit(lambda *a: expert_ffn(*a, impl=impl, **kw))
     y = np.asarray(f(x, e, wg, wu, wd))
     want = np_ffn(x, ids, wg, wu, wd)
     assert np.all(y[[1, 3, 5]] == 0.0)
     assert rel_err(y, want) < 1e-5
-    gx = jax.jit(jax.grad(lambda x, e: jnp.sum(expert_ffn(x, e, wg, wu, wd, impl=impl) ** 2)))(x, e)
+    gx = jax.jit(jax.grad(lambda x, e: jnp.sum(expert_ffn(x, e, wg, wu, wd, impl=impl, **kw) ** 2)))(x, e)
     assert np.all(np.asarray(gx)[[1, 3, 5]] == 0.0) and np.any(np.asarray(gx)[0] != 0)
 
 
@@ -149,6 +197,33 @@ def test_grouping_metadata():
     assert set(order[want_sizes.sum():]) == set(np.flatnonzero((ids < 0) | (ids >= 4)))
 
 
+_layout = jax.jit(tile_layout, static_argnums=(1, 2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(ids=st.lists(st.integers(-1, 4), min_size=30, max_size=30), tm=st.sampled_from([1, 2, 3, 8, 64]))
+def test_tile_layout(ids, tm):
+    ids = np.asarray(ids, np.int32)
+    E, T = 4, len(ids)
+    m = _layout(jnp.asarray(ids), E, tm)
+    row_src, pos, tile_e = np.asarray(m.row_src_P), np.asarray(m.pos_T), np.asarray(m.tile_expert_N)
+    N = len(tile_e)
+    assert len(row_src) == N * tm and N == max_tiles(T, E, tm)
+    sizes = np.array([(ids == k).sum() for k in range(E)])
+    assert int(m.num_tiles) == sum(-(-n // tm) for n in sizes) <= N
+    for t in range(T):
+        if 0 <= ids[t] < E:  # a kept token sits in a tile of its own expert, and maps back to itself
+            assert row_src[pos[t]] == t and tile_e[pos[t] // tm] == ids[t]
+        else:
+            assert pos[t] == N * tm
+    real = row_src < T
+    assert real.sum() == sizes.sum() and len(set(row_src[real])) == sizes.sum()
+    rows = np.asarray(m.tile_rows_N)
+    np.testing.assert_array_equal(rows, real.reshape(N, tm).sum(1))
+    used = int(m.num_tiles)
+    assert np.all(np.diff(tile_e) >= 0) and (used == 0 or np.all(tile_e[used:] == tile_e[used - 1]))
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -165,6 +240,7 @@ def _good(rng):
     ("oob_high", r"expert id 3 is out of range \[0, 3\) \(E=3"),
     ("oob_neg", r"expert id -1 is out of range \[0, 3\)"),
     ("impl", r"impl must be one of .* got 'cuda'"),
+    ("strategy", r"xla strategy must be one of .* got 'dense'"),
 ])
 def test_bad_inputs_raise_shape_error(case, match):
     rng = np.random.default_rng(SEED)
@@ -186,5 +262,6 @@ def test_bad_inputs_raise_shape_error(case, match):
         e = e.at[0].set(-1)
     elif case == "impl":
         impl = "cuda"
+    kw = {"strategy": "dense"} if case == "strategy" else {}
     with pytest.raises(ShapeError, match=match):
-        expert_ffn(x, e, wg, wu, wd, impl=impl)
+        expert_ffn(x, e, wg, wu, wd, impl=impl, **kw)

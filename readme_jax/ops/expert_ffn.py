@@ -13,8 +13,9 @@ Impls (same semantics, same gradients):
 - ``"reference"``: a loop over experts, each computing its FFN on every token and keeping its own
   rows (E dense FFNs). The oracle for tests; differentiable by plain autodiff.
 - ``"xla"``: tokens sorted by expert (stable), grouped matmuls over the contiguous groups, then
-  unsorted. The sort/unsort are row permutations with a ``custom_vjp`` whose backward is the
-  inverse gather (no scatter). See ``_xla_grouped_ffn`` for the grouped-matmul strategy per regime.
+  unsorted; every permutation's backward is the inverse gather (``custom_vjp``, no scatter).
+  Two strategies (``xla_ffn``): a loop over expert tiles of a tile-padded layout (default off
+  TPU) or ``lax.ragged_dot`` (default on TPU).
 - ``"pallas"``: the fused gathered-expert FFN kernel (``readme_jax.kernels.expert_ffn_pallas``).
 
 Expert ids outside ``[0, E)``: with concrete (host) ids the call raises ``ShapeError``; under
@@ -79,12 +80,13 @@ def _validate(x, expert, wg, wu, wd, impl: str) -> None:
 # --------------------------------------------------------------------------- public entry
 
 
-def expert_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, impl: str = "xla", **kernel_kw):
+def expert_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, impl: str = "xla", **impl_kw):
     """Top-1 expert SwiGLU: ``y[t] = (silu(x Wg[e]) * (x Wu[e])) Wd[e]`` with ``e = expert_T[t]``.
 
     ``x_TD``: ``[T, D]`` (or ``[..., D]`` with ``expert_T`` of shape ``[...]``); weights
     ``wg, wu: [E, D, F]``, ``wd: [E, F, D]``. Returns ``[T, D]`` (x's leading shape) in x's
-    dtype. ``kernel_kw`` go to the Pallas kernel (block sizes, ``interpret``) for ``impl="pallas"``.
+    dtype. ``impl_kw`` go to the impl: ``strategy``/``tm`` for ``"xla"`` (see ``xla_ffn``), block
+    sizes and ``interpret`` for ``"pallas"`` (see ``kernels.expert_ffn_pallas.pallas_ffn``).
     Jit-able (static T, dynamic group sizes) and differentiable w.r.t. x and all three weights.
     """
     _validate(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, impl)
@@ -92,13 +94,13 @@ def expert_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, impl: str = "xla", **k
     x = x_TD.reshape(-1, x_TD.shape[-1])
     e = jnp.asarray(expert_T).reshape(-1)
     if impl == "reference":
-        y = reference_ffn(x, e, wg_EDF, wu_EDF, wd_EFD)
+        y = reference_ffn(x, e, wg_EDF, wu_EDF, wd_EFD, **impl_kw)
     elif impl == "xla":
-        y = xla_ffn(x, e, wg_EDF, wu_EDF, wd_EFD)
+        y = xla_ffn(x, e, wg_EDF, wu_EDF, wd_EFD, **impl_kw)
     else:
         from readme_jax.kernels.expert_ffn_pallas import pallas_ffn
 
-        y = pallas_ffn(x, e, wg_EDF, wu_EDF, wd_EFD, **kernel_kw)
+        y = pallas_ffn(x, e, wg_EDF, wu_EDF, wd_EFD, **impl_kw)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -162,10 +164,135 @@ def grouped_swiglu(xs_TD, sizes_E, wg_EDF, wu_EDF, wd_EFD):
     return jax.lax.ragged_dot(h, wd_EFD.astype(cdt), sizes_E, preferred_element_type=jnp.float32)
 
 
-def xla_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD):
-    """Sort by expert, grouped matmuls, unsort (see module docstring)."""
+def xla_ffn_ragged(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD):
+    """Sort by expert, three ``lax.ragged_dot`` grouped matmuls, unsort."""
     E = wg_EDF.shape[0]
     meta = grouping.sort_by_expert(expert_T, E)
     xs = permute_rows(x_TD, meta.order_T, meta.inv_T)
     ys = grouped_swiglu(xs, meta.sizes_E, wg_EDF, wu_EDF, wd_EFD)
     return permute_rows(ys, meta.inv_T, meta.order_T).astype(x_TD.dtype)
+
+
+def xla_tile_rows(num_tokens: int, num_experts: int) -> int:
+    """Row tile for the tile-loop strategy: ``min(T, clip(pow2_floor(T / 2E), 8, 128))``.
+
+    Small tiles waste little compute on group padding (at most one partial tile per group);
+    large tiles read each expert's weights fewer times. Chosen from a CPU sweep (docs/KERNELS.md).
+    """
+    target = max(num_tokens // (2 * num_experts), 1)
+    pow2 = 1 << (target.bit_length() - 1)
+    return max(1, min(num_tokens, max(8, min(128, pow2))))
+
+
+def xla_ffn_tiles(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, tm: int | None = None):
+    """Tile-padded sorted layout + a loop over the used tiles (``tiled_grouped_ffn``)."""
+    T, E = x_TD.shape[0], wg_EDF.shape[0]
+    tm = tm or xla_tile_rows(T, E)
+    m = grouping.tile_layout(expert_T, E, tm)
+    return tiled_grouped_ffn(x_TD, m.row_src_P, m.pos_T, m.tile_expert_N, m.num_tiles,
+                             wg_EDF, wu_EDF, wd_EFD)
+
+
+XLA_STRATEGIES = ("auto", "tiles", "ragged")
+
+
+def xla_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, strategy: str = "auto", tm: int | None = None):
+    """The ``"xla"`` impl. ``strategy``:
+
+    - ``"tiles"``: ``xla_ffn_tiles`` -- cost follows the tokens and the touched experts only.
+    - ``"ragged"``: ``xla_ffn_ragged`` -- native grouped matmul on TPU; elsewhere XLA lowers
+      ragged_dot densely over all E groups (about E dense FFNs).
+    - ``"auto"``: ``"ragged"`` on TPU, ``"tiles"`` otherwise (on a 2-core CPU, tiles beat ragged
+      by 4-80x for T in 1..2048, E=8; see docs/KERNELS.md).
+    """
+    if strategy not in XLA_STRATEGIES:
+        raise ShapeError(f"expert_ffn: xla strategy must be one of {XLA_STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        strategy = "ragged" if jax.default_backend() == "tpu" else "tiles"
+    if strategy == "ragged":
+        return xla_ffn_ragged(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD)
+    return xla_ffn_tiles(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, tm=tm)
+
+
+# --------------------------------------------------------------------------- xla: tile loop
+
+
+def _swiglu_tile(xb, wg, wu, wd, cdt):
+    g = jnp.dot(xb, wg, preferred_element_type=jnp.float32)
+    u = jnp.dot(xb, wu, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(g) * u).astype(cdt)
+    return jnp.dot(h, wd, preferred_element_type=jnp.float32)
+
+
+def _tiles_forward(x_NMD, tile_expert_N, num_tiles, wg, wu, wd):
+    cdt = x_NMD.dtype
+
+    def body(n, y):
+        e = tile_expert_N[n]
+        yb = _swiglu_tile(x_NMD[n], wg[e], wu[e], wd[e], cdt)
+        return jax.lax.dynamic_update_index_in_dim(y, yb, n, 0)
+
+    y0 = jnp.zeros(x_NMD.shape[:2] + (wd.shape[2],), jnp.float32)
+    return jax.lax.fori_loop(0, num_tiles, body, y0)
+
+
+def _tiles_backward(x_NMD, dy_NMD, tile_expert_N, num_tiles, wg, wu, wd):
+    cdt = x_NMD.dtype
+
+    def body(n, carry):
+        dx, dwg, dwu, dwd = carry
+        e = tile_expert_N[n]
+        xb, dyb = x_NMD[n], dy_NMD[n].astype(cdt)
+        g = jnp.dot(xb, wg[e], preferred_element_type=jnp.float32)
+        u = jnp.dot(xb, wu[e], preferred_element_type=jnp.float32)
+        s = jax.nn.sigmoid(g)
+        h = (g * s * u).astype(cdt)
+        dh = jnp.dot(dyb, wd[e].T, preferred_element_type=jnp.float32)
+        dg = (dh * u * s * (1 + g * (1 - s))).astype(cdt)
+        du = (dh * g * s).astype(cdt)
+        dxb = (jnp.dot(dg, wg[e].T, preferred_element_type=jnp.float32)
+               + jnp.dot(du, wu[e].T, preferred_element_type=jnp.float32))
+        dx = jax.lax.dynamic_update_index_in_dim(dx, dxb, n, 0)
+        dwg = dwg.at[e].add(jnp.dot(xb.T, dg, preferred_element_type=jnp.float32))
+        dwu = dwu.at[e].add(jnp.dot(xb.T, du, preferred_element_type=jnp.float32))
+        dwd = dwd.at[e].add(jnp.dot(h.T, dyb, preferred_element_type=jnp.float32))
+        return dx, dwg, dwu, dwd
+
+    f32 = jnp.float32
+    init = (jnp.zeros(x_NMD.shape, f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32),
+            jnp.zeros(wd.shape, f32))
+    return jax.lax.fori_loop(0, num_tiles, body, init)
+
+
+@jax.custom_vjp
+def tiled_grouped_ffn(x_TD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd):
+    """SwiGLU over a tile-padded layout (``ops.grouping.tile_layout``), one expert per tile.
+
+    Gathers tokens into tiles, loops over the used tiles (dynamic trip count: decode batches
+    touching few experts read only those experts' weights), gathers rows back. Output in x's dtype.
+    The backward is the same loop transposed; every permutation's transpose is a gather.
+    """
+    return _tiled_fwd(x_TD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd)[0]
+
+
+def _tiled_fwd(x_TD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd):
+    N, P = tile_expert_N.shape[0], row_src_P.shape[0]
+    cdt = compute_dtype(x_TD, wg)
+    x_NMD = jnp.take(x_TD.astype(cdt), row_src_P, axis=0, mode="fill", fill_value=0).reshape(N, P // N, -1)
+    y_NMD = _tiles_forward(x_NMD, tile_expert_N, num_tiles, wg.astype(cdt), wu.astype(cdt), wd.astype(cdt))
+    y = jnp.take(y_NMD.reshape(P, -1), pos_T, axis=0, mode="fill", fill_value=0).astype(x_TD.dtype)
+    return y, (x_NMD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd)
+
+
+def _tiled_bwd(res, dy_TD):
+    x_NMD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd = res
+    cdt = x_NMD.dtype
+    dy_NMD = jnp.take(dy_TD, row_src_P, axis=0, mode="fill", fill_value=0).reshape(x_NMD.shape[:2] + (-1,))
+    dx_NMD, dwg, dwu, dwd = _tiles_backward(x_NMD, dy_NMD, tile_expert_N, num_tiles,
+                                            wg.astype(cdt), wu.astype(cdt), wd.astype(cdt))
+    dx = jnp.take(dx_NMD.reshape(row_src_P.shape[0], -1), pos_T, axis=0, mode="fill", fill_value=0)
+    return (dx.astype(dy_TD.dtype), None, None, None, None,
+            dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
+
+
+tiled_grouped_ffn.defvjp(_tiled_fwd, _tiled_bwd)
