@@ -80,6 +80,18 @@ def test_stream_and_blocks_match_python_reference(cache, split):
         src[n]
 
 
+def test_block_source_pickles_by_file_name(cache):
+    import pickle
+    stream = pl.token_stream("code", "train", ByteTokenizer(), cache_dir=cache, progress=False)
+    src = pl.BlockSource(stream, 8, domain_id=1)
+    blob = pickle.dumps(src)
+    assert len(blob) < 1000 and stream.nbytes > 10_000  # the file name, not the tokens
+    back = pickle.loads(blob)
+    assert len(back) == len(src) and np.array_equal(back[3]["tokens"], src[3]["tokens"])
+    mem = pl.BlockSource(np.array(stream), 8, domain_id=1)  # an in-memory stream pickles by value
+    assert np.array_equal(pickle.loads(pickle.dumps(mem))[3]["tokens"], src[3]["tokens"])
+
+
 def test_stream_cache_is_reused_and_keyed(cache):
     tok = ByteTokenizer("bytes-cache-test")
     a = pl.token_stream("pydoc", "train", tok, cache_dir=cache, progress=False)

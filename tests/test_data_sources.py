@@ -147,3 +147,11 @@ def test_corrupt_cache_is_reported(tmp_path):
         f.write("{not json\n")
     with pytest.raises(DataError, match="docs.jsonl:5: bad cache line.*delete"):
         dom.load_domain("pydoc", tmp_path)
+
+
+def test_cli_prints_table(tmp_path, capsys):
+    from readme_jax.data.__main__ import main
+    main(["pydoc", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    meta = dom.domain_meta("pydoc", tmp_path)
+    assert f"| pydoc | {meta['n_docs']:,} | {meta['n_chars']:,} |" in out

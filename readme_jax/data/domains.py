@@ -247,3 +247,36 @@ def domain_table(cache_dir=None) -> list[dict]:
         rows.append(dict(name=n, n_docs=meta["n_docs"], n_chars=meta["n_chars"], split_chars=chars,
                          **{k: meta["provenance"].get(k, "") for k in ("package", "version", "license", "source")}))
     return rows
+
+
+def word_divergence(names: Iterable[str], cache_dir=None, max_chars: int = 2_000_000) -> dict[tuple[str, str], float]:
+    """Jensen-Shannon divergence (bits, 0..1) between the word-unigram distributions of the train
+    splits (first ``max_chars`` characters each): a cheap check that domains differ."""
+    import math
+    import re
+    from collections import Counter
+
+    counts = {}
+    for n in names:
+        text, got = [], 0
+        for d in load_split(n, "train", cache_dir, allow_apt=False, progress=False):
+            text.append(d.text)
+            got += len(d.text)
+            if got >= max_chars:
+                break
+        c = Counter(re.findall(r"[A-Za-z]+", "\n".join(text)[:max_chars]))
+        total = sum(c.values())
+        counts[n] = {w: v / total for w, v in c.items()}
+    out = {}
+    for a in counts:
+        for b in counts:
+            if a < b:
+                p, q = counts[a], counts[b]
+                js = 0.0
+                for w in set(p) | set(q):
+                    pa, pb = p.get(w, 0.0), q.get(w, 0.0)
+                    m = (pa + pb) / 2
+                    js += (pa * math.log2(pa / m) if pa else 0.0) / 2 + (pb * math.log2(pb / m) if pb else 0.0) / 2
+                out[(a, b)] = js
+    return out
+

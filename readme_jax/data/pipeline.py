@@ -165,6 +165,18 @@ class BlockSource:
     def __repr__(self) -> str:
         return f"BlockSource({self.name}, blocks={self.n}, seq_len={self.seq_len})"
 
+    def __getstate__(self):  # a memory-mapped stream travels to grain workers as its file name
+        state = dict(self.__dict__)
+        path = getattr(self.stream, "filename", None)
+        if path:
+            state["stream"] = str(path)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self.stream, str):
+            self.stream = np.load(self.stream, mmap_mode="r")
+
 
 def _seed32(*xs: int) -> int:
     return int(np.random.SeedSequence([int(x) for x in xs]).generate_state(1)[0])
