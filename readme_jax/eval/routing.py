@@ -1,0 +1,79 @@
+"""Evaluation of a Read-ME model: per-domain perplexity under a route source, locality, expert load."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.config import ModelConfig
+from readme_jax.eval.perplexity import mean_nll
+from readme_jax.model import decoder
+from readme_jax.model.moe import routed_ffn
+from readme_jax.model.router import router_logits
+
+
+@functools.partial(jax.jit, static_argnames=("router_cfg", "router_ffn"))
+def _routes(router_params, tokens_BT, *, router_cfg, router_ffn):
+    return jnp.argmax(router_logits(router_params, router_cfg, tokens_BT, ffn=router_ffn)[0], -1).astype(jnp.int32)
+
+
+def routes_for(router_params, router_cfg: ModelConfig, router_ffn, blocks_NT1, batch_size: int = 8):
+    """Router's route ids ``[N, T]`` for the inputs of each block (jitted once per shape, batched)."""
+    blocks = np.asarray(blocks_NT1)[:, :-1]
+    return np.concatenate([np.asarray(_routes(router_params, blocks[s:s + batch_size], router_cfg=router_cfg,
+                                              router_ffn=router_ffn))
+                           for s in range(0, len(blocks), batch_size)])
+
+
+def _moe_nll(backbone_params, cfg, impl, blocks_BT1, route_BT):
+    inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
+    logits, _, _ = decoder.forward(backbone_params, cfg, inputs, ffn=routed_ffn(impl), ffn_ctx=route_BT)
+    nll = decoder.token_nll(logits, targets)
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("router_cfg", "router_ffn", "cfg", "impl"))
+def _readme_nll(router_params, backbone_params, blocks_BT1, *, router_cfg, router_ffn, cfg, impl):
+    route = _routes(router_params, blocks_BT1[:, :-1], router_cfg=router_cfg, router_ffn=router_ffn)
+    return _moe_nll(backbone_params, cfg, impl, blocks_BT1, route)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def _fixed_nll(backbone_params, blocks_BT1, expert, *, cfg, impl):
+    route = jnp.full((blocks_BT1.shape[0], blocks_BT1.shape[1] - 1), expert, jnp.int32)
+    return _moe_nll(backbone_params, cfg, impl, blocks_BT1, route)
+
+
+def readme_domain_nll(router_params, router_cfg, router_ffn, backbone_params, cfg, impl,
+                      val_blocks: dict[str, np.ndarray], batch_size: int = 4, progress: bool = False) -> dict:
+    """Mean NLL per domain with routes from the router (computed inside the same jit)."""
+
+    def fn(blocks):
+        return _readme_nll(router_params, backbone_params, blocks, router_cfg=router_cfg, router_ffn=router_ffn,
+                           cfg=cfg, impl=impl)
+
+    return {d: mean_nll(fn, b, batch_size, desc=f"ppl {d}" if progress else None) for d, b in val_blocks.items()}
+
+
+def fixed_route_nll(backbone_params, cfg, impl, blocks_NT1, expert: int, batch_size: int = 4,
+                    desc: str | None = None) -> float:
+    """Mean NLL with every token sent to one expert (oracle or forced-wrong routing)."""
+    return mean_nll(lambda b: _fixed_nll(backbone_params, b, expert, cfg=cfg, impl=impl), blocks_NT1, batch_size,
+                    desc=desc)
+
+
+def locality(route_NT: np.ndarray) -> float:
+    """Fraction of consecutive token pairs that keep the same expert (paper: 2921/4096 ~ 0.713)."""
+    r = np.asarray(route_NT)
+    if r.shape[-1] < 2:
+        return float("nan")
+    return float(np.mean(r[:, 1:] == r[:, :-1]))
+
+
+def expert_load(route_NT: np.ndarray, n_experts: int) -> np.ndarray:
+    """Fraction of tokens routed to each expert."""
+    counts = np.bincount(np.asarray(route_NT).reshape(-1), minlength=n_experts)[:n_experts]
+    return counts / max(counts.sum(), 1)

@@ -1,0 +1,226 @@
+"""Read-ME's alternating rounds: { router tuning ; expert tuning } x R, resumable.
+
+Stage s = 2*round + (0: router, 1: experts). After every stage the router and backbone params
+go to an orbax CheckpointManager (step = number of finished stages) with the stage's metrics;
+a rerun restores the latest one and continues with the next stage. Each stage's data and
+randomness are a function of (seed, round, stage) alone, so a run killed at any step and
+resumed redoes the unfinished stage exactly and ends with the same params (bitwise on CPU) as an
+uninterrupted run. A non-finite loss stops the stage with a TrainingError; the last good
+checkpoint is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from readme_jax.config import ModelConfig, StageConfig, TrainConfig
+from readme_jax.errors import TrainingError
+from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, routes_for
+from readme_jax.model.moe import routed_ffn
+from readme_jax.train import distill, schedule, steps
+
+
+class TrainData(Protocol):
+    """What the loop needs from the data pipeline (deterministic in its arguments)."""
+
+    domains: list[str]
+
+    def router_set(self, round_idx: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(blocks [n, T+1] int32, domain index [n])`` for one round's router tuning."""
+
+    def expert_batch(self, round_idx: int, step: int, batch_size: int) -> np.ndarray:
+        """``[batch_size, T+1]`` int32 LM blocks for one optimizer step of expert tuning."""
+
+    def val_blocks(self) -> dict[str, np.ndarray]:
+        """Held-out ``[n, T+1]`` blocks per domain."""
+
+
+@dataclasses.dataclass
+class ReadMEWeights:
+    router: dict
+    backbone: dict
+
+
+@dataclasses.dataclass
+class Trainer:
+    train_cfg: TrainConfig
+    backbone_cfg: ModelConfig
+    router_cfg: ModelConfig
+    router_ffn: Callable
+    channel_index_LEF: np.ndarray  # which dense channel each expert column came from
+    ffn_dim: int  # the dense FFN width (channel space of channel_index)
+    data: TrainData
+    out_dir: Path
+    impl: str = "xla"
+    progress: bool = True
+    eval_batch_size: int = 4
+    log: Callable[[str], None] = print
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+        self.metrics_dir = self.out_dir / "metrics"
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        self.n_experts = int(self.channel_index_LEF.shape[1])
+        self.expert_mask_LEF = distill.expert_masks_from_index(self.channel_index_LEF, self.ffn_dim)
+        tc = self.train_cfg
+        rtx = schedule.make_optimizer(tc.router, tc.weight_decay, tc.clip_norm)
+        etx = schedule.make_optimizer(tc.experts, tc.weight_decay, tc.clip_norm)
+        self._steps = {  # built once: every round reuses the compiled steps
+            "router": (rtx, steps.make_router_step(self.router_cfg, self.router_ffn, rtx, tc.router_loss)),
+            "experts": (etx, steps.make_lm_step(self.backbone_cfg, routed_ffn(self.impl),
+                                                steps.router_route_fn(self.router_cfg, self.router_ffn), etx)),
+        }
+        self._ckpt = ocp.CheckpointManager(
+            (self.out_dir / "ckpt").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def n_stages(self) -> int:
+        return 2 * self.train_cfg.rounds
+
+    def run(self, weights: ReadMEWeights, stop_after_stages: int | None = None) -> ReadMEWeights:
+        """Run (or resume) all rounds; ``stop_after_stages`` simulates a kill (for tests)."""
+        done = self._ckpt.latest_step() or 0
+        if done:
+            weights = self._restore(done, weights)
+            self.log(f"resuming after stage {done}/{self.n_stages} from {self.out_dir / 'ckpt'}")
+        else:
+            self._write_stage_summary(-1, "initial", weights, {})
+        for s in range(done, self.n_stages):
+            if stop_after_stages is not None and s >= stop_after_stages:
+                break
+            round_idx, kind = divmod(s, 2)
+            if kind == 0:
+                weights, step_metrics = self._router_stage(round_idx, weights)
+            else:
+                weights, step_metrics = self._expert_stage(round_idx, weights)
+            name = f"round{round_idx}-{'router' if kind == 0 else 'experts'}"
+            self._write_stage_summary(s, name, weights, step_metrics)
+            self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router,
+                                                               "backbone": weights.backbone}))
+            self._ckpt.wait_until_finished()
+        return weights
+
+    # ------------------------------------------------------------------ stages
+
+    def _check(self, loss: float, stage: str, step: int):
+        if not math.isfinite(loss):
+            last = self._ckpt.latest_step() or 0
+            raise TrainingError(
+                f"non-finite loss ({loss}) in {stage} at step {step}; stopped. The last good checkpoint "
+                f"(after stage {last}) is kept in {self.out_dir / 'ckpt'}")
+
+    def _router_stage(self, round_idx: int, w: ReadMEWeights):
+        tc, st = self.train_cfg, self.train_cfg.router
+        micro = st.batch_size // st.grad_accum
+        blocks, dom = self.data.router_set(round_idx, st.steps * st.batch_size)
+        targets = self._teacher_targets(round_idx, w, blocks, dom)
+        tx, step_fn = self._steps["router"]
+        params, opt_state = w.router, tx.init(w.router)
+        rows = []
+        name = f"round {round_idx} router"
+        n_micro = st.steps * st.grad_accum
+        for i in tqdm(range(n_micro), desc=name, disable=not self.progress):
+            sl = slice(i * micro, (i + 1) * micro)
+            lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i // st.grad_accum)
+            params, opt_state, m = step_fn(params, opt_state, jnp.asarray(blocks[sl, :-1]), targets[sl], lr)
+            m = {k: float(v) for k, v in m.items()}
+            self._check(m["loss"], name, i)
+            rows.append({"round": round_idx, "stage": "router", "micro_step": i, **m})
+        return ReadMEWeights(params, w.backbone), rows
+
+    def _teacher_targets(self, round_idx, w: ReadMEWeights, blocks, dom):
+        """Target distributions ``[n, T, E]`` from one teacher pass per round."""
+        tokens = blocks[:, :-1]
+        if round_idx == 0:  # the experts were made per domain: route each block to its domain's expert
+            route = np.broadcast_to(np.asarray(dom)[:, None] % self.n_experts, tokens.shape).astype(np.int32)
+        else:
+            route = routes_for(w.router, self.router_cfg, self.router_ffn, blocks, self.eval_batch_size)
+        out = []
+        bs = self.eval_batch_size
+        for s in tqdm(range(0, len(tokens), bs), desc=f"round {round_idx} teacher", disable=not self.progress,
+                      leave=False):
+            ov = distill.teacher_overlap(w.backbone, jnp.asarray(self.channel_index_LEF), self.expert_mask_LEF,
+                                         jnp.asarray(tokens[s:s + bs]), jnp.asarray(route[s:s + bs]),
+                                         cfg=self.backbone_cfg, ffn_dim=self.ffn_dim, impl=self.impl)
+            out.append(distill.target_distribution(ov, self.train_cfg.target_temperature))
+        return jnp.concatenate(out)
+
+    def _expert_stage(self, round_idx: int, w: ReadMEWeights):
+        tc, st = self.train_cfg, self.train_cfg.experts
+        micro = st.batch_size // st.grad_accum
+        frozen_keys = () if tc.train_embeddings else steps.FROZEN_TOP_KEYS_NO_EMBED
+        trainable, frozen = steps.split_params(w.backbone, frozen_keys)
+        tx, step_fn = self._steps["experts"]
+        opt_state = tx.init(trainable)
+        rows = []
+        name = f"round {round_idx} experts"
+        bar = tqdm(total=st.steps * st.grad_accum, desc=name, disable=not self.progress)
+        for i in range(st.steps):
+            batch = self.data.expert_batch(round_idx, i, st.batch_size)
+            lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i)
+            for j in range(st.grad_accum):
+                trainable, opt_state, m = step_fn(trainable, frozen, opt_state, w.router,
+                                                  jnp.asarray(batch[j * micro:(j + 1) * micro]), lr)
+                m = {k: float(v) for k, v in m.items()}
+                self._check(m["loss"], name, i)
+                rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j, **m})
+                bar.update(1)
+        bar.close()
+        return ReadMEWeights(w.router, steps.merge_params(trainable, frozen)), rows
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def evaluate(self, w: ReadMEWeights) -> dict:
+        """Per-domain validation perplexity, router locality and expert load per domain."""
+        val = self.data.val_blocks()
+        nll = readme_domain_nll(w.router, self.router_cfg, self.router_ffn, w.backbone, self.backbone_cfg,
+                                self.impl, val, self.eval_batch_size)
+        loads, locs = {}, {}
+        for d, b in val.items():
+            r = routes_for(w.router, self.router_cfg, self.router_ffn, b, self.eval_batch_size)
+            loads[d] = expert_load(r, self.n_experts).tolist()
+            locs[d] = locality(r)
+        return {"val_ppl": {d: math.exp(v) for d, v in nll.items()}, "expert_load": loads,
+                "locality": locs, "locality_mean": float(np.mean(list(locs.values())))}
+
+    def _write_stage_summary(self, s: int, name: str, w: ReadMEWeights, rows: list):
+        t0 = time.time()
+        summary = {"stage": s, "name": name, **self.evaluate(w)}
+        if rows:
+            tail = rows[-max(1, len(rows) // 5):]
+            summary["final_loss"] = float(np.mean([r["loss"] for r in tail]))
+            if "agreement" in rows[0]:
+                summary["agreement"] = float(np.mean([r["agreement"] for r in tail]))
+        summary["eval_seconds"] = time.time() - t0
+        tag = "initial" if s < 0 else f"{s:02d}"
+        (self.metrics_dir / f"stage_{tag}.json").write_text(json.dumps(summary, indent=1))
+        with open(self.metrics_dir / f"stage_{tag}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        self.log(f"[{name}] val ppl " + ", ".join(f"{d} {p:.2f}" for d, p in summary["val_ppl"].items())
+                 + f" | locality {summary['locality_mean']:.3f}")
+
+    def _restore(self, step: int, like: ReadMEWeights) -> ReadMEWeights:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"router": like.router, "backbone": like.backbone})
+        got = self._ckpt.restore(step, args=ocp.args.StandardRestore(abstract))
+        return ReadMEWeights(got["router"], got["backbone"])
+
+
+def stage_summaries(out_dir: str | Path) -> list[dict]:
+    """All stage summaries written so far, in order (initial first)."""
+    d = Path(out_dir) / "metrics"
+    files = sorted(d.glob("stage_*.json"), key=lambda p: (p.stem != "stage_initial", p.stem))
+    return [json.loads(p.read_text()) for p in files]

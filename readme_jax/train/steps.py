@@ -1,0 +1,83 @@
+"""Jitted training steps on plain param dicts: router distillation and LM tuning with frozen parts.
+
+Freezing is structural: the frozen parameters are an argument the gradient is not taken with
+respect to, so they cannot change (tested bitwise).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from readme_jax.config import ModelConfig
+from readme_jax.model import decoder
+from readme_jax.model.router import router_logits
+from readme_jax.train.distill import router_loss
+
+FROZEN_TOP_KEYS_NO_EMBED = ("embed", "lm_head")
+
+
+def split_params(params: dict, frozen_keys) -> tuple[dict, dict]:
+    """Split a param dict at the top level into (trainable, frozen)."""
+    trainable = {k: v for k, v in params.items() if k not in frozen_keys}
+    frozen = {k: v for k, v in params.items() if k in frozen_keys}
+    return trainable, frozen
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return {**frozen, **trainable}
+
+
+def make_router_step(router_cfg: ModelConfig, router_ffn, tx: optax.GradientTransformation, loss_kind: str):
+    """``step(params, opt_state, tokens_BT, target_BTE, lr) -> (params, opt_state, metrics)``."""
+
+    @jax.jit
+    def step(params, opt_state, tokens_BT, target_BTE, lr):
+        def loss_fn(p):
+            logits, _ = router_logits(p, router_cfg, tokens_BT, ffn=router_ffn)
+            return router_loss(logits, target_BTE, loss_kind), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
+        agree = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(target_BTE, -1))
+        return params, opt_state, {"loss": loss, "agreement": agree, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+def make_lm_step(cfg: ModelConfig, ffn, ctx_fn: Callable | None, tx: optax.GradientTransformation):
+    """LM-loss step: ``step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr)``.
+
+    ``ctx_fn(ctx_params, inputs_BT)`` gives the FFN context (Read-ME: routes from the frozen
+    router); ``ctx_params`` are never differentiated.
+    """
+
+    @jax.jit
+    def step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr):
+        inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
+        ctx = None if ctx_fn is None else jax.lax.stop_gradient(ctx_fn(ctx_params, inputs))
+
+        def loss_fn(tr):
+            logits, _, _ = decoder.forward(merge_params(tr, frozen), cfg, inputs, ffn=ffn, ffn_ctx=ctx)
+            return decoder.token_nll(logits, targets).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, jax.tree.map(lambda u: lr * u, updates))
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+def router_route_fn(router_cfg: ModelConfig, router_ffn):
+    """``(router_params, inputs_BT) -> route_BT`` for use as an LM step's ``ctx_fn``."""
+
+    def fn(router_params, inputs_BT):
+        logits, _ = router_logits(router_params, router_cfg, inputs_BT, ffn=router_ffn)
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+
+    return fn

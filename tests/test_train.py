@@ -1,0 +1,197 @@
+"""Read-ME training: distillation target vs float64 numpy, schedules, steps, freezing, resume."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from readme_jax.config import StageConfig, TrainConfig, load, tiny_model_config
+from readme_jax.errors import ConfigError, TrainingError
+from readme_jax.model import decoder
+from readme_jax.model.moe import MoEBackbone, routed_ffn
+from readme_jax.model.router import RouterConfig, make_router
+from readme_jax.train import distill, schedule, steps
+from readme_jax.train.loop import ReadMEWeights, Trainer, stage_summaries
+
+E, F, FE = 3, 48, 24
+
+
+def _seed():
+    return int(np.random.randint(1 << 30))
+
+
+def _channel_index(L, rng):
+    return np.sort(np.stack([np.stack([rng.permutation(F)[:FE] for _ in range(E)]) for _ in range(L)]), -1)
+
+
+def _setup(seed=0, L=2):
+    cfg = tiny_model_config(n_layers=L, ffn_dim=F)
+    rng = np.random.default_rng(seed)
+    backbone = MoEBackbone(cfg, rngs=nnx.Rngs(seed), n_experts=E, expert_dim=FE)
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=seed), E, cfg.vocab_size, 64,
+                         backbone_embed_VD=backbone.embed[...])
+    return cfg, backbone, router, _channel_index(L, rng)
+
+
+def test_teacher_overlap_matches_float64_numpy():
+    cfg, backbone, _, ci = _setup(_seed() % 1000)
+    p = backbone.arrays()
+    tok = jax.random.randint(jax.random.key(_seed()), (2, 7), 0, cfg.vocab_size)
+    route = jax.random.randint(jax.random.key(_seed()), (2, 7), 0, E)
+    masks = distill.expert_masks_from_index(ci, F)
+    got = distill.teacher_overlap(p, jnp.asarray(ci), masks, tok, route, cfg=cfg, ffn_dim=F)
+
+    def capture(lp, h, r):  # the stream's FFN input per layer, to feed the numpy reference
+        y, _ = routed_ffn("xla")(lp, h, r)
+        return y, h
+
+    _, _, h_LBTD = decoder.forward(p, cfg, tok, ffn=capture, ffn_ctx=route, logits=False)
+    h = np.asarray(h_LBTD, np.float64)
+    ref = np.zeros((2, 7, E))
+    for l in range(cfg.n_layers):
+        wg, wu = (np.asarray(p["layers"][k][l], np.float64) for k in ("wg", "wu"))
+        for b in range(2):
+            for t in range(7):
+                tot, cnt = np.zeros(F), np.zeros(F)
+                for e in range(E):
+                    g = h[l, b, t] @ wg[e]
+                    a = np.abs(g / (1 + np.exp(-g)) * (h[l, b, t] @ wu[e]))
+                    tot[ci[l, e]] += a
+                    cnt[ci[l, e]] += 1
+                mag = tot / np.maximum(cnt, 1)
+                top = set(np.argsort(-mag)[:FE])
+                for e in range(E):
+                    ref[b, t, e] += len(top & set(ci[l, e])) / FE / cfg.n_layers
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-6)
+
+
+def test_router_losses():
+    logits = jax.random.normal(jax.random.key(_seed()), (2, 5, E))
+    target = jax.nn.softmax(jax.random.normal(jax.random.key(_seed()), (2, 5, E)))
+    t, lp = np.asarray(target, np.float64), np.asarray(jax.nn.log_softmax(logits), np.float64)
+    kl = (t * (np.log(t) - lp)).sum(-1).mean()
+    assert abs(float(distill.router_loss(logits, target, "kl")) - kl) < 1e-5
+    hard = np.eye(E)[t.argmax(-1)] * 0.5 + 0.5 / E
+    ref = (0.75 * -(hard * lp).sum(-1) + 0.25 * -(t * lp).sum(-1)).mean()
+    assert abs(float(distill.router_loss(logits, target, "reference")) - ref) < 1e-5
+
+
+def test_schedule_values_at_round_boundaries():
+    st = StageConfig(steps=10, batch_size=2, lr=1e-3, warmup_steps=2)
+    for r in range(3):
+        sched = schedule.stage_schedule(st, r, 0.8)
+        for step in (0, 1, 2, 5, 9, 10):
+            assert abs(float(sched(step)) - schedule.expected_lr(st, r, 0.8, step)) < 1e-9
+        assert abs(schedule.expected_lr(st, r, 0.8, 2) - 1e-3 * 0.8**r) < 1e-12  # peak after warmup
+    assert float(schedule.stage_schedule(dataclasses.replace(st, warmup_steps=0), 1, 0.8)(0)) == pytest.approx(8e-4)
+
+
+def test_one_router_step_and_one_expert_step_decrease_loss():
+    cfg, backbone, router, ci = _setup(1)
+    tok = jax.random.randint(jax.random.key(2), (4, 12), 0, cfg.vocab_size)
+    target = jax.nn.softmax(jax.random.normal(jax.random.key(3), (4, 11, E)) * 3)
+    tx = optax.adam(1e-2)
+    rstep = steps.make_router_step(router.cfg, router.ffn_fn(), tx, "kl")
+    rp, opt = router.arrays(), tx.init(router.arrays())
+    losses = []
+    for _ in range(3):
+        rp, opt, m = rstep(rp, opt, tok[:, :-1], target, 1.0)
+        losses.append(float(m["loss"]))
+    assert losses[2] < losses[0]
+    tr, fr = steps.split_params(backbone.arrays(), steps.FROZEN_TOP_KEYS_NO_EMBED)
+    lstep = steps.make_lm_step(cfg, routed_ffn("xla"), steps.router_route_fn(router.cfg, router.ffn_fn()), tx)
+    opt = tx.init(tr)
+    losses = []
+    for _ in range(3):
+        tr, opt, m = lstep(tr, fr, opt, rp, tok, 1.0)
+        losses.append(float(m["loss"]))
+    assert losses[2] < losses[0]
+
+
+class SyntheticData:
+    """Three 'domains' with different token distributions; deterministic in (round, step)."""
+
+    domains = ["a", "b", "c"]
+
+    def __init__(self, vocab, T=12, seed=0):
+        self.vocab, self.T, self.seed = vocab, T, seed
+
+    def _blocks(self, key, n, dom):
+        rng = np.random.default_rng(key)
+        lo = (np.asarray(dom) * self.vocab) // 3
+        return (lo[:, None] + rng.integers(0, self.vocab // 3, (n, self.T + 1))).astype(np.int32)
+
+    def router_set(self, r, n):
+        dom = np.arange(n) % 3
+        return self._blocks((self.seed, r, 0), n, dom), dom
+
+    def expert_batch(self, r, step, bs):
+        return self._blocks((self.seed, r, 1, step), bs, np.arange(bs) % 3)
+
+    def val_blocks(self):
+        return {d: self._blocks((self.seed, 99, i), 2, np.full(2, i)) for i, d in enumerate(self.domains)}
+
+
+def _trainer(tmp, cfg, router, ci, **kw):
+    tc = TrainConfig(rounds=2, router=StageConfig(steps=2, batch_size=4, lr=1e-3, seq_len=12),
+                     experts=StageConfig(steps=2, batch_size=4, lr=1e-3, seq_len=12, grad_accum=2), **kw)
+    return Trainer(tc, cfg, router.cfg, router.ffn_fn(), ci, F, SyntheticData(cfg.vocab_size), tmp,
+                   progress=False, eval_batch_size=2, log=lambda s: None)
+
+
+def test_kill_and_resume_is_bitwise_equal(tmp_path):
+    cfg, backbone, router, ci = _setup(4)
+    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    full = _trainer(tmp_path / "full", cfg, router, ci).run(w0)
+    killed = _trainer(tmp_path / "killed", cfg, router, ci)
+    killed.run(w0, stop_after_stages=1)
+    resumed = _trainer(tmp_path / "killed", cfg, router, ci).run(w0)
+    for a, b in zip(jax.tree.leaves((full.router, full.backbone)), jax.tree.leaves((resumed.router, resumed.backbone))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    s = stage_summaries(tmp_path / "full")
+    assert [x["name"] for x in s] == ["initial", "round0-router", "round0-experts", "round1-router", "round1-experts"]
+    assert all(np.isfinite(list(x["val_ppl"].values())).all() for x in s)
+    assert 0 <= s[-1]["locality_mean"] <= 1 and "agreement" in s[1]
+
+
+def test_freezing_really_freezes(tmp_path):
+    cfg, backbone, router, ci = _setup(5)
+    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    t = _trainer(tmp_path, cfg, router, ci)
+    after_router, _ = t._router_stage(0, w0)
+    for a, b in zip(jax.tree.leaves(after_router.backbone), jax.tree.leaves(w0.backbone)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_router.router), jax.tree.leaves(w0.router)))
+    after_exp, _ = t._expert_stage(0, after_router)
+    for a, b in zip(jax.tree.leaves(after_exp.router), jax.tree.leaves(after_router.router)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(after_exp.backbone["embed"]), np.asarray(w0.backbone["embed"]))
+    assert not np.array_equal(np.asarray(after_exp.backbone["layers"]["wg"]), np.asarray(w0.backbone["layers"]["wg"]))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    cfg, backbone, router, ci = _setup(6)
+    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    t = _trainer(tmp_path, cfg, router, ci)
+    t.run(w0, stop_after_stages=1)
+    bad = dict(w0.backbone)
+    bad["final_norm"] = jnp.full_like(bad["final_norm"], jnp.nan)
+    t2 = _trainer(tmp_path, cfg, router, ci)
+    t2._restore = lambda step, like: ReadMEWeights(w0.router, bad)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* round 0 experts at step 0.*after stage 1"):
+        t2.run(w0)
+    assert t2._ckpt.latest_step() == 1
+
+
+def test_bad_train_config():
+    with pytest.raises(ConfigError, match="train.rounds must be >= 1"):
+        TrainConfig(rounds=0)
+    with pytest.raises(ConfigError, match="train.router.steps must be >= 0"):
+        TrainConfig(router=StageConfig(steps=-1))
+    with pytest.raises(ConfigError, match="unknown config key.*rounds_"):
+        load(TrainConfig, None, ["rounds_=3"])
