@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from readme_jax.data.tokenizer import Tokenizer, bytes_to_unicode, tokenizer_from_gguf, tokenizer_from_hf
-from readme_jax.errors import CheckpointError
+from readme_jax.errors import CheckpointError, ShapeError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = "<think>"
@@ -186,7 +186,7 @@ def test_errors(tmp_path, trained, tok, gguf_writer):
     write_gguf(tmp_path / "none.gguf", metadata={"llama.block_count": 1})
     with pytest.raises(CheckpointError, match="missing metadata key 'tokenizer.ggml.model'"):
         tokenizer_from_gguf(tmp_path / "none.gguf")
-    with pytest.raises(CheckpointError, match=r"token ids \[9999\] outside vocabulary"):
+    with pytest.raises(ShapeError, match=r"token ids \[9999\] outside vocabulary"):
         tok.decode([5, 9999])
     with pytest.raises(CheckpointError, match="missing tokenizer.json"):
         tokenizer_from_hf(tmp_path)

@@ -23,7 +23,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from readme_jax.errors import CheckpointError
+from readme_jax.errors import CheckpointError, ShapeError
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -74,7 +74,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise CheckpointError(f"{self.source}: token ids {bad[:5]} outside vocabulary of {self.vocab_size}")
+            raise ShapeError(f"{self.source}: token ids {bad[:5]} outside vocabulary of {self.vocab_size}")
         return self.tk.decode(ids, skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
