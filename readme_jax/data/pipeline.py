@@ -96,7 +96,6 @@ def token_stream(domain: str, split: str, tokenizer: TokenizerLike, *, sep_id: i
         raise DataError(f"token_stream: split must be one of {SPLITS}, got {split!r}")
     sep, bos = _check_tokenizer(tokenizer, sep_id, add_bos, f"token_stream({domain!r}, {split!r})")
     root = cache_root(cache_dir)
-    docs = None
     if any(domain_meta(m, root) is None for m in LINKED.get(domain, (domain,))):
         load_domain(domain, root, progress=progress)  # fetch first
     path = _stream_path(root, tokenizer, domain, split, sep, bos)
