@@ -284,7 +284,7 @@ def _tiled_fwd(x_TD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd):
     return y, (x_NMD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd)
 
 
-def _tiled_bwd(res, dy_TD):
+def tiled_ffn_bwd(res, dy_TD):
     x_NMD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd = res
     cdt = x_NMD.dtype
     dy_NMD = jnp.take(dy_TD, row_src_P, axis=0, mode="fill", fill_value=0).reshape(x_NMD.shape[:2] + (-1,))
@@ -295,4 +295,4 @@ def _tiled_bwd(res, dy_TD):
             dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
 
 
-tiled_grouped_ffn.defvjp(_tiled_fwd, _tiled_bwd)
+tiled_grouped_ffn.defvjp(_tiled_fwd, tiled_ffn_bwd)

@@ -1,0 +1,269 @@
+"""Pallas fused gathered-expert FFN: ``expert_ffn(..., impl="pallas")``.
+
+Tokens are laid out sorted by expert with every group padded to a multiple of the row tile
+``tm`` (``ops.grouping.tile_layout``), so each tile holds ONE expert's tokens and a tile that
+straddles two groups cannot occur. Per tile, one kernel computes gate and up projections with
+that expert's weights, ``silu(gate) * up`` and the down projection, looping over F in blocks of
+``bf`` and accumulating the down projection in float32; the [T, F] hidden never goes to memory.
+Empty groups get no tile; tiles past the used count (``num_tiles``, data-dependent) do no work.
+
+Two kernels, one per lowering:
+
+- ``"tpu"`` (Mosaic): grid ``(N tiles, F/bf)``, F innermost and sequential ("arbitrary"); the
+  tile's expert id comes from scalar prefetch (``PrefetchScalarGridSpec``) into the weight
+  BlockSpecs' index maps, so the pipeline DMAs exactly the blocks of that expert; a [tm, D] f32
+  VMEM accumulator is written to the output at the last F block (every output row written,
+  unused tiles as zeros). Unused tiles map to the last used weight block, so nothing is fetched.
+- ``"gpu"`` (Triton): grid ``(N tiles, F/bf)``, every program independent. Program (n, f) reads
+  the expert id, computes the [tm, bf] hidden slice (gate/up contracted over D in ``bk`` chunks)
+  and atomically adds its [tm, D] down-projection partial (in ``bd`` chunks) into a zeroed f32
+  output. Decode batches (1-3 experts, a tile each) still spread over ``N * F/bf`` programs, so
+  all SMs stream weights. Float32 atomics make the summation order (not the math) vary by run.
+
+On CPU either kernel runs with ``interpret=True`` (the default there: the TPU-style kernel).
+The backward (``custom_vjp``) is the XLA tile loop of ``ops.expert_ffn`` on the same layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from readme_jax.errors import ShapeError
+from readme_jax.kernels import block_sizes as bsz
+from readme_jax.ops import grouping
+from readme_jax.ops.expert_ffn import compute_dtype, tiled_ffn_bwd
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST  # IEEE f32 on Triton (its default is TF32); no-op for bf16
+KERNELS = ("tpu", "gpu")
+
+
+def _silu(g):
+    return g / (1.0 + jnp.exp(-g))
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=F32, precision=HIGHEST)
+
+
+# --------------------------------------------------------------------------- TPU (Mosaic)
+
+
+def _tpu_kernel(te_ref, nt_ref, x_ref, wg_ref, wu_ref, wd_ref, *rest):
+    y_ref, acc_ref = rest[-2], rest[-1]  # rest = ([aliased out_init ref,] y_ref, acc_ref)
+    n, f = pl.program_id(0), pl.program_id(1)
+    nf = pl.num_programs(1)
+
+    @pl.when(f == 0)
+    def _zero():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
+
+    @pl.when(n < nt_ref[0])
+    def _accumulate():
+        x = x_ref[...]
+        h = (_silu(_dot(x, wg_ref[...])) * _dot(x, wu_ref[...])).astype(wd_ref.dtype)
+        acc_ref[...] += _dot(h, wd_ref[...])
+
+    @pl.when(f == nf - 1)
+    def _store():
+        y_ref[...] = acc_ref[...].astype(y_ref.dtype)
+
+
+def fused_tiles_tpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: int,
+                    interpret: bool = False, out_init=None, out_dtype=None):
+    """TPU-style kernel over a padded layout ``x_PD`` (``P = N * tm``). Returns ``y_PD``.
+
+    ``out_init`` (optional, ``[P, D]``) is aliased to the output (tests pass NaNs to prove every
+    row is written). ``out_dtype`` defaults to x's dtype.
+    """
+    P, D = x_PD.shape
+    E, _, F = wg.shape
+    N, nf = P // tm, F // bf
+    out_dtype = jnp.dtype(out_dtype or x_PD.dtype)
+
+    def f_eff(n, f, nt_ref):  # unused tiles keep the last used block: no new DMA
+        return jnp.where(n < nt_ref[0], f, nf - 1)
+
+    def x_map(n, f, te_ref, nt_ref):
+        return jnp.minimum(n, jnp.maximum(nt_ref[0] - 1, 0)), 0
+
+    in_specs = [
+        pl.BlockSpec((tm, D), x_map),
+        pl.BlockSpec((None, D, bf), lambda n, f, te, nt: (te[n], 0, f_eff(n, f, nt))),
+        pl.BlockSpec((None, D, bf), lambda n, f, te, nt: (te[n], 0, f_eff(n, f, nt))),
+        pl.BlockSpec((None, bf, D), lambda n, f, te, nt: (te[n], f_eff(n, f, nt), 0)),
+    ]
+    args = [tile_expert_N, jnp.reshape(num_tiles, (1,)).astype(jnp.int32), x_PD, wg, wu, wd]
+    aliases = {}
+    if out_init is not None:
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        aliases = {len(args): 0}
+        args.append(out_init.astype(out_dtype))
+    from jax.experimental.pallas import tpu as pltpu
+
+    itemsize = jnp.dtype(x_PD.dtype).itemsize
+    cost = pl.CostEstimate(flops=6 * P * D * F, transcendentals=P * F,
+                           bytes_accessed=3 * E * D * F * itemsize + 2 * P * D * itemsize)
+    return pl.pallas_call(
+        _tpu_kernel,
+        out_shape=jax.ShapeDtypeStruct((P, D), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(N, nf),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((tm, D), lambda n, f, te, nt: (n, 0)),
+            scratch_shapes=[pltpu.VMEM((tm, D), F32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=bsz.TPU_VMEM_LIMIT),
+        input_output_aliases=aliases,
+        cost_estimate=cost,
+        interpret=interpret,
+        name="fused_expert_ffn_tpu",
+    )(*args)
+
+
+# --------------------------------------------------------------------------- GPU (Triton)
+
+
+def _gpu_kernel(te_ref, nt_ref, x_ref, wg_ref, wu_ref, wd_ref, y_in_ref, y_ref, *,
+                tm: int, bf: int, bk: int, bd: int):
+    del y_in_ref  # aliased to y_ref (the zeroed f32 accumulator)
+    from jax.experimental.pallas import triton as plgpu
+
+    n, f = pl.program_id(0), pl.program_id(1)
+    D = x_ref.shape[1]
+
+    @pl.when(n < nt_ref[0])
+    def _tile():
+        e = te_ref[n]
+        rows = pl.ds(n * tm, tm)
+        cols = pl.ds(f * bf, bf)
+
+        def contract(k, gu):
+            g, u = gu
+            ks = pl.ds(k * bk, bk)
+            xb = x_ref[rows, ks]
+            return g + _dot(xb, wg_ref[e, ks, cols]), u + _dot(xb, wu_ref[e, ks, cols])
+
+        zero = jnp.zeros((tm, bf), F32)
+        g, u = jax.lax.fori_loop(0, D // bk, contract, (zero, zero))
+        h = (_silu(g) * u).astype(wd_ref.dtype)
+
+        def down(d, carry):
+            ds = pl.ds(d * bd, bd)
+            plgpu.atomic_add(y_ref, (rows, ds), _dot(h, wd_ref[e, cols, ds]))
+            return carry
+
+        jax.lax.fori_loop(0, D // bd, down, 0)
+
+
+def fused_tiles_gpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: int, bk: int,
+                    bd: int, num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
+                    out_init=None):
+    """GPU-style kernel over a padded layout ``x_PD`` (``P = N * tm``). Returns f32 ``y_PD``.
+
+    ``out_init`` (default zeros) is the f32 buffer the programs atomically add into.
+    """
+    from jax.experimental.pallas import triton as plgpu
+
+    P, D = x_PD.shape
+    F = wg.shape[2]
+    N, nf = P // tm, F // bf
+    full = lambda a: pl.BlockSpec(a.shape, lambda n, f: (0,) * a.ndim)  # noqa: E731
+    nt = jnp.reshape(num_tiles, (1,)).astype(jnp.int32)
+    y0 = jnp.zeros((P, D), F32) if out_init is None else out_init.astype(F32)
+    args = [tile_expert_N, nt, x_PD, wg, wu, wd, y0]
+    kernel = functools.partial(_gpu_kernel, tm=tm, bf=bf, bk=bk, bd=bd)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((P, D), F32),
+        grid=(N, nf),
+        in_specs=[full(a) for a in args],
+        out_specs=full(y0),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="fused_expert_ffn_gpu",
+    )(*args)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def platform() -> str:
+    """The block-size table row of the default backend: "gpu", "tpu" or "cpu"."""
+    b = jax.default_backend()
+    return "gpu" if b in ("gpu", "cuda", "rocm") else ("tpu" if b == "tpu" else "cpu")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(kernel, bs, interpret, x_TD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd):
+    return _fused_fwd(kernel, bs, interpret, x_TD, row_src_P, pos_T, tile_expert_N, num_tiles,
+                      wg, wu, wd)[0]
+
+
+def _fused_fwd(kernel, bs, interpret, x_TD, row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd):
+    cdt = compute_dtype(x_TD, wg)
+    T, D = x_TD.shape
+    F = wg.shape[2]
+    N, P = tile_expert_N.shape[0], row_src_P.shape[0]
+    wg_c, wu_c, wd_c = wg.astype(cdt), wu.astype(cdt), wd.astype(cdt)
+    x_PD = jnp.take(x_TD.astype(cdt), row_src_P, axis=0, mode="fill", fill_value=0)
+    xk, gk, uk, dk = x_PD, wg_c, wu_c, wd_c
+    Fp, Dp = bs.f_pad or F, bs.d_pad or D
+    if (Fp, Dp) != (F, D):  # fallback: zero channels contribute silu(0) * 0 = 0
+        xk = jnp.pad(x_PD, ((0, 0), (0, Dp - D)))
+        gk = jnp.pad(wg_c, ((0, 0), (0, Dp - D), (0, Fp - F)))
+        uk = jnp.pad(wu_c, ((0, 0), (0, Dp - D), (0, Fp - F)))
+        dk = jnp.pad(wd_c, ((0, 0), (0, Fp - F), (0, Dp - D)))
+    if kernel == "tpu":
+        y_PD = fused_tiles_tpu(xk, tile_expert_N, num_tiles, gk, uk, dk, tm=bs.tm, bf=bs.bf,
+                               interpret=interpret, out_dtype=F32)
+    else:
+        y_PD = fused_tiles_gpu(xk, tile_expert_N, num_tiles, gk, uk, dk, tm=bs.tm, bf=bs.bf,
+                               bk=bs.bk, bd=bs.bd, num_warps=bs.num_warps,
+                               num_stages=bs.num_stages, interpret=interpret)
+    y = jnp.take(y_PD[:, :D], pos_T, axis=0, mode="fill", fill_value=0).astype(x_TD.dtype)
+    res = (x_PD.reshape(N, P // N, D), row_src_P, pos_T, tile_expert_N, num_tiles, wg, wu, wd)
+    return y, res
+
+
+def _fused_bwd(kernel, bs, interpret, res, dy):
+    del kernel, bs, interpret
+    return tiled_ffn_bwd(res, dy)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = None,
+               kernel: str | None = None, block_sizes: bsz.BlockSizes | None = None,
+               interpret: bool | None = None):
+    """Fused expert FFN on ``x_TD [T, D]`` (inputs already validated by ``ops.expert_ffn``).
+
+    ``backend``: block-size table row, default from ``jax.default_backend()``. ``kernel``:
+    "tpu" or "gpu"; default "gpu" on GPU, else "tpu". ``interpret``: default True on CPU.
+    ``block_sizes``: override the table (``kernels.block_sizes.choose``).
+    """
+    backend = backend or platform()
+    if backend not in bsz.BACKENDS:
+        raise ShapeError(f"expert_ffn(impl='pallas'): backend must be one of {bsz.BACKENDS}, "
+                         f"got {backend!r}")
+    kernel = kernel or ("gpu" if backend == "gpu" else "tpu")
+    if kernel not in KERNELS:
+        raise ShapeError(f"expert_ffn(impl='pallas'): kernel must be one of {KERNELS}, got {kernel!r}")
+    if interpret is None:
+        interpret = platform() == "cpu"
+    T, D = x_TD.shape
+    E, _, F = wg_EDF.shape
+    itemsize = jnp.dtype(compute_dtype(x_TD, wg_EDF)).itemsize
+    bs = block_sizes or bsz.choose(backend, T, E, D, F, itemsize)
+    bsz.validate(bs, kernel, D, F)
+    m = grouping.tile_layout(expert_T, E, bs.tm)
+    return _fused(kernel, bs, interpret, x_TD, m.row_src_P, m.pos_T, m.tile_expert_N,
+                  m.num_tiles, wg_EDF, wu_EDF, wd_EFD)
