@@ -59,6 +59,35 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# ----------------------------------------------------------------------------- router
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    width: int = 512
+    n_layers: int = 1
+    n_heads: int = 4
+    ffn_dim: int = 1024
+    mlp: str = "swiglu"  # swiglu | silu_bias
+    score_scale: str = "sqrt"  # sqrt | none
+    rope_theta: float = 10000.0
+    embed_init: str = "backbone"  # backbone | random
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mlp not in ("swiglu", "silu_bias"):
+            raise ConfigError(f"router.mlp must be 'swiglu' or 'silu_bias', got {self.mlp!r}")
+        if self.score_scale not in ("sqrt", "none"):
+            raise ConfigError(f"router.score_scale must be 'sqrt' or 'none', got {self.score_scale!r}")
+        if self.embed_init not in ("backbone", "random"):
+            raise ConfigError(f"router.embed_init must be 'backbone' or 'random', got {self.embed_init!r}")
+        for name in ("width", "n_layers", "n_heads", "ffn_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"router.{name} must be > 0, got {getattr(self, name)}")
+        if self.width % self.n_heads or (self.width // self.n_heads) % 2:
+            raise ConfigError(f"router.width ({self.width}) must split into n_heads ({self.n_heads}) even heads")
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -269,3 +298,112 @@ class TrainConfig:
             raise ConfigError(f"train.target_temperature must be > 0, got {self.target_temperature}")
         if self.weight_decay < 0 or self.clip_norm < 0:
             raise ConfigError("train.weight_decay and train.clip_norm must be >= 0")
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    domains: tuple[str, ...] = ()  # empty: every domain available on this machine (one expert each)
+    allow_apt: bool = True  # as root, install Debian text packages (bible, dictionary) when missing
+    cache_dir: str | None = None  # default $READMEJAX_CACHE or ~/.cache/readme-jax/domains
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Calibration and expert extraction (paper: 16 sequences x 4096 tokens per domain, r = 0.5)."""
+
+    r: float = 0.5
+    calib_samples: int = 16
+    calib_seq_len: int = 4096
+    batch_size: int = 1
+    layout: str = "fixed"
+
+    def __post_init__(self):
+        if not (isinstance(self.r, (int, float)) and 0 < self.r <= 1):
+            raise ConfigError(f"convert.r must be in (0, 1], got {self.r!r}")
+        if self.calib_samples < 1 or self.calib_seq_len < 2 or self.batch_size < 1:
+            raise ConfigError("convert.calib_samples, convert.batch_size must be >= 1 and calib_seq_len >= 2")
+        if self.layout != "fixed":
+            raise ConfigError(f"convert.layout: the MoE model uses the 'fixed' layout, got {self.layout!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    seq_len: int = 512
+    blocks_per_domain: int = 8
+    batch_size: int = 4
+    split: str = "test"
+    prompt: str = "The capital of France is"
+    max_new_tokens: int = 16
+
+    def __post_init__(self):
+        if self.seq_len < 1 or self.blocks_per_domain < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("eval.seq_len, eval.blocks_per_domain, eval.batch_size, eval.max_new_tokens must be >= 1")
+        if self.split not in ("train", "validation", "test"):
+            raise ConfigError(f"eval.split must be train, validation or test, got {self.split!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `readme-jax run` does, from the dense checkpoint to the report."""
+
+    model: str = "embedded"  # 'embedded' (SmolLM2-135M GGUF), a .gguf file, or a Hugging Face directory
+    dtype: str = "float32"
+    impl: str = "xla"  # expert_ffn implementation: reference | xla | pallas
+    output_dir: str = "runs/default"
+    seed: int = 0
+    stages: tuple[str, ...] = ("dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval",
+                               "serve_bench", "report")
+    data: DataConfig = DataConfig()
+    convert: ConvertConfig = ConvertConfig()
+    router: RouterConfig = RouterConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: dict = dataclasses.field(default_factory=dict)  # serve-bench settings (see readme_jax.serve.bench)
+
+    def __post_init__(self):
+        known = RunConfig.__dataclass_fields__["stages"].default
+        bad = [s for s in self.stages if s not in known]
+        if bad:
+            raise ConfigError(f"stages: unknown stage(s) {bad}; valid: {list(known)}")
+        if self.impl not in ("reference", "xla", "pallas"):
+            raise ConfigError(f"impl must be reference, xla or pallas, got {self.impl!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+# ----------------------------------------------------------------------------- device mesh
+
+MESH_FFN_COMMS = ("psum", "all_to_all")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, expert, model) for expert-parallel training and serving.
+
+    ``data=-1`` takes every device left after ``expert * model``. ``ffn_comm`` is how tokens
+    meet their experts: ``psum`` (all-gather tokens over the expert axis, reduce-scatter the
+    partial outputs; dropless) or ``all_to_all`` (send each token to its expert's shard;
+    ``capacity_factor`` 0 = dropless, else each shard receives at most
+    ``ceil(capacity_factor * tokens / expert)`` tokens from each sender, the rest skip the FFN).
+    See readme_jax/distributed and docs/DISTRIBUTED.md.
+    """
+
+    data: int = -1
+    expert: int = 1
+    model: int = 1
+    ffn_comm: str = "psum"
+    capacity_factor: float = 0.0
+
+    def __post_init__(self):
+        if self.data != -1 and self.data < 1:
+            raise ConfigError(f"mesh.data must be -1 (all remaining devices) or >= 1, got {self.data}")
+        for name in ("expert", "model"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mesh.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ffn_comm not in MESH_FFN_COMMS:
+            raise ConfigError(f"mesh.ffn_comm must be one of {MESH_FFN_COMMS}, got {self.ffn_comm!r}")
+        if not self.capacity_factor >= 0:
+            raise ConfigError(f"mesh.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")

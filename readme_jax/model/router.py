@@ -19,43 +19,15 @@ Variants (RouterConfig):
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from readme_jax.config import ModelConfig
+from readme_jax.config import ModelConfig, RouterConfig
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder
 from readme_jax.model.llama import Decoder
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterConfig:
-    width: int = 512
-    n_layers: int = 1
-    n_heads: int = 4
-    ffn_dim: int = 1024
-    mlp: str = "swiglu"  # swiglu | silu_bias
-    score_scale: str = "sqrt"  # sqrt | none
-    rope_theta: float = 10000.0
-    embed_init: str = "backbone"  # backbone | random
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.mlp not in ("swiglu", "silu_bias"):
-            raise ConfigError(f"router.mlp must be 'swiglu' or 'silu_bias', got {self.mlp!r}")
-        if self.score_scale not in ("sqrt", "none"):
-            raise ConfigError(f"router.score_scale must be 'sqrt' or 'none', got {self.score_scale!r}")
-        if self.embed_init not in ("backbone", "random"):
-            raise ConfigError(f"router.embed_init must be 'backbone' or 'random', got {self.embed_init!r}")
-        for name in ("width", "n_layers", "n_heads", "ffn_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"router.{name} must be > 0, got {getattr(self, name)}")
-        if self.width % self.n_heads or (self.width // self.n_heads) % 2:
-            raise ConfigError(f"router.width ({self.width}) must split into n_heads ({self.n_heads}) even heads")
 
 
 def router_model_config(rc: RouterConfig, vocab_size: int, max_seq_len: int, dtype: str = "float32") -> ModelConfig:

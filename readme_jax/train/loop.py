@@ -66,6 +66,7 @@ class Trainer:
     progress: bool = True
     eval_batch_size: int = 4
     log: Callable[[str], None] = print
+    on_stage_end: Callable[[int, str, "ReadMEWeights"], None] | None = None  # (stage, name, weights)
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -111,6 +112,8 @@ class Trainer:
             self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router,
                                                                "backbone": weights.backbone}))
             self._ckpt.wait_until_finished()
+            if self.on_stage_end is not None:
+                self.on_stage_end(s, name, weights)
         return weights
 
     # ------------------------------------------------------------------ stages

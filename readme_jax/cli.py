@@ -1,0 +1,144 @@
+"""`readme-jax <command>`: a thin layer over readme_jax.workflow and friends.
+
+Every command takes ``--config FILE|PRESET`` (a YAML file, or a name in ``configs/`` such as
+``smollm2_135m_quick``) and ``key=value`` overrides (``train.rounds=2``); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from readme_jax import config as config_mod
+from readme_jax.errors import ReadmeError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_PRESET = "smollm2_135m_quick"
+
+
+def resolve_config(name: str | None) -> Path:
+    if name is None:
+        name = DEFAULT_PRESET
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise config_mod.ConfigError(f"config file not found: {p}")
+        return p
+    cand = CONFIG_DIR / f"{name}.yaml"
+    if cand.is_file():
+        return cand
+    presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise config_mod.ConfigError(f"no config file or preset named {name!r}; presets: {presets}")
+
+
+def load_run_config(args, stages: tuple[str, ...] | None = None) -> config_mod.RunConfig:
+    cfg = config_mod.load(config_mod.RunConfig, resolve_config(args.config), args.overrides)
+    if stages is not None:
+        cfg = dataclasses.replace(cfg, stages=stages)
+    return cfg
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--config", default=None, help=f"YAML file or preset name in configs/ (default {DEFAULT_PRESET})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.rounds=2 output_dir=runs/x")
+
+
+def _run_stages(args, stages):
+    from readme_jax.workflow.run import run
+
+    cfg = load_run_config(args, stages)
+    force = tuple(s for s in (getattr(args, "force", "") or "").split(",") if s)
+    return run(cfg, progress=not args.no_progress, force=force)
+
+
+def cmd_run(args):
+    _run_stages(args, None)
+
+
+def cmd_eval_dense(args):
+    ws = _run_stages(args, ("dense_eval",))
+    info = ws.done_info("dense_eval")
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1))
+    print(json.dumps({"ppl": info["ppl"], "completion": info["completion"]}, indent=1))
+
+
+def cmd_refactor(args):
+    _run_stages(args, ("refactor", "refactor_eval") if args.eval else ("refactor",))
+
+
+def cmd_train(args):
+    _run_stages(args, ("refactor", "train"))
+
+
+def cmd_serve_bench(args):
+    _run_stages(args, ("refactor", "train", "serve_bench"))
+
+
+def cmd_export(args):
+    from readme_jax.workflow.export import export_workspace
+    from readme_jax.workflow.workspace import Workspace
+
+    ws = Workspace(load_run_config(args), progress=not args.no_progress)
+    path = export_workspace(ws, Path(args.out))
+    print(f"exported to {path}")
+
+
+def cmd_data(args):
+    from readme_jax.data import prepare_domains
+
+    rep = prepare_domains(args.domains or None, allow_apt=not args.no_apt)
+    for n, m in rep.available.items():
+        print(f"{n:12s} {m.get('n_docs', '?'):>8} docs {m.get('n_chars', '?'):>12} chars")
+    for n, why in rep.missing.items():
+        print(f"{n:12s} MISSING: {why}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="readme-jax", description="Read-ME (router-decoupled MoE) on JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="the whole pipeline: dense eval, refactor, train, evaluate, serve-bench, report")
+    _common(p)
+    p.add_argument("--force", default="", help="comma-separated stages to redo even if done")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("eval-dense", help="per-domain perplexity and a greedy completion of the dense model")
+    _common(p)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.set_defaults(fn=cmd_eval_dense)
+    p = sub.add_parser("refactor", help="calibrate and extract experts; write the MoE checkpoint")
+    _common(p)
+    p.add_argument("--eval", action="store_true", help="also compute the four-way perplexity table")
+    p.set_defaults(fn=cmd_refactor)
+    p = sub.add_parser("train", help="alternating router / expert tuning (refactors first if needed)")
+    _common(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("serve-bench", help="serving benchmark: expert-aware batching vs baselines, cache policies")
+    _common(p)
+    p.set_defaults(fn=cmd_serve_bench)
+    p = sub.add_parser("export", help="export the trained Read-ME model as safetensors + JSON")
+    _common(p)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("data", help="fetch and cache the offline text domains")
+    p.add_argument("domains", nargs="*")
+    p.add_argument("--no-apt", action="store_true")
+    p.set_defaults(fn=cmd_data)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ReadmeError as e:
+        print(f"readme-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

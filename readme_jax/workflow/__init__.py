@@ -1,0 +1,1 @@
+"""The main job as resumable stages: dense eval -> refactor -> train -> evaluate -> serve -> report."""

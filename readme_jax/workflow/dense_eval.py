@@ -1,0 +1,29 @@
+"""Stage `dense_eval` (also `readme-jax eval-dense`): per-domain perplexity of the dense model on
+held-out text and a greedy completion of a prompt."""
+
+from __future__ import annotations
+
+import time
+
+from readme_jax.eval.generate import greedy_generate
+from readme_jax.workflow.refactor import dense_ppl
+from readme_jax.workflow.workspace import Workspace, write_json
+
+
+def run_dense_eval(ws: Workspace) -> dict:
+    t0 = time.time()
+    model, tok = ws.dense
+    e = ws.cfg.eval
+    blocks = ws.eval_blocks()
+    ppl = dense_ppl(model.arrays(), model.cfg, blocks, e.batch_size, ws.progress, "dense")
+    ids = tok.encode(e.prompt)
+    new = greedy_generate(model.arrays(), model.cfg, ids, e.max_new_tokens, eos_id=tok.eos_id)
+    out = {"ppl": ppl, "prompt": e.prompt, "completion": tok.decode(new),
+           "eval": {"split": e.split, "seq_len": e.seq_len, "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}},
+           "model": ws.cfg.model}
+    write_json(ws.stage_dir("dense_eval") / "dense_eval.json", out)
+    ws.mark_done("dense_eval", out, time.time() - t0)
+    for d, p in ppl.items():
+        ws.log(f"  dense ppl {d:12s} {p:8.2f}")
+    ws.log(f"  {e.prompt!r} -> {out['completion']!r}")
+    return out

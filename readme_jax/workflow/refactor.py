@@ -1,0 +1,102 @@
+"""Stages `refactor` and `refactor_eval`: dense -> calibrated experts -> MoE checkpoint, and the
+four-way perplexity table (dense, MoE with oracle routing, MoE forced to a wrong expert, pruned
+dense of the same activated width)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from readme_jax import config as config_mod
+from readme_jax.checkpoints import restore_params, save_params
+from readme_jax.config import ModelConfig
+from readme_jax.convert import experts as ex
+from readme_jax.convert.calibrate import calibrate, load_stats, save_stats
+from readme_jax.eval.perplexity import mean_nll, nll_fn_for
+from readme_jax.eval.routing import fixed_route_nll
+from readme_jax.workflow.workspace import Workspace, write_json
+
+
+def run_refactor(ws: Workspace) -> dict:
+    """Calibrate per domain (resumable per domain), extract experts, write the MoE checkpoint."""
+    t0 = time.time()
+    cfg = ws.cfg
+    d = ws.stage_dir("refactor")
+    model, _ = ws.dense
+    dense = model.arrays()
+    cc = cfg.convert
+    batches = {}
+    for name in ws.domains:
+        blocks = ws.blocks(name, "train", cc.calib_seq_len, cc.calib_samples)[:, :-1]
+        batches[name] = [blocks[i:i + cc.batch_size] for i in range(0, len(blocks), cc.batch_size)]
+    stats = calibrate(dense, model.cfg, batches, model_id=cfg.model, partial_dir=d / "calib_partial",
+                      progress=ws.progress)
+    save_stats(d / "stats.npz", stats)
+    masks = ex.select_channels(stats.mean(), cc.r)
+    moe, meta = ex.moe_arrays_from_dense(dense, masks, domains=list(stats.domains), r=cc.r)
+    np.savez(d / "experts.npz", masks=masks, channel_index=meta["channel_index"], permanent=meta["permanent"])
+    json_meta = {"kind": "readme_moe", "model_config": config_mod.to_dict(model.cfg), "source": cfg.model,
+                 "domains": meta["domains"], "n_experts": meta["n_experts"], "expert_width": meta["expert_width"],
+                 "ffn_dim": meta["ffn_dim"], "r": meta["r"], "tokenizer_source": cfg.model}
+    save_params(d / "moe", moe, json_meta, overwrite=True)
+    pruned, pcfg = ex.pruned_dense_arrays(dense, stats.pooled_mean(), meta["expert_width"], model.cfg)
+    save_params(d / "pruned", pruned, {"kind": "llama", "model_config": config_mod.to_dict(pcfg),
+                                       "tokenizer_source": cfg.model}, overwrite=True)
+    summary = ex.summarize(masks, model.cfg.d_model)
+    summary["overlap_matrix_mean_over_layers"] = ex.expert_overlap(masks).mean(0).tolist()
+    summary["calibration_tokens"] = dict(zip(stats.domains, stats.tokens_N.tolist()))
+    write_json(d / "summary.json", summary)
+    ws.mark_done("refactor", {"domains": list(stats.domains), "expert_width": meta["expert_width"],
+                              "permanent_per_layer": summary["permanent_per_layer"]}, time.time() - t0)
+    ws.log(f"refactor: {len(stats.domains)} experts of width {meta['expert_width']} "
+           f"(permanent mean {np.mean(summary['permanent_per_layer']):.0f} channels/layer)")
+    return summary
+
+
+def load_moe(ws: Workspace):
+    """``(params, cfg, meta, channel_index)`` of the refactored (untrained) MoE."""
+    d = ws.out / "refactor"
+    params, meta = restore_params(d / "moe")
+    cfg = config_mod.from_dict(ModelConfig, meta["model_config"])
+    ci = np.load(d / "experts.npz")["channel_index"]
+    return params, cfg, meta, ci
+
+
+def load_pruned(ws: Workspace):
+    params, meta = restore_params(ws.out / "refactor" / "pruned")
+    return params, config_mod.from_dict(ModelConfig, meta["model_config"])
+
+
+def dense_ppl(params, cfg, blocks: dict, batch_size: int, progress: bool, label: str) -> dict:
+    fn = nll_fn_for(params, cfg)
+    return {d: math.exp(mean_nll(fn, b, batch_size, desc=f"{label} {d}" if progress else None))
+            for d, b in blocks.items()}
+
+
+def run_refactor_eval(ws: Workspace) -> dict:
+    t0 = time.time()
+    blocks = ws.eval_blocks()
+    bs = ws.cfg.eval.batch_size
+    model, _ = ws.dense
+    moe, cfg, meta, _ = load_moe(ws)
+    domains = meta["domains"]
+    E = len(domains)
+    rows = {"dense": ws.done_info("dense_eval")["ppl"] if ws.is_done("dense_eval")
+            else dense_ppl(model.arrays(), model.cfg, blocks, bs, ws.progress, "dense")}
+    rows["moe_oracle"], rows["moe_wrong"] = {}, {}
+    for d, b in blocks.items():
+        if d not in domains:
+            continue
+        i = domains.index(d)
+        rows["moe_oracle"][d] = math.exp(fixed_route_nll(moe, cfg, ws.cfg.impl, b, i, bs))
+        rows["moe_wrong"][d] = math.exp(fixed_route_nll(moe, cfg, ws.cfg.impl, b, (i + 1) % E, bs))
+    pruned, pcfg = load_pruned(ws)
+    rows["pruned_dense"] = dense_ppl(pruned, pcfg, blocks, bs, ws.progress, "pruned")
+    out = {"ppl": rows, "wrong_expert_rule": "domain i -> expert (i+1) mod E",
+           "eval": {"split": ws.cfg.eval.split, "seq_len": ws.cfg.eval.seq_len,
+                    "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}}}
+    write_json(ws.stage_dir("refactor_eval") / "table.json", out)
+    ws.mark_done("refactor_eval", out, time.time() - t0)
+    return out

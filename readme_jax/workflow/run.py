@@ -1,0 +1,38 @@
+"""`readme-jax run`: every stage in order, each skipped when its ``done.json`` exists (resume)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from readme_jax.config import RunConfig
+from readme_jax.workflow.workspace import Workspace
+
+
+def _stage_fns() -> dict[str, Callable[[Workspace], dict]]:
+    from readme_jax.workflow.dense_eval import run_dense_eval
+    from readme_jax.workflow.final_eval import run_final_eval
+    from readme_jax.workflow.refactor import run_refactor, run_refactor_eval
+    from readme_jax.workflow.report import run_report
+    from readme_jax.workflow.serving import run_serve_bench
+    from readme_jax.workflow.training import run_baseline, run_train
+
+    return {"dense_eval": run_dense_eval, "refactor": run_refactor, "refactor_eval": run_refactor_eval,
+            "train": run_train, "baseline": run_baseline, "final_eval": run_final_eval,
+            "serve_bench": run_serve_bench, "report": run_report}
+
+
+def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print, force: tuple[str, ...] = ()) -> Workspace:
+    ws = Workspace(cfg, progress=progress, log=log)
+    fns = _stage_fns()
+    t_all = time.time()
+    for name in cfg.stages:
+        if ws.is_done(name) and name not in force:
+            log(f"== {name}: done already ({ws.out / name / 'done.json'}), skipped")
+            continue
+        log(f"== {name}")
+        t0 = time.time()
+        fns[name](ws)
+        log(f"== {name}: {time.time() - t0:.0f} s")
+    log(f"all stages finished in {time.time() - t_all:.0f} s; report: {ws.out / 'report' / 'report.md'}")
+    return ws

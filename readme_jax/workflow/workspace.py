@@ -1,0 +1,170 @@
+"""What every stage of the main job shares: the config, the output folder, the model, the data.
+
+Each stage writes into ``<output_dir>/<stage>/`` and finishes by writing ``<stage>/done.json``;
+a rerun skips stages that have it (resume), so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from readme_jax import config as config_mod
+from readme_jax.config import RunConfig
+from readme_jax.errors import ConfigError, DataError
+
+
+TINY_RANDOM = "tiny-random"
+
+
+def make_tiny_random_model(path: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (HF directory) with the embedded SmolLM2 tokenizer: ``model: tiny-random``
+    runs every stage in minutes, for smoke tests, CI and notebooks. Its numbers mean nothing."""
+    if (path / "config.json").is_file():
+        return path
+    from flax import nnx
+
+    from readme_jax.checkpoints import embedded_gguf_path, save_hf, tokenizer_from_gguf
+    from readme_jax.config import ModelConfig
+    from readme_jax.model.llama import Llama
+
+    tok = tokenizer_from_gguf(embedded_gguf_path())
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      ffn_dim=128, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512)
+    tmp = path.with_name(path.name + ".tmp")
+    save_hf(tmp, cfg, Llama(cfg, rngs=nnx.Rngs(seed)).arrays(), tokenizer=tok)
+    os.replace(tmp, path)
+    return path
+
+
+def check_output_dir(path: Path) -> Path:
+    """Create the output folder and prove it is writable, or raise ConfigError before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {str(path)!r} is not writable: {e.strerror or e}") from None
+    return path
+
+
+class Workspace:
+    def __init__(self, cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.progress = progress
+        self.log = log
+        self.out = check_output_dir(Path(cfg.output_dir))
+        self._check_model_source()
+        (self.out / "config.json").write_text(json.dumps(config_mod.to_dict(cfg), indent=1, default=list))
+
+    def _check_model_source(self):
+        m = self.cfg.model
+        if m not in ("embedded", "", TINY_RANDOM) and not Path(m).exists():
+            raise ConfigError(f"model: path {m!r} does not exist (expected 'embedded', a .gguf file or an HF directory)")
+
+    # ------------------------------------------------------------------ stages
+
+    def stage_dir(self, name: str) -> Path:
+        d = self.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def is_done(self, name: str) -> bool:
+        return (self.out / name / "done.json").is_file()
+
+    def done_info(self, name: str) -> dict:
+        return json.loads((self.out / name / "done.json").read_text())
+
+    def mark_done(self, name: str, info: dict, seconds: float):
+        info = {**info, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.out / name / "done.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1, default=_json_default))
+        os.replace(tmp, self.out / name / "done.json")
+
+    # ------------------------------------------------------------------ model and data
+
+    @functools.cached_property
+    def dense(self):
+        """``(Llama, Tokenizer)`` of the dense source model."""
+        from readme_jax.checkpoints import load_model
+
+        self.log(f"loading dense model {self.cfg.model!r}")
+        if self.cfg.model == TINY_RANDOM:
+            return load_model(make_tiny_random_model(self.out / "tiny_model", self.cfg.seed), self.cfg.dtype)
+        return load_model(None if self.cfg.model in ("embedded", "") else self.cfg.model, self.cfg.dtype)
+
+    @property
+    def tokenizer(self):
+        return self.dense[1]
+
+    @property
+    def sep_id(self) -> int | None:
+        """Document separator in token streams: ``<|endoftext|>`` when the vocabulary has it
+        (SmolLM2's eos is the chat ``<|im_end|>``), else the tokenizer's eos."""
+        tid = self.tokenizer.token_to_id("<|endoftext|>")
+        return tid if tid is not None else self.tokenizer.eos_id
+
+    @functools.cached_property
+    def domains(self) -> list[str]:
+        from readme_jax.data import prepare_domains
+
+        d = self.cfg.data
+        names = list(d.domains) or None
+        report = prepare_domains(names, allow_apt=d.allow_apt, progress=self.progress, cache_dir=d.cache_dir)
+        got = list(report.available)
+        if names:
+            missing = [n for n in names if n not in got]
+            if missing:
+                raise DataError(f"data.domains asks for {missing}, which are unavailable here")
+            got = names
+        if len(got) < 2:
+            raise DataError(f"need at least 2 text domains (one expert each), found {got}")
+        self.log(f"domains ({len(got)} experts): {', '.join(got)}")
+        return got
+
+    def blocks(self, domain: str, split: str, seq_len: int, n: int, offset: int = 0) -> np.ndarray:
+        """``[n, seq_len+1]`` int32 blocks of a split, in stream order (fewer if the split is short)."""
+        from readme_jax.data import token_stream
+
+        stream = token_stream(domain, split, self.tokenizer, sep_id=self.sep_id, cache_dir=self.cfg.data.cache_dir,
+                              progress=self.progress)
+        have = (stream.shape[0] - 1) // seq_len - offset
+        if have < 1:
+            raise DataError(f"{domain}/{split}: {stream.shape[0]} tokens, not enough for one block of {seq_len + 1}")
+        n = min(n, have)
+        idx = (offset + np.arange(n))[:, None] * seq_len + np.arange(seq_len + 1)[None]
+        return np.asarray(stream[idx.reshape(-1)], np.int32).reshape(n, seq_len + 1)
+
+    def eval_blocks(self) -> dict[str, np.ndarray]:
+        e = self.cfg.eval
+        return {d: self.blocks(d, e.split, e.seq_len, e.blocks_per_domain) for d in self.domains}
+
+
+def seed_of(*parts) -> int:
+    return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
