@@ -1,0 +1,124 @@
+"""End to end on configs/tiny_test.yaml: every report file, resume, export, clear config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from readme_jax import cli
+from readme_jax.errors import ConfigError
+from readme_jax.workflow import run as run_mod
+
+STAGES = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "report"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("domains"))
+
+
+def _cfg(out, cache_dir, *extra):
+    args = cli.build_parser().parse_args(["run", "--config", "tiny_test", "--no-progress", f"output_dir={out}",
+                                          f"data.cache_dir={cache_dir}", *extra])
+    return cli.load_run_config(args)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("run")
+    cfg = _cfg(out, cache_dir, "stages=[" + ",".join(STAGES) + "]")
+    log = []
+    real_baseline = run_mod._stage_fns()["baseline"]
+    calls = {"n": 0}
+
+    def crashing_baseline(ws):  # the first attempt dies in the middle of the run
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real_baseline(ws)
+
+    fns = run_mod._stage_fns()
+    fns["baseline"] = crashing_baseline
+    orig = run_mod._stage_fns
+    run_mod._stage_fns = lambda: fns
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_mod.run(cfg, progress=False, log=log.append)
+        first = list(log)
+        log.clear()
+        run_mod.run(cfg, progress=False, log=log.append)
+    finally:
+        run_mod._stage_fns = orig
+    return out, first, list(log)
+
+
+def test_run_writes_every_report_file(finished_run):
+    out, _, _ = finished_run
+    rep = out / "report"
+    for f in ("report.md", "metrics.json", "ppl_final.png", "ppl_refactor.png", "training_curves.png",
+              "stage_metrics.png", "expert_load.png"):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
+    m = json.loads((rep / "metrics.json").read_text())
+    for stage in STAGES[:-1]:
+        assert stage in m, stage
+    ppl = m["final_eval"]["ppl"]
+    assert set(ppl) >= {"dense", "pruned_dense", "pruned_dense_tuned", "readme_oracle_untrained",
+                        "readme_router_only", "readme_trained"}
+    assert all(np.isfinite(v) and v > 1 for row in ppl.values() for v in row.values())
+    text = (rep / "report.md").read_text()
+    assert "Read-ME after all rounds" in text and "![ppl_final.png](ppl_final.png)" in text
+
+
+def test_resume_skips_finished_stages(finished_run):
+    out, first, second = finished_run
+    assert any(line == "== baseline" for line in first)
+    for stage in ("dense_eval", "refactor", "refactor_eval", "train"):
+        assert any(line.startswith(f"== {stage}: done already") for line in second), (stage, second)
+    for stage in ("baseline", "final_eval", "report"):
+        assert f"== {stage}" in second
+
+
+def test_export_is_readable_without_jax(finished_run, cache_dir, tmp_path):
+    out, _, _ = finished_run
+    args = cli.build_parser().parse_args(["export", "--config", "tiny_test", "--out", str(tmp_path / "x"),
+                                          f"output_dir={out}", f"data.cache_dir={cache_dir}"])
+    args.fn(args)
+    info = json.loads((tmp_path / "x" / "readme_moe.json").read_text())
+    t = load_file(str(tmp_path / "x" / "readme_moe.safetensors"))
+    E, Fe = info["n_experts"], info["expert_width"]
+    L = info["model_config"]["n_layers"]
+    assert t["backbone.layers.wg"].shape == (L, E, info["model_config"]["d_model"], Fe)
+    assert t["experts.channel_index"].shape == (L, E, Fe)
+    assert t["router.head"].shape[-1] == E
+    assert (tmp_path / "x" / "tokenizer.json").is_file()
+    from readme_jax.checkpoints import restore_params
+
+    bp, _ = restore_params(out / "train" / "final" / "backbone")
+    np.testing.assert_array_equal(t["backbone.layers.wd"], np.asarray(bp["layers"]["wd"]))
+
+
+def test_config_errors_are_clear(tmp_path, cache_dir, capsys):
+    with pytest.raises(ConfigError, match="unknown config key.*train.roundz"):
+        _cfg(tmp_path, cache_dir, "train.roundz=3")
+    rc = cli.main(["run", "--config", "tiny_test", "--no-progress", f"output_dir={tmp_path / 'o'}",
+                   "model=/nonexistent/model.gguf"])
+    assert rc == 2 and "model: path '/nonexistent/model.gguf' does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = cli.main(["run", "--config", "tiny_test", "--no-progress", f"output_dir={blocker / 'sub'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not writable" in err
+    assert not (blocker / "sub").exists()
+    rc = cli.main(["run", "--config", "no_such_preset"])
+    assert rc == 2 and "no config file or preset named 'no_such_preset'" in capsys.readouterr().err
+
+
+def test_every_preset_loads():
+    for p in sorted(cli.CONFIG_DIR.glob("*.yaml")):
+        cfg = cli.load_run_config(cli.build_parser().parse_args(["run", "--config", str(p)]))
+        assert cfg.train.rounds >= 1, p
