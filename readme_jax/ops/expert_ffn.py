@@ -174,14 +174,15 @@ def xla_ffn_ragged(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD):
 
 
 def xla_tile_rows(num_tokens: int, num_experts: int) -> int:
-    """Row tile for the tile-loop strategy: ``min(T, clip(pow2_floor(T / 2E), 8, 128))``.
+    """Row tile for the tile-loop strategy: ``min(T, clip(pow2_floor(T / E), 16, 128))``.
 
     Small tiles waste little compute on group padding (at most one partial tile per group);
-    large tiles read each expert's weights fewer times. Chosen from a CPU sweep (docs/KERNELS.md).
+    large tiles read each expert's weights fewer times. Chosen from a noisy CPU sweep
+    (``python -m readme_jax.bench.expert_ffn --tm-sweep``; docs/KERNELS.md).
     """
-    target = max(num_tokens // (2 * num_experts), 1)
+    target = max(num_tokens // num_experts, 1)
     pow2 = 1 << (target.bit_length() - 1)
-    return max(1, min(num_tokens, max(8, min(128, pow2))))
+    return max(1, min(num_tokens, max(16, min(128, pow2))))
 
 
 def xla_ffn_tiles(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, tm: int | None = None):
@@ -203,7 +204,7 @@ def xla_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, strategy: str = "auto", t
     - ``"ragged"``: ``xla_ffn_ragged`` -- native grouped matmul on TPU; elsewhere XLA lowers
       ragged_dot densely over all E groups (about E dense FFNs).
     - ``"auto"``: ``"ragged"`` on TPU, ``"tiles"`` otherwise (on a 2-core CPU, tiles beat ragged
-      by 4-80x for T in 1..2048, E=8; see docs/KERNELS.md).
+      by 7-80x for T in 1..4096, E=8; see docs/KERNELS.md).
     """
     if strategy not in XLA_STRATEGIES:
         raise ShapeError(f"expert_ffn: xla strategy must be one of {XLA_STRATEGIES}, got {strategy!r}")
@@ -224,6 +225,29 @@ def _swiglu_tile(xb, wg, wu, wd, cdt):
     return jnp.dot(h, wd, preferred_element_type=jnp.float32)
 
 
+def _vary_like(a, *refs):
+    """``a`` marked as varying over the manual mesh axes any of ``refs`` varies over.
+
+    Inside ``jax.shard_map`` a loop carry initialised with constants must have the same
+    varying-axes type as the body's output; outside shard_map this is the identity.
+    """
+    axes = set().union(*(_varying_axes(r) for r in refs))
+    return jax.lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
+
+
+def _varying_axes(x) -> set:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; older jax: aval.vma
+    return set(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
+
+
+def _sum_to_vma(ct, primal):
+    """Sum a cotangent over the manual mesh axes it varies over and its primal does not
+    (a primal invariant over an axis was used by every device on it: gradients add up)."""
+    extra = _varying_axes(ct) - _varying_axes(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 def _tiles_forward(x_NMD, tile_expert_N, num_tiles, wg, wu, wd):
     cdt = x_NMD.dtype
 
@@ -232,7 +256,7 @@ def _tiles_forward(x_NMD, tile_expert_N, num_tiles, wg, wu, wd):
         yb = _swiglu_tile(x_NMD[n], wg[e], wu[e], wd[e], cdt)
         return jax.lax.dynamic_update_index_in_dim(y, yb, n, 0)
 
-    y0 = jnp.zeros(x_NMD.shape[:2] + (wd.shape[2],), jnp.float32)
+    y0 = _vary_like(jnp.zeros(x_NMD.shape[:2] + (wd.shape[2],), jnp.float32), x_NMD, tile_expert_N, wg, wu, wd)
     return jax.lax.fori_loop(0, num_tiles, body, y0)
 
 
@@ -259,8 +283,8 @@ def _tiles_backward(x_NMD, dy_NMD, tile_expert_N, num_tiles, wg, wu, wd):
         return dx, dwg, dwu, dwd
 
     f32 = jnp.float32
-    init = (jnp.zeros(x_NMD.shape, f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32),
-            jnp.zeros(wd.shape, f32))
+    refs = (x_NMD, dy_NMD, tile_expert_N, wg, wu, wd)
+    init = tuple(_vary_like(jnp.zeros(s, f32), *refs) for s in (x_NMD.shape, wg.shape, wu.shape, wd.shape))
     return jax.lax.fori_loop(0, num_tiles, body, init)
 
 
@@ -291,6 +315,7 @@ def tiled_ffn_bwd(res, dy_TD):
     dx_NMD, dwg, dwu, dwd = _tiles_backward(x_NMD, dy_NMD, tile_expert_N, num_tiles,
                                             wg.astype(cdt), wu.astype(cdt), wd.astype(cdt))
     dx = jnp.take(dx_NMD.reshape(row_src_P.shape[0], -1), pos_T, axis=0, mode="fill", fill_value=0)
+    dx, dwg, dwu, dwd = (_sum_to_vma(c, p) for c, p in ((dx, x_NMD), (dwg, wg), (dwu, wu), (dwd, wd)))
     return (dx.astype(dy_TD.dtype), None, None, None, None,
             dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
 
