@@ -28,9 +28,9 @@ T_FIX, E_FIX, D, F = 20, 4, 8, 12
 # (kernel kw, id): default CPU blocks; tiny blocks so groups span tiles, F spans 3 blocks and the
 # GPU kernel's D loops run twice; GPU block rules under the interpreter (exercises padding).
 VARIANTS = [
-    ({"kernel": "tpu"}, "tpu"),
-    ({"kernel": "tpu", "block_sizes": BlockSizes(tm=4, bf=4)}, "tpu-small"),
-    ({"kernel": "gpu", "block_sizes": BlockSizes(tm=4, bf=4, bk=4, bd=4)}, "gpu-small"),
+    ({"kernel": "tpu", "interpret": True}, "tpu"),
+    ({"kernel": "tpu", "interpret": True, "block_sizes": BlockSizes(tm=4, bf=4)}, "tpu-small"),
+    ({"kernel": "gpu", "interpret": True, "block_sizes": BlockSizes(tm=4, bf=4, bk=4, bd=4)}, "gpu-small"),
     ({"backend": "gpu", "interpret": True}, "gpu-rules-padded"),
 ]
 variants = pytest.mark.parametrize("kw", [v for v, _ in VARIANTS], ids=[i for _, i in VARIANTS])
@@ -109,7 +109,7 @@ def test_bf16(kernel, T):
     rng = np.random.default_rng([SEED, T])
     ids = rng.integers(0, E_FIX, T).astype(np.int32)
     x, e, wg, wu, wd = make(rng, ids, jnp.bfloat16)
-    y = expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel=kernel)
+    y = expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel=kernel, interpret=True)
     assert y.dtype == jnp.bfloat16
     assert rel_err(y, np_ffn(x, ids, wg, wu, wd)) < 1e-2, SEED
 
@@ -198,7 +198,7 @@ def test_bad_pallas_options_raise():
     rng = np.random.default_rng(SEED)
     x, e, wg, wu, wd = make(rng, np.array([0, 1, 2], np.int32))
     with pytest.raises(ShapeError, match=r"bf=5 does not divide F=12"):
-        expert_ffn(x, e, wg, wu, wd, impl="pallas", block_sizes=BlockSizes(tm=4, bf=5))
+        expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel="tpu", block_sizes=BlockSizes(tm=4, bf=5))
     with pytest.raises(ShapeError, match=r"bk=3 does not divide D=8"):
         expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel="gpu",
                    block_sizes=BlockSizes(tm=4, bf=4, bk=3, bd=4))
@@ -208,3 +208,31 @@ def test_bad_pallas_options_raise():
         expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel="cuda")
     with pytest.raises(ShapeError, match=r"expert id 4 is out of range \[0, 4\)"):
         expert_ffn(x, e.at[1].set(4), wg, wu, wd, impl="pallas")
+
+
+ON_DEVICE = jax.default_backend() in ("gpu", "tpu")
+
+
+@pytest.mark.skipif(not ON_DEVICE, reason="compiled kernel needs a GPU or TPU")
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 1e-2), (jnp.float32, 1e-5)])
+@pytest.mark.parametrize("T, unique", [(1, 1), (8, 2), (128, 7), (300, 8)])
+def test_compiled_kernel_on_device(dtype, tol, T, unique):
+    """The real (non-interpret) kernel for this device at SmolLM2 expert shapes, fwd and grads."""
+    Dm, Fm, E = 576, 768, 8
+    rng = np.random.default_rng([SEED, T])
+    ids = rng.permutation(np.resize(rng.choice(E, unique, replace=False), T)).astype(np.int32)
+    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    x = cast(rng.standard_normal((T, Dm)))
+    wg, wu = (cast(rng.standard_normal((E, Dm, Fm)) / np.sqrt(Dm)) for _ in range(2))
+    wd = cast(rng.standard_normal((E, Fm, Dm)) / np.sqrt(Fm))
+    e = jnp.asarray(ids)
+    y = jax.jit(lambda *a: expert_ffn(*a, impl="pallas"))(x, e, wg, wu, wd)
+    assert rel_err(y, np_ffn(x, ids, wg, wu, wd)) < tol, SEED
+    gy = cast(rng.standard_normal((T, Dm)))
+
+    def grads(impl):
+        loss = lambda x, wg, wu, wd: jnp.sum((expert_ffn(x, e, wg, wu, wd, impl=impl) * gy).astype(jnp.float32))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
+
+    for g, w in zip(grads("pallas"), grads("xla")):
+        assert rel_err(g, np.asarray(w, np.float64)) < tol, SEED

@@ -20,7 +20,8 @@ Two kernels, one per lowering:
   output. Decode batches (1-3 experts, a tile each) still spread over ``N * F/bf`` programs, so
   all SMs stream weights. Float32 atomics make the summation order (not the math) vary by run.
 
-On CPU either kernel runs with ``interpret=True`` (the default there: the TPU-style kernel).
+On CPU either kernel runs with ``interpret=True`` (the default there: the TPU-style kernel;
+interpret is the default wherever the kernel does not match the device).
 The backward (``custom_vjp``) is the XLA tile loop of ``ops.expert_ffn`` on the same layout.
 """
 
@@ -247,7 +248,8 @@ def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = 
     """Fused expert FFN on ``x_TD [T, D]`` (inputs already validated by ``ops.expert_ffn``).
 
     ``backend``: block-size table row, default from ``jax.default_backend()``. ``kernel``:
-    "tpu" or "gpu"; default "gpu" on GPU, else "tpu". ``interpret``: default True on CPU.
+    "tpu" or "gpu"; default "gpu" on GPU, else "tpu". ``interpret``: default False only when
+    the kernel matches the device (gpu kernel on a GPU, tpu kernel on a TPU), else True.
     ``block_sizes``: override the table (``kernels.block_sizes.choose``).
     """
     backend = backend or platform()
@@ -257,8 +259,8 @@ def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = 
     kernel = kernel or ("gpu" if backend == "gpu" else "tpu")
     if kernel not in KERNELS:
         raise ShapeError(f"expert_ffn(impl='pallas'): kernel must be one of {KERNELS}, got {kernel!r}")
-    if interpret is None:
-        interpret = platform() == "cpu"
+    if interpret is None:  # compile only where the kernel matches the device; else interpret
+        interpret = platform() != kernel
     T, D = x_TD.shape
     E, _, F = wg_EDF.shape
     itemsize = jnp.dtype(compute_dtype(x_TD, wg_EDF)).itemsize
