@@ -297,22 +297,28 @@ class _ReqState:
 class StepOutput(NamedTuple):
     next_routes: dict  # rid -> expert of the token just sampled, None when the request finished
     tokens: dict  # rid -> the token just sampled
-    prefill_s: float  # measured wall time of the step's prefill calls
-    decode_s: float  # measured wall time of the step's decode call
+    prefill_s: float  # measured: the step's prefill calls (host prep + device + readback)
+    decode_s: float  # measured: the step's decode call
 
 
 class Engine:
-    """Slot-based engine over one :class:`ServeModel` (see the module doc for the contract)."""
+    """Slot-based engine over one :class:`ServeModel` (see the module doc for the contract).
 
-    def __init__(self, model: ServeModel, cfg: EngineConfig = EngineConfig()):
+    Times are measured wall clock. The first call of each compiled shape runs once untimed
+    (``warm_start``; the calls are idempotent), so step times exclude compilation.
+    """
+
+    def __init__(self, model: ServeModel, cfg: EngineConfig = EngineConfig(), *, warm_start: bool = True):
         self.model = model
         self.cfg = cfg
+        self.warm_start = warm_start
         self.buckets = cfg.buckets()
         self.max_prompt_len = min(self.buckets[-1], cfg.max_len - 1)
         self._route_prompt, self._prefill, self._decode = step_fns(model)
         self.params = model.params
         self.rparams = model.router_params
-        self.router_s = 0.0  # measured time spent routing prompts at arrival
+        self._warm: set = set()
+        self.compile_s = 0.0  # untimed first calls (compilation + one run)
         self.reset()
 
     # --- state
@@ -323,23 +329,24 @@ class Engine:
         self.rcache = decoder.init_cache(m.router_cfg, c.n_slots, c.max_len) if m.is_moe else None
         self._reqs: dict[int, _ReqState] = {}
         self._slot_owner: dict[int, int] = {}
-        self.router_s = 0.0
+        self.router_s = 0.0  # measured: prompt routing at arrival
 
     def output(self, rid: int) -> list[int]:
         """Tokens generated so far for ``rid``."""
-        if rid not in self._reqs:
-            raise RequestError(f"engine: unknown request id {rid}")
-        return list(self._reqs[rid].tokens)
+        return list(self._get(rid).tokens)
 
     def routes(self, rid: int) -> np.ndarray:
         """Routes of the prompt and of every generated token so far (the last one included)."""
-        if rid not in self._reqs:
-            raise RequestError(f"engine: unknown request id {rid}")
-        st = self._reqs[rid]
+        st = self._get(rid)
         return np.concatenate([st.prompt_routes, np.asarray(st.routes, np.int32)]).astype(np.int32)
 
     def outputs(self) -> dict[int, list[int]]:
         return {rid: list(s.tokens) for rid, s in self._reqs.items()}
+
+    def _get(self, rid: int) -> _ReqState:
+        if rid not in self._reqs:
+            raise RequestError(f"engine: unknown request id {rid}")
+        return self._reqs[rid]
 
     # --- admission
     def check_request(self, rid: int, prompt_ids, max_new_tokens: int,
@@ -397,6 +404,8 @@ class Engine:
         """Validate, route the prompt (timed into ``router_s``) and return the scheduler's Request."""
         sp = sampling_params or SamplingParams()
         ids = self.check_request(rid, prompt_ids, max_new_tokens, sp)
+        if self.model.is_moe and self.warm_start:
+            self._warmup(("route", self._bucket(ids.size)), lambda: self.route_prompt(ids))
         t0 = time.perf_counter()
         routes = self.route_prompt(ids)
         self.router_s += time.perf_counter() - t0
@@ -412,21 +421,25 @@ class Engine:
                 return b
         raise RequestError(f"prompt of {n} tokens exceeds the largest prefill bucket {self.buckets[-1]}")
 
+    def _warmup(self, key, fn) -> None:
+        """Run ``fn`` once untimed the first time ``key`` (a compiled shape) is seen."""
+        if not self.warm_start or key in self._warm:
+            return
+        self._warm.add(key)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        self.compile_s += time.perf_counter() - t0
+
     # --- steps
     def step(self, batch: Batch) -> StepOutput:
         """Run one scheduler batch: every prefill and decode item, one sampled token each."""
-        pre = [it for it in batch.items if it.kind is Kind.PREFILL]
-        dec = [it for it in batch.items if it.kind is Kind.DECODE]
+        pre = [(it.request, it.slot) for it in batch.items if it.kind is Kind.PREFILL]
+        dec = [(it.request, it.slot) for it in batch.items if it.kind is Kind.DECODE]
         out_tok: dict = {}
         out_route: dict = {}
-        t0 = time.perf_counter()
-        if pre:
-            self._run_prefill([(it.request, it.slot) for it in pre], out_tok, out_route)
-        t1 = time.perf_counter()
-        if dec:
-            self._run_decode([(it.request, it.slot) for it in dec], out_tok, out_route)
-        t2 = time.perf_counter()
-        return StepOutput(out_route, out_tok, t1 - t0, t2 - t1)
+        prefill_s = self._run_prefill(pre, out_tok, out_route) if pre else 0.0
+        decode_s = self._run_decode(dec, out_tok, out_route) if dec else 0.0
+        return StepOutput(out_route, out_tok, prefill_s, decode_s)
 
     def _state(self, req: Request) -> _ReqState:
         st = self._reqs.get(req.rid)
@@ -449,7 +462,24 @@ class Engine:
             st.route = route
             out_route[st.rid] = route
 
-    def _run_prefill(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> None:
+    def _call(self, fn, key, args: tuple, greedy: bool) -> tuple[np.ndarray, np.ndarray, float]:
+        """Run a donating step function on the engine's caches: ``(tokens, routes, timed seconds)``.
+
+        The first use of a shape is warmed untimed; that is safe because a call is idempotent
+        (it rewrites the same cache entries with the same values).
+        """
+        def run():
+            nxt, nroute, self.cache, self.rcache = fn(self.params, self.rparams, self.cache, self.rcache, *args,
+                                                      greedy=greedy)
+            return nxt, nroute
+
+        self._warmup(key + (greedy,), run)
+        t0 = time.perf_counter()
+        nxt, nroute = run()
+        nxt, nroute = np.asarray(nxt), np.asarray(nroute)
+        return nxt, nroute, time.perf_counter() - t0
+
+    def _run_prefill(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> float:
         groups: dict[int, list] = {}
         for req, slot in items:
             st = self._state(req)
@@ -460,11 +490,14 @@ class Engine:
             if slot in self._slot_owner:
                 raise ReadmeError(f"engine: slot {slot} is still held by request {self._slot_owner[slot]}")
             groups.setdefault(self._bucket(st.prompt.size), []).append((req, st, slot))
+        if len({slot for _, slot in items}) != len(items):
+            raise ReadmeError(f"engine: two prefills of one step share a slot: {[s for _, s in items]}")
+        total = 0.0
         for T, group in sorted(groups.items()):
-            n = len(group)
-            B = self.cfg.rows(n)
+            t0 = time.perf_counter()
+            B = self.cfg.rows(len(group))
             tok = np.zeros((B, T), np.int32)
-            rts = np.full((B, T), -1, np.int32)
+            rts = np.full((B, T), -1, np.int32)  # padding tokens: no expert
             lens = np.ones((B,), np.int32)
             slots = np.full((B,), self.cfg.n_slots, np.int32)  # padding rows: out-of-range slot, dropped
             seeds = np.zeros((B,), np.int32)
@@ -475,19 +508,20 @@ class Engine:
                 tok[b, :P] = st.prompt
                 rts[b, :P] = req.prompt_routes
                 lens[b], slots[b], seeds[b], temps[b], tops[b] = P, slot, st.seed, st.temperature, st.top_p
-            nxt, nroute, self.cache, self.rcache = self._prefill(self.params, self.rparams, self.cache, self.rcache,
-                                                                 slots, tok, rts, lens, seeds, temps, tops,
-                                                                 greedy=bool((temps <= 0).all()))
-            nxt, nroute = np.asarray(nxt), np.asarray(nroute)
+            prep = time.perf_counter() - t0
+            nxt, nroute, call_s = self._call(self._prefill, ("prefill", B, T),
+                                             (slots, tok, rts, lens, seeds, temps, tops), bool((temps <= 0).all()))
+            total += prep + call_s
             for b, (req, st, slot) in enumerate(group):
                 st.slot, st.pos = slot, st.prompt.size
                 self._slot_owner[slot] = st.rid
                 self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
+        return total
 
-    def _run_decode(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> None:
-        n = len(items)
-        B = self.cfg.rows(n)
-        slots = np.full((B,), self.cfg.n_slots, np.int32)
+    def _run_decode(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> float:
+        t0 = time.perf_counter()
+        B = self.cfg.rows(len(items))
+        slots = np.full((B,), self.cfg.n_slots, np.int32)  # padding rows: out-of-range slot, dropped
         tok = np.zeros((B,), np.int32)
         rts = np.full((B,), -1, np.int32)
         pos = np.full((B,), self.cfg.max_len, np.int32)
@@ -507,16 +541,53 @@ class Engine:
             slots[b], tok[b], rts[b], pos[b] = slot, st.tokens[-1], st.route, st.pos
             seeds[b], counters[b], temps[b], tops[b] = st.seed, len(st.tokens), st.temperature, st.top_p
             states.append(st)
-        nxt, nroute, self.cache, self.rcache = self._decode(self.params, self.rparams, self.cache, self.rcache,
-                                                            slots, tok, rts, pos, seeds, counters, temps, tops,
-                                                            greedy=bool((temps <= 0).all()))
-        nxt, nroute = np.asarray(nxt), np.asarray(nroute)
+        prep = time.perf_counter() - t0
+        nxt, nroute, call_s = self._call(self._decode, ("decode", B),
+                                         (slots, tok, rts, pos, seeds, counters, temps, tops),
+                                         bool((temps <= 0).all()))
         for b, st in enumerate(states):
             st.pos += 1
             self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
+        return prep + call_s
 
 
-# ----------------------------------------------------------------------------- convenience
+# ----------------------------------------------------------------------------- drivers
+
+
+class EngineRunner:
+    """Puts an :class:`Engine` behind ``serve.simulate`` (its ``runner``): real tokens and routes.
+
+    A step's time is the engine's measured time (prefill + decode calls) plus the prompt routing
+    done at arrivals since the previous step; with ``cost_model`` it is ``cost_model(batch)``
+    instead (a virtual, deterministic clock for tests). ``steps`` keeps the measured parts.
+    """
+
+    def __init__(self, engine: Engine, sampling_params: SamplingParams | None = None, *,
+                 cost_model: Callable[[Batch], float] | None = None, reset: bool = True):
+        self.engine = engine
+        self.sampling_params = sampling_params
+        self.cost_model = cost_model
+        if reset:
+            engine.reset()
+        self._router_s = 0.0
+        self.steps: list[dict] = []
+
+    def admit(self, spec) -> Request:
+        r0 = self.engine.router_s
+        try:
+            return self.engine.new_request(spec.rid, spec.prompt_ids, spec.output_len, arrival_s=spec.arrival_s,
+                                           sampling_params=self.sampling_params)
+        finally:
+            self._router_s += self.engine.router_s - r0
+
+    def run(self, batch: Batch) -> tuple[float, dict]:
+        out = self.engine.step(batch)
+        rec = {"prefill_s": out.prefill_s, "decode_s": out.decode_s, "router_arrival_s": self._router_s,
+               "n_prefill": len(batch.prefills), "n_decode": len(batch.decodes), "n_experts": len(batch.experts)}
+        self.steps.append(rec)
+        self._router_s = 0.0
+        measured = rec["prefill_s"] + rec["decode_s"] + rec["router_arrival_s"]
+        return (measured if self.cost_model is None else float(self.cost_model(batch))), out.next_routes
 
 
 def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[int],
@@ -533,10 +604,9 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
                                       max_queue=max(n, 1), n_experts=engine.model.n_experts))
     for i, p in enumerate(prompts):
         if not sched.add(engine.new_request(i, p, mx[i], sampling_params=sampling_params)):
-            raise RequestError(f"request {i} rejected by the scheduler")
+            raise RequestError(f"request {i}: rejected by the scheduler")
     while sched.has_work():
         batch = sched.next_batch()
         out = engine.step(batch)
         sched.on_step_done(batch, out.next_routes, 0.0)
     return [engine.output(i) for i in range(n)]
-

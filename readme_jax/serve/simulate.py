@@ -5,17 +5,19 @@ MODELLED, not measured), plus simulated expert-transfer stalls when a store is g
 generated tokens' routes come from the workload's synthetic routes, revealed to the
 scheduler one token at a time, as a real engine would after sampling and routing.
 
-Use it to compare policies without a model; the real engine replaces the cost model.
+Use it to compare policies without a model. With ``runner`` (e.g. ``serve.engine.EngineRunner``)
+a real engine admits the requests (RequestError: recorded in ``SimResult.invalid``), runs every
+batch and routes the sampled tokens; its step times replace the cost model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Protocol, Sequence
 
 from tqdm import tqdm
 
-from readme_jax.errors import ConfigError, DataError, ReadmeError
+from readme_jax.errors import ConfigError, DataError, ReadmeError, RequestError
 from readme_jax.serve.cache_policy import ExpertCache
 from readme_jax.serve.requests import Batch, Request
 from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
@@ -35,6 +37,16 @@ class CostModel:
         return self.a_s + self.b_s_per_token * batch.n_tokens + self.c_s_per_expert * len(batch.experts)
 
 
+class StepRunner(Protocol):
+    """A real engine behind :func:`simulate` (see ``serve.engine.EngineRunner``)."""
+
+    def admit(self, spec: RequestSpec) -> Request:
+        """A new Request for ``spec`` (prompt routed); raise RequestError if it is invalid."""
+
+    def run(self, batch: Batch) -> tuple[float, Mapping[int, int | None]]:
+        """Run one batch: ``(step seconds, rid -> route of its new token or None when finished)``."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
     step: int
@@ -44,7 +56,7 @@ class StepRecord:
     n_prefill: int
     n_decode: int
     experts: frozenset
-    compute_s: float  # modelled (cost model)
+    compute_s: float  # modelled (cost model), or the runner's step time (measured, or its own cost model)
     stall_s: float  # simulated transfer stall (0 without a store)
     max_wait_steps: int  # longest wait of an item in this batch
     future: tuple = ()  # flattened lookahead accesses known at this step (if recorded)
@@ -57,26 +69,31 @@ class SimResult:
     batches: list[Batch]  # kept only with keep_batches=True
     probe_stats: dict  # (policy, capacity) -> CacheStats of the probe caches
     makespan_s: float
+    invalid: dict = dataclasses.field(default_factory=dict)  # rid -> reason (runner's RequestError)
 
 
 def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: CostModel = CostModel(), *,
              store: StoreConfig | None = None, cache_probes: Sequence[tuple[str, int]] = (),
              lookahead_steps: int = 8, record_future: bool = False, keep_batches: bool = False,
-             max_steps: int = 10_000_000, progress: bool = False, seed: int = 0) -> SimResult:
+             max_steps: int = 10_000_000, progress: bool = False, seed: int = 0,
+             runner: StepRunner | None = None) -> SimResult:
     """Run every request of ``workload`` to completion (or rejection).
 
     ``store``: an expert store whose simulated transfers add stalls to step times.
     ``cache_probes``: extra (policy, capacity) caches fed the same accesses, for hit ratios;
     Belady caches (store or probes) see the scheduler's ``lookahead_steps`` known future.
+    ``runner``: a real engine; step times and routes come from it instead of ``cost_model`` and
+    the specs' synthetic routes, and ``compute_s`` records its step times.
     """
     specs = sorted(workload, key=lambda s: (s.arrival_s, s.rid))
     for s in specs:
-        if s.output_routes is None or len(s.output_routes) != s.output_len:
+        if runner is None and (s.output_routes is None or len(s.output_routes) != s.output_len):
             raise DataError(f"simulate: request {s.rid} needs output_routes of length {s.output_len} "
                             f"(generate_workload(..., with_routes=True))")
     if lookahead_steps < 0:
         raise ConfigError(f"lookahead_steps must be >= 0, got {lookahead_steps}")
-    reqs = [s.to_request() for s in specs]
+    reqs = [s.to_request() for s in specs] if runner is None else [None] * len(specs)
+    invalid: dict = {}
     out_routes = {s.rid: s.output_routes for s in specs}
     store_sim = ExpertStoreSim(store) if store is not None else None
     probes = {(p, c): ExpertCache(c, p, seed=seed) for p, c in cache_probes}
@@ -87,7 +104,15 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
     i = 0
     bar = tqdm(total=len(reqs), desc=f"simulate {scheduler.cfg.policy}", disable=not progress)
     while i < len(reqs) or scheduler.has_work():
-        while i < len(reqs) and reqs[i].arrival_s <= now:
+        while i < len(reqs) and specs[i].arrival_s <= now:
+            if runner is not None:
+                try:
+                    reqs[i] = runner.admit(specs[i])
+                except RequestError as e:
+                    invalid[specs[i].rid] = str(e)
+                    bar.update(1)
+                    i += 1
+                    continue
             if not scheduler.add(reqs[i]):
                 bar.update(1)
             i += 1
@@ -95,7 +120,7 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
         if not batch.items:
             if i >= len(reqs):
                 raise ReadmeError("simulate: scheduler has work but formed an empty batch")
-            now = max(now, reqs[i].arrival_s)
+            now = max(now, specs[i].arrival_s)
             continue
         if len(steps) >= max_steps:
             raise ReadmeError(f"simulate: exceeded max_steps={max_steps}")
@@ -103,7 +128,11 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
         if need_future:
             future = tuple(e for s in scheduler.lookahead(lookahead_steps) for e in sorted(s))
         experts = batch.experts
-        compute = float(cost_model(batch))
+        if runner is None:
+            compute = float(cost_model(batch))
+        else:
+            compute, next_routes = runner.run(batch)
+            compute = float(compute)
         if store_sim is not None:
             timing = store_sim.step(experts, future, now, compute)
             end, stall = timing.end_s, timing.stall_s
@@ -111,11 +140,12 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
             end, stall = now + compute, 0.0
         for cache in probes.values():
             cache.access_step(experts, future if cache.policy == "belady" else ())
-        next_routes = {}
-        for it in batch.items:
-            g = it.request.n_generated + 1  # tokens generated after this step
-            routes = out_routes[it.rid]
-            next_routes[it.rid] = int(routes[g - 1]) if g < len(routes) else None
+        if runner is None:
+            next_routes = {}
+            for it in batch.items:
+                g = it.request.n_generated + 1  # tokens generated after this step
+                routes = out_routes[it.rid]
+                next_routes[it.rid] = int(routes[g - 1]) if g < len(routes) else None
         done = scheduler.on_step_done(batch, next_routes, end)
         bar.update(len(done))
         steps.append(StepRecord(batch.step, now, end, batch.n_tokens, len(batch.prefills), len(batch.decodes),
@@ -125,7 +155,8 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
             batches.append(batch)
         now = end
     bar.close()
-    return SimResult(reqs, steps, batches, {k: c.stats for k, c in probes.items()}, now)
+    reqs = [r for r in reqs if r is not None]  # with a runner, invalid requests have no Request
+    return SimResult(reqs, steps, batches, {k: c.stats for k, c in probes.items()}, now, invalid)
 
 
 def run_policies(workload: Sequence[RequestSpec], cfg: SchedulerConfig,

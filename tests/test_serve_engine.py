@@ -1,0 +1,272 @@
+"""Serving engine: batched generation equals one-request-at-a-time full forwards, for every policy;
+incremental routes equal full routing; sampling, EOS, invalid requests, 2x overload; serve-bench."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from readme_jax.config import tiny_model_config
+from readme_jax.errors import ConfigError, ReadmeError, RequestError
+from readme_jax.model import decoder
+from readme_jax.model.llama import Llama
+from readme_jax.model.moe import MoEBackbone
+from readme_jax.model.readme import readme_forward
+from readme_jax.model.router import RouterConfig, make_router
+from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, ServeModel, generate
+from readme_jax.serve.requests import Status
+from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
+from readme_jax.serve.simulate import CostModel, simulate
+from readme_jax.serve.workload import RequestSpec
+
+E = 3
+MAX_LEN = 24
+PAD = MAX_LEN  # reference forwards run on [1, PAD] (causal: the padding never reaches real tokens)
+ECFG = EngineConfig(n_slots=4, max_len=MAX_LEN, prefill_buckets=(8, 16), row_buckets=(4,))
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = tiny_model_config()
+    bb = MoEBackbone(cfg, rngs=nnx.Rngs(11), n_experts=E, expert_dim=16)
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=5), E, cfg.vocab_size, cfg.max_seq_len,
+                         backbone_embed_VD=bb.embed[...])
+    moe = ServeModel.from_readme(router, bb)
+    dense = ServeModel.from_dense(Llama(cfg, rngs=nnx.Rngs(12)))
+    return moe, dense
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """Greedy one-request-at-a-time generation by repeated FULL forwards (no KV cache), and the
+    router's routes of the whole sequence; impl 'reference' (per-expert loop) for the MoE."""
+    moe, dense = models
+    f_moe = jax.jit(lambda rp, bp, tok: readme_forward(rp, moe.router_cfg, moe.router_ffn, bp, moe.cfg, "reference",
+                                                       tok)[:2])
+    f_dense = jax.jit(lambda p, tok: decoder.forward(p, dense.cfg, tok)[0])
+    cache = {}
+
+    def run(kind, prompt, n):
+        key = (kind, tuple(int(t) for t in prompt), n)
+        if key not in cache:
+            seq, out = [int(t) for t in prompt], []
+            for _ in range(n + 1):
+                tok = np.zeros((1, PAD), np.int32)
+                tok[0, :len(seq)] = seq
+                if kind == "moe":
+                    logits, route = f_moe(moe.router_params, moe.params, tok)
+                else:
+                    logits, route = f_dense(dense.params, tok), jnp.zeros((1, PAD), jnp.int32)
+                if len(out) == n:
+                    break
+                nxt = int(np.argmax(np.asarray(logits[0, len(seq) - 1])))
+                out.append(nxt)
+                seq.append(nxt)
+            cache[key] = (out, np.asarray(route[0, :len(seq)]))
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def moe_engine(models):
+    return Engine(models[0], ECFG)
+
+
+def _prompts(seed, n, vocab=97, lo=1, hi=14):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))).astype(np.int32) for _ in range(n)]
+
+
+def _specs(prompts, max_new, arrivals):
+    return [RequestSpec(i, float(a), len(p), int(m), None, None, p) for i, (p, m, a) in
+            enumerate(zip(prompts, max_new, arrivals))]
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("policy", SCHEDULER_POLICIES)
+def test_batched_greedy_equals_one_at_a_time_for_every_policy(policy, models, moe_engine, reference):
+    prompts = _prompts(1, 9)
+    max_new = [1 + (i * 5) % 8 for i in range(9)]
+    specs = _specs(prompts, max_new, np.arange(9) * 0.004)
+    cfg = SchedulerConfig(policy=policy, token_budget=16, n_slots=4, max_queue=100, max_wait_steps=4, n_experts=E)
+    res = simulate(specs, Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()), keep_batches=True)
+    assert not res.invalid and all(r.status is Status.FINISHED for r in res.requests) and len(res.requests) == 9
+    assert max(len(b) for b in res.batches) > 1  # really batched (mixed prefills/decodes too)
+    assert any(b.prefills and b.decodes for b in res.batches)
+    for s in specs:
+        ref_out, ref_routes = reference("moe", s.prompt_ids, s.output_len)
+        assert moe_engine.output(s.rid) == ref_out, s.rid
+        # incremental routing (prompt at arrival, each token right after sampling) == the full router
+        np.testing.assert_array_equal(moe_engine.routes(s.rid), ref_routes)
+    assert not moe_engine._slot_owner  # every slot released
+
+
+def test_dense_engine_equals_full_forward(models, reference):
+    eng = Engine(models[1], ECFG)
+    prompts = _prompts(2, 6)
+    outs = generate(eng, prompts, [5, 1, 7, 3, 6, 2], policy="decode_first", token_budget=16)
+    for p, o, n in zip(prompts, outs, [5, 1, 7, 3, 6, 2]):
+        assert o == reference("dense", p, n)[0]
+    assert np.all(eng.routes(0) == 0)
+
+
+def test_eos_stops_and_frees_the_slot(models, reference):
+    moe = models[0]
+    p = _prompts(3, 1, lo=4, hi=4)[0]
+    ref, _ = reference("moe", p, 8)
+    k = next(i for i in range(1, 8) if ref[i] not in ref[:i])  # first position whose token is new
+    eng = Engine(moe, dataclasses.replace(ECFG, eos_id=ref[k]))
+    others = _prompts(4, 3)
+    outs = generate(eng, [p] + others, 8)
+    assert outs[0] == ref[:k + 1]  # stops right after emitting EOS
+    for q, o in zip(others, outs[1:]):
+        full = reference("moe", q, 8)[0]
+        cut = full.index(ref[k]) + 1 if ref[k] in full else 8
+        assert o == full[:cut]
+    assert not eng._slot_owner
+
+
+def test_sampling_is_batch_invariant_and_top_p_zero_is_greedy(models, moe_engine, reference):
+    prompts = _prompts(5, 4, hi=8)  # one prefill bucket: fewer sampled variants to compile
+    sp = SamplingParams(temperature=0.9, top_p=0.9, seed=123)
+    together = generate(moe_engine, prompts, 6, sp)
+    alone = [generate(moe_engine, [p], 6, sp)[0] for p in prompts[:2]]
+    assert together[:2] == alone
+    other_seed = generate(moe_engine, prompts, 6, SamplingParams(temperature=0.9, top_p=0.9, seed=7))
+    assert other_seed != together  # the seed matters (4 x 6 tokens from 97 colliding is vanishingly unlikely)
+    nucleus_of_one = generate(moe_engine, prompts, 6, SamplingParams(temperature=1.0, top_p=1e-9))
+    assert nucleus_of_one == [reference("moe", p, 6)[0] for p in prompts]
+
+
+# ----------------------------------------------------------------------------- invalid requests
+
+
+def test_invalid_requests_raise_clear_errors(moe_engine):
+    eng = moe_engine
+    eng.reset()
+    ok = np.array([1, 2, 3], np.int32)
+    cases = [
+        (dict(prompt_ids=[]), "request 0: empty prompt"),
+        (dict(prompt_ids=None), "request 0: no prompt token ids"),
+        (dict(prompt_ids=np.zeros((2, 2), np.int32)), r"1-D sequence of token ids, got shape \(2, 2\)"),
+        (dict(prompt_ids=np.array([1.5])), "token ids must be integers"),
+        (dict(prompt_ids=np.arange(17)), r"prompt has 17 tokens > max prompt length 16"),
+        (dict(prompt_ids=[3, 97]), r"token id 97 at index 1 is out of the vocabulary \[0, 97\)"),
+        (dict(prompt_ids=[-1]), r"token id -1 at index 0 is out of the vocabulary"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        (dict(prompt_ids=np.arange(10), max_new_tokens=15), r"= 25 > engine max_len=24"),
+        (dict(sampling_params=SamplingParams(temperature=-1.0)), "temperature must be a finite number >= 0"),
+        (dict(sampling_params=SamplingParams(temperature=float("nan"))), "temperature must be a finite number"),
+        (dict(sampling_params=SamplingParams(top_p=0.0)), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(sampling_params=SamplingParams(top_p=1.5)), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(sampling_params=SamplingParams(seed=-3)), r"seed must be an integer in \[0, 2\*\*31\)"),
+    ]
+    for kw, msg in cases:
+        args = dict(prompt_ids=ok, max_new_tokens=2, sampling_params=None) | kw
+        with pytest.raises(RequestError, match=msg):
+            eng.new_request(0, args["prompt_ids"], args["max_new_tokens"], sampling_params=args["sampling_params"])
+    eng.new_request(0, ok, 2)
+    with pytest.raises(RequestError, match="request 0: request id already used"):
+        eng.new_request(0, ok, 2)
+    with pytest.raises(RequestError, match="unknown request id 5"):
+        eng.output(5)
+
+
+def test_invalid_requests_do_not_disturb_the_others(models, moe_engine, reference):
+    prompts = _prompts(6, 6)
+    specs = _specs(prompts, [4] * 6, np.arange(6) * 0.01)
+    bad = [RequestSpec(100, 0.005, 0, 3, None, None, np.zeros((0,), np.int32)),  # empty
+           RequestSpec(101, 0.012, 2, 3, None, None, np.array([5, 400], np.int32)),  # out of vocab
+           RequestSpec(102, 0.013, 20, 3, None, None, np.arange(20, dtype=np.int32)),  # too long
+           RequestSpec(103, 0.02, 3, 0, None, None, np.array([1, 2, 3], np.int32))]  # no new tokens
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=16, n_slots=4, max_queue=100, n_experts=E)
+    res = simulate(specs + bad, Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()))
+    assert sorted(res.invalid) == [100, 101, 102, 103]
+    assert "empty prompt" in res.invalid[100] and "out of the vocabulary" in res.invalid[101]
+    assert "max prompt length" in res.invalid[102] and "max_new_tokens" in res.invalid[103]
+    assert sorted(r.rid for r in res.requests) == list(range(6))
+    for s in specs:
+        assert moe_engine.output(s.rid) == reference("moe", s.prompt_ids, 4)[0]
+
+
+# ----------------------------------------------------------------------------- overload
+
+
+class _Watch(Scheduler):
+    max_waiting = 0
+
+    def add(self, request):
+        ok = super().add(request)
+        self.max_waiting = max(self.max_waiting, self.n_waiting)
+        return ok
+
+
+def test_engine_2x_overload_500_requests(models, moe_engine):
+    rng = np.random.default_rng(9)
+    n = 500
+    prompts = [rng.integers(0, 97, size=int(rng.integers(1, 7))).astype(np.int32) for _ in range(n)]
+    max_new = rng.integers(1, 4, size=n)
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=16, n_slots=4, max_queue=8, max_wait_steps=4,
+                          n_experts=E)
+    cost = CostModel(a_s=0.01, b_s_per_token=0.001, c_s_per_expert=0.002)  # virtual clock: deterministic
+    # service rate: a burst of the first 100 requests with no queue limit
+    burst = _specs(prompts[:100], max_new[:100], np.zeros(100))
+    sat = simulate(burst, Scheduler(dataclasses.replace(cfg, max_queue=10_000)),
+                   runner=EngineRunner(moe_engine, cost_model=cost))
+    rate = 2 * 100 / sat.makespan_s
+    arrivals = np.cumsum(rng.exponential(1 / rate, size=n))
+    specs = _specs(prompts, max_new, arrivals)
+    specs.append(RequestSpec(n, float(arrivals[-1] / 2), 0, 2, None, None, np.zeros((0,), np.int32)))  # invalid
+    sched = _Watch(cfg)
+    res = simulate(specs, sched, runner=EngineRunner(moe_engine, cost_model=cost), keep_batches=True)
+    fin = [r for r in res.requests if r.status is Status.FINISHED]
+    rej = [r for r in res.requests if r.status is Status.REJECTED]
+    ids = [r.rid for r in fin] + [r.rid for r in rej] + list(res.invalid)
+    assert sorted(ids) == list(range(n + 1))  # every request accounted for exactly once
+    assert list(res.invalid) == [n]
+    assert 50 < len(rej) < 450 and all(r.reject_reason.startswith("queue full") for r in rej)
+    assert sched.max_waiting <= cfg.max_queue
+    for r in fin:
+        out = moe_engine.output(r.rid)
+        assert len(out) == r.n_generated == max_new[r.rid]
+    runs = {}
+    for b in res.batches:
+        for it in b.items:
+            runs[it.rid] = runs.get(it.rid, 0) + 1
+    assert all(runs[r.rid] == max_new[r.rid] for r in fin) and not any(r.rid in runs for r in rej)
+    assert not moe_engine._slot_owner
+
+
+# ----------------------------------------------------------------------------- config and model checks
+
+
+def test_config_and_model_errors(models):
+    moe, dense = models
+    assert EngineConfig(max_len=256).buckets() == (8, 16, 32, 64, 128, 255)
+    assert [EngineConfig(n_slots=6).rows(n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+    assert [ECFG.rows(n) for n in (1, 4)] == [4, 4]
+    with pytest.raises(ConfigError, match="engine.n_slots must be >= 1"):
+        EngineConfig(n_slots=0)
+    with pytest.raises(ConfigError, match=r"prefill_buckets must be integers in \[1, max_len-1=15\]"):
+        EngineConfig(max_len=16, prefill_buckets=(8, 16))
+    with pytest.raises(ConfigError, match="row_buckets must be integers in"):
+        EngineConfig(n_slots=4, row_buckets=(1, 2))
+    with pytest.raises(ConfigError, match="a dense model has n_experts=1"):
+        ServeModel(dense.cfg, dense.params, n_experts=2)
+    with pytest.raises(ConfigError, match=r"MoE layers.wg must be \[L=2, E=4"):
+        dataclasses.replace(moe, n_experts=4)
+    with pytest.raises(ConfigError, match="router_params given without router_cfg"):
+        dataclasses.replace(moe, router_cfg=None)
+    assert moe.expert_bytes() == 3 * 2 * 32 * 16 * 4  # wg+wu+wd, 2 layers, D=32, F_e=16, float32
+    eng = Engine(moe, ECFG)
+    req = eng.new_request(0, [1, 2], 2)
+    from readme_jax.serve.requests import Batch, BatchItem, Kind
+    with pytest.raises(ReadmeError, match=r"slot 7 of request 0 out of range \[0, 4\)"):
+        eng.step(Batch(0, (BatchItem(req, Kind.PREFILL, 2, 7, 0, frozenset()),)))
