@@ -270,3 +270,57 @@ def test_config_and_model_errors(models):
     from readme_jax.serve.requests import Batch, BatchItem, Kind
     with pytest.raises(ReadmeError, match=r"slot 7 of request 0 out of range \[0, 4\)"):
         eng.step(Batch(0, (BatchItem(req, Kind.PREFILL, 2, 7, 0, frozenset()),)))
+
+
+# ----------------------------------------------------------------------------- serve-bench
+
+
+def test_serve_bench_tiny_end_to_end(models, tmp_path):
+    from readme_jax.serve.bench import BenchModels, load_bench_config, run_serve_bench
+
+    moe, dense = models
+    cfg = load_bench_config(None, ["workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
+                                   "workload.prompt_max=12", "workload.output_mean=4", "workload.output_max=8",
+                                   "workload.length_scale=1.0", "token_budget=16", "n_slots=4", f"max_len={MAX_LEN}",
+                                   "prefill_buckets=[8, 16]", "row_buckets=[4]", "capacities=[1, 2, 3]",
+                                   "latency_tokens=3", "latency_repeats=1", "latency_prompt_len=5", "sweep_rows=4",
+                                   "sweep_repeats=1"])
+    assert cfg.workload.rate_per_s == 40 and cfg.workload.n_experts == 8  # other keys from the cpu preset
+
+    def prompt_fn(length, seed):  # synthetic ids: the tiny model's vocabulary is not a real tokenizer's
+        return np.random.default_rng(seed).integers(0, 97, size=length).astype(np.int32)
+
+    r = run_serve_bench(BenchModels(moe, dense, None, "tiny test"), cfg, tmp_path, prompt_fn=prompt_fn,
+                        progress=False, log=lambda s: None)
+    saved = json.loads((tmp_path / "serve_bench.json").read_text())
+    assert saved["n_requests"] == 14 and set(saved["policies"]) == set(SCHEDULER_POLICIES)
+    for p, s in r["policies"].items():
+        assert s["n_finished"] + s["n_rejected"] + s["n_invalid"] == 14
+        assert set(s["hit_ratio"]) == {"belady", "lru", "fifo", "random", "optimum"}
+        opt = s["hit_ratio"]["optimum"]
+        assert opt[1] <= opt[2] <= opt[3] and all(s["hit_ratio"][c][k] <= opt[k] + 1e-12
+                                                  for c in ("belady", "lru", "fifo", "random") for k in (1, 2, 3))
+        pf = s["prefetch_simulated"]["2"]
+        assert pf["prefetch"]["total_s_simulated"] <= pf["on_demand"]["total_s_simulated"] + 1e-12
+        assert abs(pf["prefetch"]["compute_s_measured"] - s["measured_compute_s"]) < 1e-9
+    assert all(v == 1.0 for v in r["greedy_outputs_agree_with_expert_aware"].values())  # batch-invariant
+    lat = r["batch1_decode_latency"]
+    assert lat["moe_ms_per_token_median"] > 0 and lat["dense_ms_per_token_median"] > 0
+    assert len(lat["samples_ms"]["moe"]) == 3 and 0 < lat["router_share_of_moe_token"]
+    assert set(r["decode_step_ms_vs_present_experts_measured"]["moe"]) == {1, 2, 3}
+    for p in r["plots"]:
+        assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
+
+
+def test_bench_models_save_load_round_trip(tmp_path):
+    from readme_jax.serve.bench import load_bench_models, save_bench_models, tiny_models
+
+    m = tiny_models(vocab_size=50, n_experts=3, seed=1)
+    save_bench_models(tmp_path / "m", m)
+    back = load_bench_models(str(tmp_path / "m"))
+    assert back.moe.n_experts == 3 and back.moe.cfg == m.moe.cfg and back.moe.router_cfg == m.moe.router_cfg
+    for a, b in zip(jax.tree.leaves((m.moe.params, m.moe.router_params, m.dense.params)),
+                    jax.tree.leaves((back.moe.params, back.moe.router_params, back.dense.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ReadmeError, match="expected 'tiny', 'smollm-timing' or a directory"):
+        load_bench_models(str(tmp_path / "nothing"))

@@ -550,6 +550,33 @@ class Engine:
             self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
         return prep + call_s
 
+    def benchmark_decode(self, routes, position: int, repeats: int = 5) -> np.ndarray:
+        """Measured seconds of ``repeats`` greedy decode calls on synthetic rows (slots ``0..n-1``, one
+        token each at ``position``, row b routed to ``routes[b]``). The caches are scratch: the
+        engine is reset before and after."""
+        routes = np.asarray(routes, np.int32).reshape(-1)
+        n = routes.size
+        if not 1 <= n <= self.cfg.n_slots:
+            raise ConfigError(f"benchmark_decode: need 1..n_slots={self.cfg.n_slots} rows, got {n}")
+        if not 0 <= position < self.cfg.max_len - 1:
+            raise ConfigError(f"benchmark_decode: position must be in [0, max_len-1={self.cfg.max_len - 1}), "
+                              f"got {position}")
+        if routes.min() < 0 or routes.max() >= self.model.n_experts:
+            raise ConfigError(f"benchmark_decode: routes must be in [0, {self.model.n_experts}), got {routes}")
+        self.reset()
+        B = self.cfg.rows(n)
+        slots = np.full((B,), self.cfg.n_slots, np.int32)
+        slots[:n] = np.arange(n)
+        rts = np.full((B,), -1, np.int32)
+        rts[:n] = routes
+        pos = np.full((B,), self.cfg.max_len, np.int32)
+        pos[:n] = position
+        z = np.zeros((B,), np.int32)
+        args = (slots, z, rts, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32))
+        out = np.array([self._call(self._decode, ("decode", B), args, True)[2] for _ in range(repeats)])
+        self.reset()
+        return out
+
 
 # ----------------------------------------------------------------------------- drivers
 

@@ -1,0 +1,503 @@
+"""``serve-bench``: the serving policies side by side on the real engine, one workload, one run.
+
+What it measures (every number in the JSON says whether it is MEASURED or SIMULATED):
+
+* per scheduler policy (same engine, same workload, same token budget): latency, normalized
+  latency and TTFT (mean, p95), unique experts and tokens per batch, throughput. Step times are
+  the engine's measured compute (prompt routing at arrival included); arrivals follow the
+  workload's virtual Poisson clock, which advances by the measured step times.
+* expert cache hit ratios per cache policy and capacity, on each run's per-step expert sets
+  (Belady with the scheduler's lookahead as its future; ``optimum`` = Belady, whole future);
+* prefetch vs on-demand expert loading: each run's steps replayed back to back with their
+  measured compute and SIMULATED host->device loads over a configurable link;
+* decode step time vs the number of experts present in a batch (the MoE step reads only those);
+* per-token decode latency at batch 1, Read-ME MoE vs the dense model, same engine, interleaved.
+
+Prompts are windows of the real text domains (``readme_jax.data``), tokenized by the model's
+tokenizer, and their routes are the model's router's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from readme_jax.config import ModelConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from readme_jax.errors import CheckpointError, ConfigError, DataError
+from readme_jax.model import decoder
+from readme_jax.model.router import RouterConfig, router_logits, router_model_config, silu_bias_mlp
+from readme_jax.serve.cache_policy import CACHE_POLICIES
+from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, ServeModel
+from readme_jax.serve.metrics import (_figure, hit_ratio_table, plot_hit_ratio_vs_capacity,
+                                      plot_normalized_latency_hist, plot_unique_experts, request_metrics, summarize)
+from readme_jax.serve.requests import Status
+from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
+from readme_jax.serve.simulate import simulate
+from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
+from readme_jax.serve.workload import PRESETS, WorkloadConfig, generate_workload
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """serve-bench settings; load with :func:`load_bench_config` (``workload`` keys override the preset)."""
+
+    preset: str = "cpu"  # workload preset (serve.workload.PRESETS) under the workload keys
+    workload: WorkloadConfig = PRESETS["cpu"]
+    policies: tuple[str, ...] = SCHEDULER_POLICIES
+    token_budget: int = 128  # tokens per step, every policy
+    n_slots: int = 8
+    max_queue: int = 256
+    max_wait_steps: int | None = 16
+    max_len: int = 256
+    prefill_buckets: tuple[int, ...] | None = None
+    row_buckets: tuple[int, ...] | None = None
+    stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
+    temperature: float = 0.0
+    capacities: tuple[int, ...] = (2, 3, 4, 5)
+    cache_policies: tuple[str, ...] = CACHE_POLICIES
+    lookahead_steps: int = 8
+    link_bandwidth_bytes_per_s: float = 16e9  # SIMULATED link (about PCIe 4.0 x16)
+    link_latency_s: float = 0.0
+    latency_prompt_len: int = 16
+    latency_tokens: int = 32
+    latency_repeats: int = 3
+    sweep_rows: int = 8  # batch of the decode-time vs present-experts sweep
+    sweep_repeats: int = 5
+    domains: tuple[str, ...] | None = None  # None: every prepared domain
+    corpus_split: str = "test"
+    corpus_sep_id: int | None = 0  # document separator of the cached streams (SmolLM2 <|endoftext|>)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"bench.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        bad = [p for p in self.policies if p not in SCHEDULER_POLICIES]
+        if bad or not self.policies:
+            raise ConfigError(f"bench.policies must be a non-empty subset of {SCHEDULER_POLICIES}, got {self.policies}")
+        bad = [p for p in self.cache_policies if p not in CACHE_POLICIES]
+        if bad:
+            raise ConfigError(f"bench.cache_policies must be among {CACHE_POLICIES}, got {self.cache_policies}")
+        if any(c < 1 for c in self.capacities):
+            raise ConfigError(f"bench.capacities must be >= 1, got {self.capacities}")
+        for name in ("latency_prompt_len", "latency_tokens", "latency_repeats", "sweep_rows", "sweep_repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"bench.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.link_bandwidth_bytes_per_s > 0:
+            raise ConfigError(f"bench.link_bandwidth_bytes_per_s must be > 0, got {self.link_bandwidth_bytes_per_s}")
+
+
+def load_bench_config(path=None, overrides=()) -> BenchConfig:
+    """BenchConfig from an optional YAML file and ``key=value`` overrides; ``workload.*`` keys
+    override the workload preset (``preset``, default ``cpu``), not the WorkloadConfig defaults."""
+    data = deep_merge(read_yaml(path) if path is not None else {}, parse_overrides(overrides))
+    preset = data.get("preset", "cpu")
+    if preset not in PRESETS:
+        raise ConfigError(f"bench.preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    wl = data.get("workload", {})
+    if not isinstance(wl, dict):
+        raise ConfigError(f"bench.workload must be a mapping of WorkloadConfig keys, got {wl!r}")
+    data["workload"] = deep_merge(to_dict(PRESETS[preset]), wl)
+    try:
+        return from_dict(BenchConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{f' (in {path})' if path is not None else ''}") from None
+
+
+@dataclasses.dataclass
+class BenchModels:
+    moe: ServeModel
+    dense: ServeModel | None = None  # for the batch-1 latency comparison
+    tokenizer: Any = None  # for corpus prompts and EOS
+    description: str = ""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def tiny_models(vocab_size: int = 97, n_experts: int = 7, r: float = 0.5, seed: int = 0,
+                tokenizer=None) -> BenchModels:
+    """Random tiny dense Llama and the Read-ME built from it (random channel subsets as experts,
+    untrained router): same attention weights, so the two differ only in the FFN and the router."""
+    from flax import nnx
+
+    from readme_jax.config import tiny_model_config
+    from readme_jax.model.llama import Llama
+
+    cfg = tiny_model_config(vocab_size=vocab_size, max_seq_len=4096)
+    dense = Llama(cfg, rngs=nnx.Rngs(seed))
+    return _readme_from_dense(cfg, dense.arrays(), n_experts, r, seed, RouterConfig(width=16, n_heads=2, ffn_dim=32),
+                              tokenizer, f"tiny random (D={cfg.d_model}, L={cfg.n_layers}, V={vocab_size}), "
+                              f"{n_experts} random-channel experts r={r}, untrained router")
+
+
+def _readme_from_dense(cfg, dense_arrays, n_experts, r, seed, rc, tokenizer, description) -> BenchModels:
+    from readme_jax.convert.experts import expert_width, moe_arrays_from_dense
+    from readme_jax.model.router import make_router
+
+    rng = np.random.default_rng(seed)
+    F, L = cfg.ffn_dim, cfg.n_layers
+    fe = expert_width(F, r)
+    masks = np.zeros((n_experts, L, F), bool)
+    for e in range(n_experts):
+        for layer in range(L):
+            masks[e, layer, rng.permutation(F)[:fe]] = True
+    arrays = jax.tree.map(np.asarray, dense_arrays)
+    params, _ = moe_arrays_from_dense(arrays, masks, r=r)
+    router = make_router(dataclasses.replace(rc, seed=seed), n_experts, cfg.vocab_size, cfg.max_seq_len,
+                         backbone_embed_VD=arrays["embed"])
+    moe = ServeModel(cfg, params, n_experts, router.cfg, router.arrays(), router.ffn_fn(), "xla", "readme")
+    return BenchModels(moe, ServeModel(cfg, arrays, 1, name="dense"), tokenizer, description)
+
+
+def smollm_timing_models(n_experts: int = 7, r: float = 0.5, seed: int = 0) -> BenchModels:
+    """The embedded SmolLM2-135M as dense model and a Read-ME made of random channel subsets with
+    an untrained paper-size router: right sizes for TIMING, meaningless routes."""
+    from readme_jax.checkpoints import load_model
+
+    dense, tok = load_model("embedded")
+    return _readme_from_dense(dense.cfg, dense.arrays(), n_experts, r, seed, RouterConfig(), tok,
+                              f"SmolLM2-135M (embedded GGUF) + {n_experts} random-channel experts r={r} + untrained "
+                              f"router (timing only: routes are not a trained router's)")
+
+
+def save_bench_models(path, models: BenchModels, overwrite: bool = False) -> Path:
+    """Write ``models`` (Read-ME + optional dense + tokenizer) as an orbax dir ``load_bench_models`` reads."""
+    from readme_jax.checkpoints.orbax_io import save_params
+
+    m = models.moe
+    mlp = "silu_bias" if m.router_ffn is silu_bias_mlp else "swiglu"
+    meta = {"kind": "readme-serve", "model_config": to_dict(m.cfg), "router_model_config": to_dict(m.router_cfg),
+            "router_mlp": mlp, "n_experts": m.n_experts, "impl": m.impl, "description": models.description,
+            "has_dense": models.dense is not None}
+    arrays = {"router": m.router_params, "backbone": m.params}
+    if models.dense is not None:
+        meta["dense_model_config"] = to_dict(models.dense.cfg)
+        arrays["dense"] = models.dense.params
+    return save_params(path, arrays, meta, tokenizer=models.tokenizer, overwrite=overwrite)
+
+
+def load_bench_models(source: str, seed: int = 0) -> BenchModels:
+    """``tiny`` (random, real tokenizer vocabulary if the embedded one loads), ``smollm-timing``, or a
+    directory written by :func:`save_bench_models`."""
+    if source == "tiny":
+        tok = _embedded_tokenizer()
+        return tiny_models(tok.vocab_size if tok is not None else 97, seed=seed, tokenizer=tok)
+    if source == "smollm-timing":
+        return smollm_timing_models(seed=seed)
+    from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params
+
+    p = Path(source)
+    if not is_orbax_dir(p):
+        raise CheckpointError(f"serve-bench model {source!r}: expected 'tiny', 'smollm-timing' or a directory "
+                              f"written by save_bench_models (params/ + meta.json)")
+    arrays, meta = restore_params(p)
+    if meta.get("kind") != "readme-serve":
+        raise CheckpointError(f"{p / 'meta.json'}: kind is {meta.get('kind')!r}, expected 'readme-serve'")
+    try:
+        cfg = from_dict(ModelConfig, meta["model_config"], "model_config.")
+        rcfg = from_dict(ModelConfig, meta["router_model_config"], "router_model_config.")
+        dcfg = from_dict(ModelConfig, meta["dense_model_config"], "dense_model_config.") if meta["has_dense"] else None
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{p / 'meta.json'}: {e}") from None
+    rffn = silu_bias_mlp if meta.get("router_mlp") == "silu_bias" else decoder.dense_ffn
+    moe = ServeModel(cfg, arrays["backbone"], int(meta["n_experts"]), rcfg, arrays["router"], rffn,
+                     meta.get("impl", "xla"), "readme")
+    dense = ServeModel(dcfg, arrays["dense"], 1, name="dense") if dcfg is not None else None
+    tok = None
+    if (p / "tokenizer.json").is_file():
+        from readme_jax.data.tokenizer import tokenizer_from_hf
+
+        tok = tokenizer_from_hf(p)
+    return BenchModels(moe, dense, tok, meta.get("description", str(p)))
+
+
+def _embedded_tokenizer():
+    try:
+        from readme_jax.checkpoints import embedded_gguf_path
+        from readme_jax.data.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(embedded_gguf_path())
+    except Exception:  # noqa: BLE001 - the tiny model works without it (synthetic prompts)
+        return None
+
+
+def corpus_prompt_fn(tokenizer, domains=None, split: str = "test", sep_id: int | None = 0, cache_dir=None):
+    """``(prompt_fn, domain_of_seed)``: prompt = a window of one domain's token stream (domain and
+    offset drawn from the request's prompt seed)."""
+    from readme_jax.data import available_domains, token_stream
+
+    names = list(domains) if domains else available_domains(cache_dir)
+    if not names:
+        raise DataError("serve-bench: no prepared text domains (run `python -m readme_jax.data` first, or set "
+                        "READMEJAX_CACHE)")
+    streams = {d: token_stream(d, split, tokenizer, sep_id=sep_id, cache_dir=cache_dir, progress=False) for d in names}
+    domain_of: dict[int, str] = {}
+
+    def prompt_fn(length: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        d = names[int(rng.integers(len(names)))]
+        s = streams[d]
+        if s.size <= length:
+            raise DataError(f"domain {d}/{split} has {s.size} tokens, a prompt needs {length}")
+        start = int(rng.integers(0, s.size - length))
+        domain_of[seed] = d
+        return np.array(s[start:start + length], np.int32)
+
+    return prompt_fn, domain_of
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def decode_latency(engine: Engine, prompt, n_tokens: int) -> np.ndarray:
+    """Measured seconds of each decode step of ONE request (batch 1), ``n_tokens`` steps."""
+    engine.reset()
+    prompt = np.asarray(prompt, np.int32)
+    sched = Scheduler(SchedulerConfig(policy="fcfs", token_budget=max(prompt.size, 1), n_slots=engine.cfg.n_slots,
+                                      n_experts=engine.model.n_experts))
+    sched.add(engine.new_request(0, prompt, n_tokens + 1))
+    times = []
+    while sched.has_work():
+        b = sched.next_batch()
+        out = engine.step(b)
+        sched.on_step_done(b, out.next_routes, 0.0)
+        if b.decodes:
+            times.append(out.decode_s)
+    engine.reset()
+    return np.asarray(times)
+
+
+def router_step_time(model: ServeModel, max_len: int, repeats: int = 20) -> float:
+    """Median measured seconds of the router alone on one token with a ``max_len`` cache (batch 1)."""
+    f = jax.jit(lambda rp, rc, tok, pos: router_logits(rp, model.router_cfg, tok, pos, rc, model.router_ffn))
+    rc = decoder.init_cache(model.router_cfg, 1, max_len)
+    tok, pos = jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), max_len // 2, jnp.int32)
+    jax.block_until_ready(f(model.router_params, rc, tok, pos))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(model.router_params, rc, tok, pos))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def replay_store(steps, capacity: int, policy: str, expert_bytes: int, bandwidth: float, latency_s: float,
+                 prefetch: bool) -> dict:
+    """Replay recorded steps back to back: measured compute + SIMULATED expert loads."""
+    sim = ExpertStoreSim(StoreConfig(capacity=capacity, policy=policy, bandwidth_bytes_per_s=bandwidth,
+                                     expert_bytes=expert_bytes, latency_s=latency_s, prefetch=prefetch))
+    end, stall, loads = 0.0, 0.0, 0
+    for st in steps:
+        t = sim.step(st.experts, st.future, end, st.compute_s)
+        end, stall, loads = t.end_s, stall + t.stall_s, loads + t.n_loads
+    return {"total_s_simulated": end, "stall_s_simulated": stall, "loads": loads,
+            "compute_s_measured": float(sum(st.compute_s for st in steps))}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn: Callable | None = None,
+                    progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run everything (module doc) and write ``serve_bench.json`` and PNG plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    moe = models.moe
+    E = moe.n_experts
+    domain_of: dict = {}
+    if prompt_fn is None:
+        if models.tokenizer is None:
+            raise ConfigError("serve-bench needs a tokenizer for corpus prompts (or pass prompt_fn)")
+        prompt_fn, domain_of = corpus_prompt_fn(models.tokenizer, cfg.domains, cfg.corpus_split, cfg.corpus_sep_id)
+    specs = generate_workload(cfg.workload, prompt_fn, with_routes=False)
+    eos = getattr(models.tokenizer, "eos_id", None) if cfg.stop_at_eos else None
+    ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, prefill_buckets=cfg.prefill_buckets,
+                        row_buckets=cfg.row_buckets, eos_id=eos)
+    engine = Engine(moe, ecfg)
+    sp = SamplingParams(temperature=cfg.temperature)
+    policies, outputs, step_sets = {}, {}, {}
+    for policy in cfg.policies:
+        scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
+                               max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
+        runner = EngineRunner(engine, sp)
+        t0 = time.perf_counter()
+        res = simulate(specs, Scheduler(scfg), runner=runner, record_future=True,
+                       lookahead_steps=cfg.lookahead_steps, progress=progress)
+        wall = time.perf_counter() - t0
+        outputs[policy] = engine.outputs()
+        step_sets[policy] = res
+        s = summarize(res.requests, res.steps, res.makespan_s)
+        s.pop("transfer_stall_s_total_simulated", None)  # no store in these runs
+        s["n_invalid"] = len(res.invalid)
+        s["invalid"] = {str(k): v for k, v in res.invalid.items()}
+        s["reject_reasons"] = sorted({r.reject_reason for r in res.requests if r.status is Status.REJECTED})
+        rs = runner.steps
+        s["measured_compute_s"] = float(sum(st.compute_s for st in res.steps))
+        s["measured_prefill_s"] = float(sum(r["prefill_s"] for r in rs))
+        s["measured_decode_s"] = float(sum(r["decode_s"] for r in rs))
+        s["measured_arrival_routing_s"] = float(sum(r["router_arrival_s"] for r in rs))
+        dec = [r["decode_s"] for r in rs if r["n_decode"] and not r["n_prefill"]]
+        s["decode_only_step_ms_mean"] = 1e3 * float(np.mean(dec)) if dec else float("nan")
+        s["wall_s"] = wall
+        s["hit_ratio"] = hit_ratio_table([st.experts for st in res.steps], cfg.capacities, cfg.cache_policies,
+                                         futures=[st.future for st in res.steps], seed=cfg.seed)
+        s["prefetch_simulated"] = {
+            str(c): {mode: replay_store(res.steps, c, "belady", moe.expert_bytes(), cfg.link_bandwidth_bytes_per_s,
+                                        cfg.link_latency_s, mode == "prefetch")
+                     for mode in ("on_demand", "prefetch")} for c in cfg.capacities if c < E}
+        policies[policy] = s
+        log(f"[serve-bench] {policy}: latency mean {s['latency_mean_s']:.3f}s p95 {s['latency_p95_s']:.3f}s, "
+            f"unique experts/batch {s.get('unique_experts_per_batch_mean', float('nan')):.2f}, "
+            f"finished {s['n_finished']}/{len(specs)} ({wall:.1f}s wall)")
+    first = cfg.policies[0]
+    agree = {p: float(np.mean([outputs[p].get(r) == outputs[first].get(r) for r in outputs[first]]))
+             if outputs[first] else float("nan") for p in cfg.policies}
+    # decode time vs experts present in one batch
+    rows = min(cfg.sweep_rows, cfg.n_slots)
+    pos = min(cfg.max_len - 2, 64)
+    sweep = {k: 1e3 * float(np.median(engine.benchmark_decode(np.arange(rows) % k, pos, cfg.sweep_repeats)))
+             for k in range(1, min(E, rows) + 1)}
+    dense_engine = Engine(models.dense, ecfg) if models.dense is not None else None
+    sweep_dense = (1e3 * float(np.median(dense_engine.benchmark_decode(np.zeros(rows), pos, cfg.sweep_repeats)))
+                   if dense_engine is not None else None)
+    # per-token decode latency at batch 1: MoE vs dense, interleaved in the same run
+    latency = _latency_compare(engine, dense_engine, prompt_fn, cfg)
+    if moe.is_moe:
+        latency["router_step_ms_measured"] = 1e3 * router_step_time(moe, cfg.max_len)
+        latency["router_share_of_moe_token"] = latency["router_step_ms_measured"] / latency["moe_ms_per_token_median"]
+    result = {
+        "what": "serve-bench: measured engine compute on a virtual Poisson clock; *_simulated = simulated link",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "machine": _machine(), "model": models.description, "n_experts": E,
+        "expert_bytes": moe.expert_bytes(), "config": to_dict(cfg), "n_requests": len(specs),
+        "policies": policies, "greedy_outputs_agree_with_" + first: agree,
+        "decode_step_ms_vs_present_experts_measured": {"rows": rows, "position": pos, "moe": sweep,
+                                                       "dense": sweep_dense},
+        "batch1_decode_latency": latency, "compile_and_warmup_s": engine.compile_s,
+        "prompt_domains": _count(domain_of.values()), "total_wall_s": time.perf_counter() - t_start,
+    }
+    result["plots"] = _plots(out, result, step_sets)
+    (out / "serve_bench.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    log(f"[serve-bench] wrote {out / 'serve_bench.json'} and {len(result['plots'])} plots")
+    return result
+
+
+def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg: BenchConfig) -> dict:
+    prompt = prompt_fn(cfg.latency_prompt_len, cfg.seed + 12345)
+    n = min(cfg.latency_tokens, cfg.max_len - prompt.size - 1)
+    times: dict[str, list] = {"moe": [], "dense": []}
+    for _ in range(cfg.latency_repeats):
+        times["moe"].extend(decode_latency(engine, prompt, n))
+        if dense_engine is not None:
+            times["dense"].extend(decode_latency(dense_engine, prompt, n))
+    out = {"batch": 1, "prompt_len": int(prompt.size), "tokens_per_repeat": n, "repeats": cfg.latency_repeats}
+    for k, v in times.items():
+        if v:
+            out[f"{k}_ms_per_token_median"] = 1e3 * float(np.median(v))
+            out[f"{k}_ms_per_token_mean"] = 1e3 * float(np.mean(v))
+            out[f"{k}_ms_per_token_p95"] = 1e3 * float(np.percentile(v, 95))
+    if times["dense"]:
+        out["moe_vs_dense_median_change"] = out["moe_ms_per_token_median"] / out["dense_ms_per_token_median"] - 1
+    out["samples_ms"] = {k: [round(1e3 * x, 4) for x in v] for k, v in times.items()}
+    return out
+
+
+def _plots(out: Path, r: dict, runs: dict) -> list[str]:
+    paths = []
+    norm = {p: request_metrics(res.requests).normalized_latency_s for p, res in runs.items()}
+    paths.append(plot_normalized_latency_hist(norm, out / "normalized_latency.png",
+                                              title="normalized latency (measured compute)"))
+    paths.append(plot_unique_experts({p: [len(s.experts) for s in res.steps] for p, res in runs.items()},
+                                     out / "unique_experts.png"))
+    pol = "expert_aware" if "expert_aware" in r["policies"] else next(iter(r["policies"]))
+    paths.append(plot_hit_ratio_vs_capacity(r["policies"][pol]["hit_ratio"], out / "hit_ratio.png",
+                                            title=f"expert cache hit ratio ({pol} batches)"))
+    fig = _figure(3, 4.0, 3.2)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    sw = r["decode_step_ms_vs_present_experts_measured"]
+    ks = sorted(sw["moe"])
+    ax1.plot(ks, [sw["moe"][k] for k in ks], marker="o", label="Read-ME MoE")
+    if sw["dense"] is not None:
+        ax1.axhline(sw["dense"], color="tab:gray", linestyle="--", label="dense")
+    ax1.set(xlabel="experts present in the batch", ylabel="decode step (ms, measured)",
+            title=f"decode, batch {sw['rows']}")
+    ax1.legend(fontsize=7)
+    lat = r["batch1_decode_latency"]
+    names = [k for k in ("moe", "dense") if f"{k}_ms_per_token_median" in lat]
+    ax2.bar(names, [lat[f"{k}_ms_per_token_median"] for k in names], color=["tab:blue", "tab:gray"][:len(names)])
+    ax2.set(ylabel="ms / token (median, measured)", title="decode latency, batch 1")
+    pf = r["policies"][pol]["prefetch_simulated"]
+    caps = sorted(pf, key=int)
+    x = np.arange(len(caps))
+    for i, mode in enumerate(("on_demand", "prefetch")):
+        ax3.bar(x + 0.4 * i - 0.2, [pf[c][mode]["total_s_simulated"] for c in caps], 0.4, label=mode)
+    ax3.set_xticks(x, caps)
+    ax3.set(xlabel="capacity (experts)", ylabel="replay time (s, simulated link)", title=f"loads ({pol}, belady)")
+    ax3.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "engine.png")
+    paths.append(out / "engine.png")
+    return [str(p) for p in paths]
+
+
+def _machine() -> str:
+    d = jax.devices()[0]
+    return f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {d.platform} ({d.device_kind})"
+
+
+def _count(xs) -> dict:
+    out: dict = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, (np.ndarray, frozenset, set, tuple)):
+        return list(x)
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (random), 'smollm-timing' (SmolLM2 + random experts, untrained router) or a "
+                             "directory written by save_bench_models (default: tiny)")
+    parser.add_argument("--out", default="serve_bench_out", help="output directory (JSON + PNG)")
+    parser.add_argument("--config", default=None, help="YAML file of BenchConfig keys")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workload.n_requests=32")
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = load_bench_config(args.config, args.overrides)
+    models = load_bench_models(args.model, seed=cfg.seed)
+    return run_serve_bench(models, cfg, args.out, progress=not args.no_progress)
+
+
+def main(argv=None) -> None:
+    """``python -m readme_jax.serve.bench [--model tiny] [--out DIR] [key=value ...]``."""
+    ap = argparse.ArgumentParser(prog="readme-jax serve-bench", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
