@@ -69,7 +69,8 @@ def unpermute_qk(w_OI: np.ndarray, n_head: int) -> np.ndarray:
     return w_OI.reshape(n_head, out // n_head // 2, 2, *w_OI.shape[1:]).swapaxes(1, 2).reshape(w_OI.shape)
 
 
-def _meta(reader, key: str, where: str, default=...):
+def gguf_field(reader, key: str, where: str, default=...):
+    """A GGUF metadata value, or ``default``; CheckpointError naming the key when missing and no default."""
     f = reader.fields.get(key)
     if f is None:
         if default is ...:
@@ -85,18 +86,18 @@ def _f32(v) -> float:
 
 def config_from_gguf(reader, where: str, dtype="float32") -> ModelConfig:
     """ModelConfig from ``llama.*`` metadata (architecture must be llama, dense, unscaled RoPE)."""
-    arch = _meta(reader, "general.architecture", where)
+    arch = gguf_field(reader, "general.architecture", where)
     if arch != "llama":
         raise CheckpointError(f"{where}: general.architecture must be 'llama', found {arch!r}")
-    if int(_meta(reader, "llama.expert_count", where, 0)) > 0:
+    if int(gguf_field(reader, "llama.expert_count", where, 0)) > 0:
         raise CheckpointError(f"{where}: llama.expert_count > 0 (a MoE GGUF); only dense Llama is supported")
-    scaling = _meta(reader, "llama.rope.scaling.type", where, "none")
+    scaling = gguf_field(reader, "llama.rope.scaling.type", where, "none")
     if scaling not in ("none", None):
         raise CheckpointError(f"{where}: llama.rope.scaling.type {scaling!r} is not supported, only 'none'")
-    d = int(_meta(reader, "llama.embedding_length", where))
-    h = int(_meta(reader, "llama.attention.head_count", where))
-    hd = int(_meta(reader, "llama.attention.key_length", where, d // h))
-    rope_dim = int(_meta(reader, "llama.rope.dimension_count", where, hd))
+    d = int(gguf_field(reader, "llama.embedding_length", where))
+    h = int(gguf_field(reader, "llama.attention.head_count", where))
+    hd = int(gguf_field(reader, "llama.attention.key_length", where, d // h))
+    rope_dim = int(gguf_field(reader, "llama.rope.dimension_count", where, hd))
     if rope_dim != hd:
         raise CheckpointError(f"{where}: llama.rope.dimension_count {rope_dim} != head dim {hd} "
                               "(partial RoPE is not supported)")
@@ -104,7 +105,7 @@ def config_from_gguf(reader, where: str, dtype="float32") -> ModelConfig:
     if tokens is not None:
         vocab = len(tokens.data)
     elif "llama.vocab_size" in reader.fields:
-        vocab = int(_meta(reader, "llama.vocab_size", where))
+        vocab = int(gguf_field(reader, "llama.vocab_size", where))
     else:
         t = _tensors(reader).get("token_embd.weight")
         if t is None:
@@ -115,15 +116,15 @@ def config_from_gguf(reader, where: str, dtype="float32") -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab,
         d_model=d,
-        n_layers=int(_meta(reader, "llama.block_count", where)),
+        n_layers=int(gguf_field(reader, "llama.block_count", where)),
         n_heads=h,
-        n_kv_heads=int(_meta(reader, "llama.attention.head_count_kv", where, h)),
+        n_kv_heads=int(gguf_field(reader, "llama.attention.head_count_kv", where, h)),
         head_dim=hd,
-        ffn_dim=int(_meta(reader, "llama.feed_forward_length", where)),
-        rope_theta=_f32(_meta(reader, "llama.rope.freq_base", where, 10000.0)),
-        norm_eps=_f32(_meta(reader, "llama.attention.layer_norm_rms_epsilon", where)),
+        ffn_dim=int(gguf_field(reader, "llama.feed_forward_length", where)),
+        rope_theta=_f32(gguf_field(reader, "llama.rope.freq_base", where, 10000.0)),
+        norm_eps=_f32(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", where)),
         tie_embeddings="output.weight" not in _tensors(reader),
-        max_seq_len=int(_meta(reader, "llama.context_length", where, 2048)),
+        max_seq_len=int(gguf_field(reader, "llama.context_length", where, 2048)),
         dtype=name,
         param_dtype=name,
     )

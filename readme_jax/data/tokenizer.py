@@ -136,18 +136,9 @@ def _pre_tokenizer(pre: str | None, where: str):
     raise CheckpointError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported (supported: smollm, gpt2, default)")
 
 
-def _field(reader, key: str, where: str, default=...):
-    f = reader.fields.get(key)
-    if f is None:
-        if default is ...:
-            raise CheckpointError(f"{where}: missing metadata key {key!r}")
-        return default
-    return f.contents()
-
-
 def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     """Build the byte-level BPE tokenizer stored in a GGUF file's metadata."""
-    from readme_jax.checkpoints.gguf import open_gguf
+    from readme_jax.checkpoints.gguf import gguf_field as _field, open_gguf
 
     reader, where = open_gguf(path_or_reader)
     kind = _field(reader, "tokenizer.ggml.model", where)
