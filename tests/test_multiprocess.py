@@ -157,3 +157,70 @@ def test_two_process_training_step_equals_single_process(tmp_path):
     assert meta["kind"] == "readme_backbone" and ckpt.logical_experts(meta) == 6
     for k in got:
         np.testing.assert_array_equal(back[k], got[k])
+
+
+# --------------------------------------------------------------------------- cluster scripts, with stand-ins
+
+PROBE = """
+import json, sys
+from readme_jax.distributed import initialize_from_env
+info = initialize_from_env()
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from readme_jax.config import MeshConfig
+from readme_jax.distributed import make_mesh
+mesh = make_mesh(MeshConfig(expert=jax.device_count()))
+full = np.arange(jax.device_count() * 3, dtype=np.float32)
+a = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("expert")), lambda i: full[i])
+info["sum"] = float(jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(a))
+if info["process_id"] == 0:
+    open(sys.argv[1], "w").write(json.dumps(info))
+"""
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# stand-in for srun: start 2 tasks of "$@" on this machine with the variables a SLURM step sets
+while [[ "$1" == --* ]]; do echo "srun option $1" >> "$SRUN_LOG"; shift; done
+pids=()
+for i in 0 1; do
+  SLURM_JOB_ID=$FAKE_JOB SLURM_STEP_NODELIST=localhost SLURM_NTASKS=2 SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+
+
+def test_slurm_script_joins_tasks_through_jax_slurm_detection(tmp_path):
+    (tmp_path / "srun").write_text(FAKE_SRUN)
+    (tmp_path / "srun").chmod(0o755)
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = dict(os.environ, SRUN=str(tmp_path / "srun"), SRUN_LOG=str(tmp_path / "srun.log"),
+               FAKE_JOB=str(np.random.default_rng().integers(1, 1 << 20)), SLURM_SUBMIT_DIR=str(ROOT),
+               JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}")
+    r = subprocess.run(["bash", str(ROOT / "launch" / "slurm_train.sbatch"), sys.executable, str(tmp_path / "probe.py"),
+                        str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "out.json").read_text())
+    assert info["method"] == "slurm" and info["process_count"] == 2 and info["global_devices"] == 8
+    assert info["sum"] == float(np.arange(24).sum())  # a reduction across both processes
+    assert "srun option --gpu-bind=none" in (tmp_path / "srun.log").read_text()
+
+
+def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
+    fake = tmp_path / "gcloud"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$GCLOUD_LOG"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, GCLOUD=str(fake), GCLOUD_LOG=str(tmp_path / "args"), TPU_NAME="pod1", ZONE="z1",
+               PROJECT="p1")
+    r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "run", "python", "-m", "x.y", "--out", "a b"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:9] == ["compute", "tpus", "tpu-vm", "ssh", "pod1", "--zone", "z1", "--project", "p1"]
+    assert "--worker=all" in args
+    assert args[-1] == r"cd readme-jax && READMEJAX_LAUNCH=tpu python -m x.y --out a\ b "
+    r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "deploy"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "unknown action 'deploy'" in r.stderr
+    r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh")], env={**env, "TPU_NAME": ""},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "set TPU_NAME" in r.stderr
