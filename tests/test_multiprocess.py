@@ -116,7 +116,8 @@ def _flat(tree) -> dict:
 def test_two_process_training_step_equals_single_process(tmp_path):
     out = tmp_path / "run"
     r = _launch(["-n", "2", "-d", "4", "-l", str(tmp_path / "logs"), "-t", "400"], sys.executable, "-m",
-                "readme_jax.distributed.demo", "--out", str(out), "--expert", "4", "--ckpt", timeout=450)
+                "readme_jax.distributed.demo", "--out", str(out), "--expert", "4", "--ckpt", "--process-local-data",
+                timeout=450)
     if r.returncode != 0 and "gloo" in (r.stdout + r.stderr).lower() and "unimplemented" in (r.stdout + r.stderr).lower():
         pytest.skip(f"CPU multi-process collectives unavailable in this jax: {r.stderr[-500:]}")
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

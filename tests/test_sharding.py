@@ -174,6 +174,22 @@ def _worker(part: str, out_path: str) -> None:
         "mu_wg_shards": [list(s.data.shape) for s in mu_wg.addressable_shards],
     }
 
+    # --- serving path: prefill into a KV cache, then one decode step, experts sharded
+    cache_ref = decoder.init_cache(cfg, 8, 16)
+    route_all = rng.integers(0, E, (8, 9)).astype(np.int32)
+    toks = blocks[:, :9]
+
+    def serve(p, ffn, cache):
+        fwd = jax.jit(lambda p, t, pos, c, r: decoder.forward(p, cfg, t, pos, c, ffn=ffn, ffn_ctx=r)[:2])
+        pos = np.broadcast_to(np.arange(9, dtype=np.int32), (8, 9))
+        lg1, cache = fwd(p, toks[:, :8], pos[:, :8], cache, route_all[:, :8])
+        lg2, _ = fwd(p, toks[:, 8:], pos[:, 8:], cache, route_all[:, 8:])
+        return np.asarray(lg1), np.asarray(lg2)
+
+    ref1, ref2 = serve(params, routed_ffn("xla"), cache_ref)
+    got1, got2 = serve(shard_tree(pad_experts(params, 4), mesh), expert_parallel_ffn(mesh), cache_ref)
+    rep["decode"] = {"prefill_rel": _rel(got1, ref1), "decode_rel": _rel(got2, ref2)}
+
     # --- checkpoints: save on 8 devices, restore on 4, on 1, and where E needs new padding
     trained = steps.merge_params(new_tr, sfr)  # on (2, 4): E padded 6 -> 8
     truth = _flat(unpad_experts(gather_tree(trained), E))
@@ -261,6 +277,10 @@ def test_training_step_data_x_expert_parallel_equals_single_device(report):
     assert min(r["changed"].values()) > 0  # every trainable leaf moved
     assert r["wg_spec"] == [None, "expert", None, "model"]
     assert r["mu_wg_shards"] == [[2, 2, 32, 16]] * N_DEVICES  # Adam moments sharded like their weights
+
+
+def test_prefill_and_decode_with_kv_cache_on_sharded_experts(report):
+    assert report["decode"]["prefill_rel"] < 1e-5 and report["decode"]["decode_rel"] < 1e-5, report["decode"]
 
 
 @pytest.mark.parametrize("name,devices,e_stored", [("4dev", [0, 1, 2, 3], 8), ("1dev", [0], 8),

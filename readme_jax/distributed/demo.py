@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt", action="store_true", help="save the trained backbone with save_sharded")
+    ap.add_argument("--process-local-data", action="store_true",
+                    help="each process feeds only its own rows of the batch (as a multi-host data loader would)")
     args = ap.parse_args(argv)
 
     from readme_jax.distributed.multihost import initialize_from_env
@@ -88,24 +90,31 @@ def main(argv=None) -> int:
 
     from readme_jax.config import MeshConfig
     from readme_jax.distributed.checkpoint import save_sharded
-    from readme_jax.distributed.mesh import gather_tree, make_mesh, pad_experts, unpad_experts
+    from readme_jax.distributed.mesh import gather_tree, pad_experts, shard_batch, unpad_experts
     from readme_jax.distributed.train import ShardedLMStep
     from readme_jax.train import steps
 
     out = Path(args.out)
     lead = jax.process_index() == 0
-    mesh = make_mesh(MeshConfig(data=args.data, expert=args.expert, model=args.model, ffn_comm=args.comm,
-                                capacity_factor=args.capacity_factor))
+    mc = MeshConfig(data=args.data, expert=args.expert, model=args.model, ffn_comm=args.comm,
+                    capacity_factor=args.capacity_factor)
     prob = demo_problem(args.seed, args.experts, args.batch, args.seq_len)
+    step = ShardedLMStep.from_config(prob["cfg"], mc, demo_optimizer(),
+                                     steps.router_route_fn(prob["router_cfg"], prob["router_ffn"]))
+    mesh = step.mesh
     trainable, frozen = steps.split_params(pad_experts(prob["backbone"], mesh.shape["expert"]),
                                            steps.FROZEN_TOP_KEYS_NO_EMBED)
-    step = ShardedLMStep(prob["cfg"], mesh, demo_optimizer(), steps.router_route_fn(prob["router_cfg"], prob["router_ffn"]),
-                         comm=args.comm, capacity_factor=args.capacity_factor)
     trainable, frozen = step.shard(trainable), step.shard(frozen)
     opt_state = step.init_opt_state(trainable)
+    if args.process_local_data:  # this process's devices own a contiguous block of rows (make_mesh order)
+        n = len(prob["blocks"]) // jax.process_count()
+        i = jax.process_index()
+        blocks = shard_batch(prob["blocks"][i * n:(i + 1) * n], mesh, process_local=True)
+    else:
+        blocks = prob["blocks"]
     losses = []
     for i in range(args.steps):
-        trainable, opt_state, m = step(trainable, frozen, opt_state, prob["router"], prob["blocks"], DEMO_LR)
+        trainable, opt_state, m = step(trainable, frozen, opt_state, prob["router"], blocks, DEMO_LR)
         losses.append(float(m["loss"]))
         if lead:
             print(f"step {i}: loss {losses[-1]:.6f} grad_norm {float(m['grad_norm']):.6f}", flush=True)

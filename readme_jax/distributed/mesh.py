@@ -139,8 +139,8 @@ def shard_batch(blocks_B, mesh: Mesh, *, process_local: bool = False):
     """A batch with B over ``(data, expert)``.
 
     ``process_local=False``: every process passes the whole global batch (same on all).
-    ``process_local=True``: each process passes only its own rows (multi-host data loading);
-    rows are stacked in process order.
+    ``process_local=True``: each process passes only the rows its devices own (multi-host data
+    loading); with :func:`make_mesh` these are a contiguous block, process 0's first.
     """
     n = batch_shards(mesh)
     sh = batch_sharding(mesh)

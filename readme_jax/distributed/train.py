@@ -15,9 +15,10 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from readme_jax.config import ModelConfig
+from readme_jax.config import MeshConfig, ModelConfig
 from readme_jax.distributed.expert_parallel import expert_parallel_ffn
-from readme_jax.distributed.mesh import batch_sharding, param_shardings, replicated, shard_batch, shard_tree
+from readme_jax.distributed.mesh import (batch_sharding, make_mesh, param_shardings, replicated, shard_batch,
+                                         shard_tree)
 from readme_jax.train import steps
 
 
@@ -36,6 +37,13 @@ class ShardedLMStep:
         self.ffn = expert_parallel_ffn(mesh, impl=impl, comm=comm, capacity_factor=capacity_factor, **impl_kw)
         self._inner = steps.make_lm_step(cfg, self.ffn, ctx_fn, tx)
         self._compiled: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, mc: MeshConfig, tx: optax.GradientTransformation,
+                    ctx_fn: Callable | None = None, *, devices=None, impl: str = "xla", **impl_kw) -> "ShardedLMStep":
+        """Mesh from ``mc`` over ``devices`` (default all), exchange from ``mc.ffn_comm``/``capacity_factor``."""
+        return cls(cfg, make_mesh(mc, devices), tx, ctx_fn, impl=impl, comm=mc.ffn_comm,
+                   capacity_factor=mc.capacity_factor, **impl_kw)
 
     def shard(self, tree):
         """Place a param/optimizer tree on the mesh by the placement rule."""
