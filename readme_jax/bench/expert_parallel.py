@@ -10,7 +10,9 @@ Times one Read-ME MoE FFN layer step (forward + backward w.r.t. tokens and exper
   ``(data, expert)``;
 - ``ep (1,N) local only``: the same shard_map as ``psum`` on ``(1,N)`` with the collectives
   removed (tokens handed in already gathered, partial outputs returned unsummed): the
-  per-device compute alone. ``comm share = 1 - local_only / psum`` (best-of-rounds times).
+  per-device compute alone. ``comm share = 1 - local_only / psum`` (best-of-rounds times);
+- ``ep (1,N) collectives only``: psum mode's all-gather + reduce-scatter (forward and backward)
+  with no expert compute: the communication alone, as a second estimate (``/ psum``).
 
 On CPU the N devices are fake (``--xla_force_host_platform_device_count``, set by this module
 before JAX starts) and share the machine's cores, so ``ep / single`` measures overhead, not
@@ -87,7 +89,8 @@ def run(n_devices: int, quick: bool, repeats: int) -> dict:
     meshes = [(1, n), (n // 2, 2)] if n >= 4 else [(1, n)]
     for dm in meshes:
         cases += [(f"ep {dm} psum", dm, "psum"), (f"ep {dm} all_to_all", dm, "all_to_all")]
-    cases += [(f"ep {(1, n)} all_to_all cf=1.25", (1, n), "all_to_all:1.25"), (f"ep {(1, n)} local only", (1, n), "local")]
+    cases += [(f"ep {(1, n)} all_to_all cf=1.25", (1, n), "all_to_all:1.25"), (f"ep {(1, n)} local only", (1, n), "local"),
+              (f"ep {(1, n)} collectives only", (1, n), "comm")]
     prepared = []
     for name, dm, comm in tqdm(cases, desc="compile", leave=False):
         if dm is None:
@@ -96,17 +99,25 @@ def run(n_devices: int, quick: bool, repeats: int) -> dict:
         else:
             mesh = make_mesh(MeshConfig(data=dm[0], expert=dm[1]))
             sl = {k: jax.device_put(v, NamedSharding(mesh, W_OUT if k == "wd" else W_IN)) for k, v in lp.items()}
-            tok = NamedSharding(mesh, P() if comm == "local" else P(("data", "expert")))
-            args = (sl, jax.device_put(x, tok), jax.device_put(route, tok))
+            if comm == "local":  # one full copy of the tokens per device, as the all-gather would leave
+                copies = NamedSharding(mesh, P("expert"))
+                rep = lambda a: jax.device_put(np.broadcast_to(a, (dm[1],) + a.shape), copies)  # noqa: E731
+                args = (sl, rep(x), rep(route))
+            else:
+                tok = NamedSharding(mesh, P(("data", "expert")))
+                args = (sl, jax.device_put(x, tok), jax.device_put(route, tok))
             if comm == "local":
                 fn = _local_only(mesh, ct, W_IN, W_OUT, _local_ffn, P)
+            elif comm == "comm":
+                fn = _collectives_only(mesh, ct, P)
             else:
                 c, _, cf = comm.partition(":")
                 fn = layer_step(expert_parallel_ffn(mesh, comm=c, capacity_factor=float(cf or 0)))
         (_, (y, dropped)), _ = jax.block_until_ready(fn(*args))  # compile + warm up
-        err = None if comm == "local" else float(np.abs(np.asarray(y) - y_ref).max() / np.abs(y_ref).max())
+        exact = comm not in ("local", "comm")
+        err = float(np.abs(np.asarray(y) - y_ref).max() / np.abs(y_ref).max()) if exact else None
         prepared.append((name, fn, args, {"case": name, "max_rel_err_vs_single": err,
-                                          "dropped_tokens": None if comm == "local" else int(dropped)}))
+                                          "dropped_tokens": int(dropped) if exact else None}))
     times = {name: [] for name, *_ in prepared}
     for _ in tqdm(range(repeats), desc="timing rounds", leave=False):  # interleaved: load drift hits all alike
         for name, fn, args, _ in prepared:
@@ -119,31 +130,56 @@ def run(n_devices: int, quick: bool, repeats: int) -> dict:
     by = {r["case"]: r["seconds"] for r in rows}
     for r in rows:
         r["vs_single"] = r["seconds"] / base
-    psum, local = by[f"ep {(1, n)} psum"], by[f"ep {(1, n)} local only"]
-    return {"devices": jax.device_count(), "backend": jax.default_backend(), "shape": s, "repeats": repeats,
+    psum, local, coll = by[f"ep {(1, n)} psum"], by[f"ep {(1, n)} local only"], by[f"ep {(1, n)} collectives only"]
+    return {"collectives_over_psum_1xN": coll / psum, "devices": jax.device_count(), "backend": jax.default_backend(), "shape": s, "repeats": repeats,
             "cpu_cores": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
             "rows": rows, "comm_share_psum_1xN": 1 - local / psum}
 
 
 def _local_only(mesh, ct, W_IN, W_OUT, _local_ffn, P):
-    """psum mode's per-device work with no collectives (tokens enter already gathered)."""
+    """psum mode's per-device work with no collectives: every device gets its own copy of the
+    gathered tokens (an ``[n, B, T, D]`` input split over ``expert``) and returns its partial
+    output unsummed, so neither direction needs communication."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
     def body(x, r, wg, wu, wd):
+        x, r = x[0], r[0]
         base = lax.axis_index("expert") * wg.shape[0]
         D = x.shape[-1]
         y = _local_ffn(x.reshape(-1, D), (r - base).reshape(-1), wg, wu, wd, "xla", {})
         return y.reshape(x.shape)[None]
 
     n = mesh.shape["expert"]
-    sm = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), W_IN, W_IN, W_OUT), out_specs=P("expert"),
-                       check_vma=False)
+    sm = jax.shard_map(body, mesh=mesh, in_specs=(P("expert"), P("expert"), W_IN, W_IN, W_OUT),
+                       out_specs=P("expert"))
+
+    def loss(lp, x_n, r_n):
+        y = sm(x_n, r_n, lp["wg"], lp["wu"], lp["wd"])  # [n, B, T, D] unsummed partials
+        return jnp.sum(y * ct[None]), (y, 0)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _collectives_only(mesh, ct, P):
+    """psum mode's collectives with no expert compute: all-gather the tokens, reduce-scatter them back."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def body(x, r):
+        xg = lax.all_gather(x, "expert", axis=0, tiled=True)
+        rg = lax.all_gather(r, "expert", axis=0, tiled=True)
+        y = xg * (rg >= 0)[..., None].astype(xg.dtype)  # keeps the route gather alive
+        return lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    tok = P(("data", "expert"))
+    sm = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok), out_specs=tok)
 
     def loss(lp, x, r):
-        y = sm(x, r, lp["wg"], lp["wu"], lp["wd"])  # [n, B, T, D] unsummed partials
-        return jnp.sum(y * ct[None]) / n, (y, 0)
+        y = sm(x, r)
+        return jnp.sum(y * ct) + 0 * sum(jnp.sum(w[:1, :1, :1]) for w in lp.values()), (y, 0)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
@@ -167,7 +203,8 @@ def main(argv=None) -> int:
         drop = "-" if r["dropped_tokens"] is None else str(r["dropped_tokens"])
         print(f"{r['case']:<34}{r['seconds'] * 1e3:>9.2f}{r['median_seconds'] * 1e3:>9.2f}{r['vs_single']:>10.2f}"
               f"{err:>13}{drop:>9}")
-    print(f"communication share of the (1,{args.devices}) psum layer: {res['comm_share_psum_1xN']:.1%}")
+    print(f"(1,{args.devices}) psum layer: communication share 1 - local_only/psum = {res['comm_share_psum_1xN']:.1%}; "
+          f"collectives_only/psum = {res['collectives_over_psum_1xN']:.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
