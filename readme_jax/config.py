@@ -306,7 +306,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     domains: tuple[str, ...] = ()  # empty: every domain available on this machine (one expert each)
-    allow_apt: bool = True  # as root, install Debian text packages (bible, dictionary) when missing
+    allow_apt: bool = True  # fetch the Debian text packages (bible, dictionary) with apt-get download
     cache_dir: str | None = None  # default $READMEJAX_CACHE or ~/.cache/readme-jax/domains
 
 

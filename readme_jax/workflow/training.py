@@ -47,7 +47,7 @@ class CorpusData:
 
     def val_blocks(self):
         e = self.ws.cfg.eval
-        n = max(1, min(e.blocks_per_domain, 4))
+        n = max(1, min(e.blocks_per_domain, 2))  # after every stage: keep it cheap
         return {d: self.ws.blocks(d, "validation", e.seq_len, n) for d in self.domains}
 
 
