@@ -25,9 +25,10 @@ from readme_jax.train import steps
 class ShardedLMStep:
     """``step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr) -> (trainable, opt_state, metrics)``.
 
-    Same contract as ``steps.make_lm_step``; arguments may be host or device arrays (they are
-    placed on ``mesh`` by the placement rule on first use of each tree structure). Expert
-    weights must already be padded to a multiple of the expert axis (``pad_experts``).
+    Same contract as ``steps.make_lm_step``; arguments may be host or device arrays: anything
+    not already placed by the placement rule is placed on every call (pre-place with
+    :meth:`shard` to avoid the copies). One compiled step per tree structure. Expert weights
+    must already be padded to a multiple of the expert axis (``pad_experts``).
     """
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation,
