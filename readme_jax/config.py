@@ -362,6 +362,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     serve: dict = dataclasses.field(default_factory=dict)  # serve-bench settings (see readme_jax.serve.bench)
+    mesh: "MeshConfig | None" = None  # expert-parallel expert tuning over all devices (docs/DISTRIBUTED.md)
 
     def __post_init__(self):
         known = RunConfig.__dataclass_fields__["stages"].default

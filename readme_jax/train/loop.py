@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from readme_jax.config import ModelConfig, StageConfig, TrainConfig
+from readme_jax.config import MeshConfig, ModelConfig, StageConfig, TrainConfig
 from readme_jax.errors import TrainingError
 from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, routes_for
 from readme_jax.model.moe import routed_ffn
@@ -67,6 +67,7 @@ class Trainer:
     eval_batch_size: int = 4
     log: Callable[[str], None] = print
     on_stage_end: Callable[[int, str, "ReadMEWeights"], None] | None = None  # (stage, name, weights)
+    mesh_cfg: MeshConfig | None = None  # expert tuning data x expert parallel when several devices exist
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -82,6 +83,15 @@ class Trainer:
             "experts": (etx, steps.make_lm_step(self.backbone_cfg, routed_ffn(self.impl),
                                                 steps.router_route_fn(self.router_cfg, self.router_ffn), etx)),
         }
+        self._expert_pad = 1
+        if self.mesh_cfg is not None and jax.device_count() > 1:
+            from readme_jax.distributed.train import ShardedLMStep
+
+            sharded = ShardedLMStep.from_config(self.backbone_cfg, self.mesh_cfg, etx,
+                                                steps.router_route_fn(self.router_cfg, self.router_ffn),
+                                                impl=self.impl)
+            self._steps["experts"] = (etx, sharded)
+            self._expert_pad = int(sharded.mesh.shape["expert"])
         self._ckpt = ocp.CheckpointManager(
             (self.out_dir / "ckpt").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
@@ -167,7 +177,13 @@ class Trainer:
         frozen_keys = () if tc.train_embeddings else steps.FROZEN_TOP_KEYS_NO_EMBED
         trainable, frozen = steps.split_params(w.backbone, frozen_keys)
         tx, step_fn = self._steps["experts"]
-        opt_state = tx.init(trainable)
+        if self._expert_pad > 1:  # experts sharded over the mesh: pad E to the expert axis, moments placed
+            from readme_jax.distributed.mesh import pad_experts
+
+            trainable = step_fn.shard(pad_experts(trainable, self._expert_pad))
+            opt_state = step_fn.init_opt_state(trainable)
+        else:
+            opt_state = tx.init(trainable)
         rows = []
         name = f"round {round_idx} experts"
         bar = tqdm(total=st.steps * st.grad_accum, desc=name, disable=not self.progress)
@@ -182,6 +198,10 @@ class Trainer:
                 rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j, **m})
                 bar.update(1)
         bar.close()
+        if self._expert_pad > 1:
+            from readme_jax.distributed.mesh import gather_tree, unpad_experts
+
+            trainable = unpad_experts(gather_tree(trainable), self.n_experts)
         return ReadMEWeights(w.router, steps.merge_params(trainable, frozen)), rows
 
     # ------------------------------------------------------------------ bookkeeping

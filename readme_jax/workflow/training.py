@@ -70,7 +70,7 @@ def run_train(ws: Workspace) -> dict:
 
     trainer = Trainer(ws.cfg.train, cfg, router.cfg, router.ffn_fn(), ci, meta["ffn_dim"],
                       CorpusData(ws, meta["domains"]), d, impl=ws.cfg.impl, progress=ws.progress, log=ws.log,
-                      on_stage_end=keep_router_only)
+                      on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh)
     w = trainer.run(ReadMEWeights(router.arrays(), moe))
     save_params(d / "final" / "router", w.router, router_meta, overwrite=True)
     save_params(d / "final" / "backbone", w.backbone, {**meta, "trained": True}, overwrite=True)
