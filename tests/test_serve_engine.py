@@ -26,7 +26,7 @@ from readme_jax.serve.workload import RequestSpec
 E = 3
 MAX_LEN = 24
 PAD = MAX_LEN  # reference forwards run on [1, PAD] (causal: the padding never reaches real tokens)
-ECFG = EngineConfig(n_slots=4, max_len=MAX_LEN, prefill_buckets=(8, 16), row_buckets=(4,))
+ECFG = EngineConfig(n_slots=4, max_len=MAX_LEN, prefill_buckets=(16,), row_buckets=(4,))  # few compiled shapes
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,37 @@ def test_batched_greedy_equals_one_at_a_time_for_every_policy(policy, models, mo
     assert not moe_engine._slot_owner  # every slot released
 
 
+def test_generic_expert_ffn_path_equals_one_at_a_time(models, reference):
+    eng = Engine(models[0], dataclasses.replace(ECFG, moe_ffn="expert_ffn"))  # all experts, ops impl "xla"
+    prompts = _prompts(7, 5)
+    for p, o in zip(prompts, generate(eng, prompts, 4, policy="expert_aware", token_budget=16)):
+        assert o == reference("moe", p, 4)[0]
+
+
+def test_present_experts_ffn_matches_expert_ffn():
+    from readme_jax.ops.expert_ffn import expert_ffn
+    from readme_jax.serve.engine import present_experts_ffn
+
+    rng = np.random.default_rng(8)
+    lp = {n: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
+          for n, s in (("wg", (5, 6, 4)), ("wu", (5, 6, 4)), ("wd", (5, 4, 6)))}
+    h = jnp.asarray(rng.standard_normal((2, 7, 6)), jnp.float32)
+    route = rng.integers(0, 5, size=(2, 7)).astype(np.int32)
+    route[1, 5:] = -1  # padding: output 0
+    present = np.unique(route[route >= 0]).astype(np.int32)
+    ffn = jax.jit(lambda lp, h, r, p: present_experts_ffn(lp, h, (r, p))[0])  # traced ids (-1 = padding)
+    y = ffn(lp, h, jnp.asarray(route), jnp.asarray(present))
+    ref = expert_ffn(h.reshape(14, 6), np.where(route < 0, 0, route).reshape(14), lp["wg"], lp["wu"], lp["wd"],
+                     impl="reference").reshape(2, 7, 6)
+    ref = jnp.where(jnp.asarray(route)[..., None] < 0, 0.0, ref)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(y)[1, 5:] == 0)
+    # an expert missing from present_K is not computed (its rows stay 0)
+    y2 = ffn(lp, h, jnp.asarray(route), jnp.asarray(present[1:]))
+    gone = route == present[0]
+    assert np.all(np.asarray(y2)[gone] == 0) and np.allclose(np.asarray(y2)[~gone], np.asarray(y)[~gone])
+
+
 def test_dense_engine_equals_full_forward(models, reference):
     eng = Engine(models[1], ECFG)
     prompts = _prompts(2, 6)
@@ -134,7 +165,7 @@ def test_eos_stops_and_frees_the_slot(models, reference):
 
 
 def test_sampling_is_batch_invariant_and_top_p_zero_is_greedy(models, moe_engine, reference):
-    prompts = _prompts(5, 4, hi=8)  # one prefill bucket: fewer sampled variants to compile
+    prompts = _prompts(5, 4, hi=8)
     sp = SamplingParams(temperature=0.9, top_p=0.9, seed=123)
     together = generate(moe_engine, prompts, 6, sp)
     alone = [generate(moe_engine, [p], 6, sp)[0] for p in prompts[:2]]
@@ -282,7 +313,7 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
     cfg = load_bench_config(None, ["workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
                                    "workload.prompt_max=12", "workload.output_mean=4", "workload.output_max=8",
                                    "workload.length_scale=1.0", "token_budget=16", "n_slots=4", f"max_len={MAX_LEN}",
-                                   "prefill_buckets=[8, 16]", "row_buckets=[4]", "capacities=[1, 2, 3]",
+                                   "prefill_buckets=[16]", "row_buckets=[4]", "capacities=[1, 2, 3]",
                                    "latency_tokens=3", "latency_repeats=1", "latency_prompt_len=5", "sweep_rows=4",
                                    "sweep_repeats=1"])
     assert cfg.workload.rate_per_s == 40 and cfg.workload.n_experts == 8  # other keys from the cpu preset

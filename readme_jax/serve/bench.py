@@ -32,12 +32,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from readme_jax.config import ModelConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 from readme_jax.errors import CheckpointError, ConfigError, DataError
 from readme_jax.model import decoder
-from readme_jax.model.router import RouterConfig, router_logits, router_model_config, silu_bias_mlp
+from readme_jax.model.router import RouterConfig, router_logits, silu_bias_mlp
 from readme_jax.serve.cache_policy import CACHE_POLICIES
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, ServeModel
 from readme_jax.serve.metrics import (_figure, hit_ratio_table, plot_hit_ratio_vs_capacity,
@@ -74,7 +73,7 @@ class BenchConfig:
     latency_tokens: int = 32
     latency_repeats: int = 3
     sweep_rows: int = 8  # batch of the decode-time vs present-experts sweep
-    sweep_repeats: int = 5
+    sweep_repeats: int = 10
     domains: tuple[str, ...] | None = None  # None: every prepared domain
     corpus_split: str = "test"
     corpus_sep_id: int | None = 0  # document separator of the cached streams (SmolLM2 <|endoftext|>)
@@ -368,11 +367,8 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
     # decode time vs experts present in one batch
     rows = min(cfg.sweep_rows, cfg.n_slots)
     pos = min(cfg.max_len - 2, 64)
-    sweep = {k: 1e3 * float(np.median(engine.benchmark_decode(np.arange(rows) % k, pos, cfg.sweep_repeats)))
-             for k in range(1, min(E, rows) + 1)}
     dense_engine = Engine(models.dense, ecfg) if models.dense is not None else None
-    sweep_dense = (1e3 * float(np.median(dense_engine.benchmark_decode(np.zeros(rows), pos, cfg.sweep_repeats)))
-                   if dense_engine is not None else None)
+    sweep, sweep_dense = _expert_sweep(engine, dense_engine, rows, pos, cfg.sweep_repeats)
     # per-token decode latency at batch 1: MoE vs dense, interleaved in the same run
     latency = _latency_compare(engine, dense_engine, prompt_fn, cfg)
     if moe.is_moe:
@@ -393,6 +389,20 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
     (out / "serve_bench.json").write_text(json.dumps(result, indent=1, default=_json_default))
     log(f"[serve-bench] wrote {out / 'serve_bench.json'} and {len(result['plots'])} plots")
     return result
+
+
+def _expert_sweep(engine: Engine, dense_engine: Engine | None, rows: int, pos: int, repeats: int):
+    """Median decode-call ms with k = 1..min(E, rows) experts present (round robin over k, so load
+    noise spreads evenly), and the dense model's at the same batch."""
+    ks = list(range(1, min(engine.model.n_experts, rows) + 1))
+    t: dict = {k: [] for k in ks}
+    td = []
+    for _ in range(repeats):
+        for k in ks:
+            t[k].extend(engine.benchmark_decode(np.arange(rows) % k, pos, 1))
+        if dense_engine is not None:
+            td.extend(dense_engine.benchmark_decode(np.zeros(rows), pos, 1))
+    return {k: 1e3 * float(np.median(v)) for k, v in t.items()}, (1e3 * float(np.median(td)) if td else None)
 
 
 def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg: BenchConfig) -> dict:
@@ -443,9 +453,10 @@ def _plots(out: Path, r: dict, runs: dict) -> list[str]:
     caps = sorted(pf, key=int)
     x = np.arange(len(caps))
     for i, mode in enumerate(("on_demand", "prefetch")):
-        ax3.bar(x + 0.4 * i - 0.2, [pf[c][mode]["total_s_simulated"] for c in caps], 0.4, label=mode)
+        ax3.bar(x + 0.4 * i - 0.2, [pf[c][mode]["stall_s_simulated"] for c in caps], 0.4, label=mode)
     ax3.set_xticks(x, caps)
-    ax3.set(xlabel="capacity (experts)", ylabel="replay time (s, simulated link)", title=f"loads ({pol}, belady)")
+    ax3.set(xlabel="capacity (experts)", ylabel="load stall (s, SIMULATED link)",
+            title=f"expert loads ({pol}, belady)")
     ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "engine.png")

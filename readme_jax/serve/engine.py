@@ -44,6 +44,7 @@ from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder, sampling
 from readme_jax.model.moe import routed_ffn
 from readme_jax.model.router import route_ids, router_logits
+from readme_jax.ops.expert_ffn import expert_ffn
 from readme_jax.serve.requests import Batch, Kind, Request
 
 # ----------------------------------------------------------------------------- model and config
@@ -111,8 +112,9 @@ class ServeModel:
         total = sum(int(np.prod(lay[k].shape)) * jnp.dtype(lay[k].dtype).itemsize for k in ("wg", "wu", "wd"))
         return total // self.n_experts
 
-    def ffn(self):
-        return routed_ffn(self.impl) if self.is_moe else decoder.dense_ffn
+
+
+MOE_FFNS = ("present", "expert_ffn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,7 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] | None = None
     row_buckets: tuple[int, ...] | None = None  # rows per call; None: 1, 2, 4, ... n_slots
     eos_id: int | None = None
+    moe_ffn: str = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
 
     def __post_init__(self):
         if self.n_slots < 1:
@@ -142,6 +145,8 @@ class EngineConfig:
             if not r or any(int(x) != x or not 1 <= x <= self.n_slots for x in r) or max(r) != self.n_slots:
                 raise ConfigError(f"engine.row_buckets must be integers in [1, n_slots={self.n_slots}] including "
                                   f"n_slots, got {r}")
+        if self.moe_ffn not in MOE_FFNS:
+            raise ConfigError(f"engine.moe_ffn must be one of {MOE_FFNS}, got {self.moe_ffn!r}")
         if self.eos_id is not None and self.eos_id < 0:
             raise ConfigError(f"engine.eos_id must be >= 0 or null, got {self.eos_id}")
 
@@ -205,19 +210,51 @@ def _put_prefix(cache: decoder.KVCache, sub: decoder.KVCache, slots_B) -> decode
                            cache.v.at[:, slots_B, :T].set(sub.v, mode="drop"))
 
 
-_STEP_FNS: "weakref.WeakKeyDictionary[ServeModel, tuple]" = weakref.WeakKeyDictionary()
+def present_experts_ffn(lp: dict, h_BTD, ctx):
+    """Read-ME FFN over the experts PRESENT in the call: ``ctx = (route_BT, present_K)``.
+
+    ``present_K`` lists the distinct expert ids of the call (K static, known on the host). For
+    each, one ``expert_ffn`` over that expert's weights alone (a dynamic slice of the layer's
+    stack) runs on every row and keeps its own rows; rows routed to -1 (padding) get 0. Only
+    K experts' weights are read. On XLA:CPU this beats the tile loop of ``expert_ffn(impl='xla')``
+    inside the layer scan by several times at decode batch sizes (docs/SERVING.md); the price is
+    K x the FFN compute, small for decode batches.
+    """
+    route_BT, present_K = ctx
+    B, T, D = h_BTD.shape
+    x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
+    y = jnp.zeros((B * T, D), jnp.float32)
+    for k in range(present_K.shape[0]):
+        e = present_K[k]
+        w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
+        y = y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
+    return y.astype(h_BTD.dtype).reshape(B, T, D), None
 
 
-def step_fns(model: ServeModel) -> tuple:
-    """The model's jitted functions, built once per ServeModel (engines over one model share compilations)."""
-    if model not in _STEP_FNS:
-        _STEP_FNS[model] = make_step_fns(model)
-    return _STEP_FNS[model]
+def _ffn_and_ctx(model: ServeModel, moe_ffn: str):
+    """``(ffn, ctx_fn(route_BT, present_K))`` for ``decoder.forward``."""
+    if not model.is_moe:
+        return decoder.dense_ffn, lambda r, p: None
+    if moe_ffn == "present":
+        return present_experts_ffn, lambda r, p: (r, p)
+    return routed_ffn(model.impl), lambda r, p: r
 
 
-def make_step_fns(model: ServeModel):
+_STEP_FNS: "weakref.WeakKeyDictionary[ServeModel, dict]" = weakref.WeakKeyDictionary()
+
+
+def step_fns(model: ServeModel, moe_ffn: str = "present") -> tuple:
+    """The model's jitted functions, built once per (ServeModel, moe_ffn): engines share compilations."""
+    per = _STEP_FNS.setdefault(model, {})
+    if moe_ffn not in per:
+        per[moe_ffn] = make_step_fns(model, moe_ffn)
+    return per[moe_ffn]
+
+
+def make_step_fns(model: ServeModel, moe_ffn: str = "present"):
     """``(route_prompt, prefill, decode)`` jitted functions of ``model`` (params passed in, not baked)."""
-    cfg, rcfg, ffn, rffn, moe = model.cfg, model.router_cfg, model.ffn(), model.router_ffn, model.is_moe
+    cfg, rcfg, rffn, moe = model.cfg, model.router_cfg, model.router_ffn, model.is_moe
+    ffn, ctx = _ffn_and_ctx(model, moe_ffn)
 
     def route_prompt(rparams, tokens_BT):
         rl, _ = router_logits(rparams, rcfg, tokens_BT, None, None, rffn)
@@ -234,13 +271,14 @@ def make_step_fns(model: ServeModel):
             return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B)
 
-    def prefill(params, rparams, cache, rcache, slots_B, tokens_BT, routes_BT, lens_B, seeds_B, temps_B, top_ps_B,
-                greedy):
+    def prefill(params, rparams, cache, rcache, slots_B, tokens_BT, routes_BT, present_K, lens_B, seeds_B, temps_B,
+                top_ps_B, greedy):
         B, T = tokens_BT.shape
         t = jnp.arange(T, dtype=jnp.int32)[None]
         pos = jnp.where(t < lens_B[:, None], t, T)  # padding -> position T: dropped from the bucket cache
         sub = decoder.init_cache(cfg, B, T)
-        h, sub, _ = decoder.forward(params, cfg, tokens_BT, pos, sub, ffn=ffn, ffn_ctx=routes_BT, logits=False)
+        h, sub, _ = decoder.forward(params, cfg, tokens_BT, pos, sub, ffn=ffn, ffn_ctx=ctx(routes_BT, present_K),
+                                    logits=False)
         last = jnp.take_along_axis(h, (lens_B - 1)[:, None, None], axis=1)[:, 0]
         logits = decoder.logits_of_hidden(params, cfg, last)
         nxt = pick(logits, seeds_B, jnp.zeros_like(seeds_B), temps_B, top_ps_B, greedy)
@@ -257,11 +295,11 @@ def make_step_fns(model: ServeModel):
         nroute = route_ids(jnp.take_along_axis(rl, lens_B[:, None, None], axis=1))[:, 0]
         return nxt, nroute, cache, _put_prefix(rcache, rsub, slots_B)
 
-    def decode(params, rparams, cache, rcache, slots_B, tokens_B, routes_B, pos_B, seeds_B, counters_B,
+    def decode(params, rparams, cache, rcache, slots_B, tokens_B, routes_B, present_K, pos_B, seeds_B, counters_B,
                temps_B, top_ps_B, greedy):
         sub = _gather_rows(cache, slots_B)
         h, sub, _ = decoder.forward(params, cfg, tokens_B[:, None], pos_B[:, None], sub, ffn=ffn,
-                                    ffn_ctx=routes_B[:, None], logits=False)
+                                    ffn_ctx=ctx(routes_B[:, None], present_K), logits=False)
         logits = decoder.logits_of_hidden(params, cfg, h[:, 0])
         nxt = pick(logits, seeds_B, counters_B, temps_B, top_ps_B, greedy)
         cache = _put_column(cache, sub, slots_B, pos_B)
@@ -314,9 +352,10 @@ class Engine:
         self.warm_start = warm_start
         self.buckets = cfg.buckets()
         self.max_prompt_len = min(self.buckets[-1], cfg.max_len - 1)
-        self._route_prompt, self._prefill, self._decode = step_fns(model)
-        self.params = model.params
-        self.rparams = model.router_params
+        self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn)
+        self._present = model.is_moe and cfg.moe_ffn == "present"
+        self.params = jax.device_put(model.params)  # once: host (numpy) params would be copied every call
+        self.rparams = jax.device_put(model.router_params)
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
         self.reset()
@@ -508,9 +547,11 @@ class Engine:
                 tok[b, :P] = st.prompt
                 rts[b, :P] = req.prompt_routes
                 lens[b], slots[b], seeds[b], temps[b], tops[b] = P, slot, st.seed, st.temperature, st.top_p
+            present = self._present_experts(rts)
             prep = time.perf_counter() - t0
-            nxt, nroute, call_s = self._call(self._prefill, ("prefill", B, T),
-                                             (slots, tok, rts, lens, seeds, temps, tops), bool((temps <= 0).all()))
+            nxt, nroute, call_s = self._call(self._prefill, ("prefill", B, T, present.size),
+                                             (slots, tok, rts, present, lens, seeds, temps, tops),
+                                             bool((temps <= 0).all()))
             total += prep + call_s
             for b, (req, st, slot) in enumerate(group):
                 st.slot, st.pos = slot, st.prompt.size
@@ -541,14 +582,22 @@ class Engine:
             slots[b], tok[b], rts[b], pos[b] = slot, st.tokens[-1], st.route, st.pos
             seeds[b], counters[b], temps[b], tops[b] = st.seed, len(st.tokens), st.temperature, st.top_p
             states.append(st)
+        present = self._present_experts(rts)
         prep = time.perf_counter() - t0
-        nxt, nroute, call_s = self._call(self._decode, ("decode", B),
-                                         (slots, tok, rts, pos, seeds, counters, temps, tops),
+        nxt, nroute, call_s = self._call(self._decode, ("decode", B, present.size),
+                                         (slots, tok, rts, present, pos, seeds, counters, temps, tops),
                                          bool((temps <= 0).all()))
         for b, st in enumerate(states):
             st.pos += 1
             self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
         return prep + call_s
+
+    def _present_experts(self, routes) -> np.ndarray:
+        """Distinct real expert ids of a call (sorted), or a constant dummy when the path ignores them."""
+        if not self._present:
+            return np.zeros((1,), np.int32)
+        r = np.asarray(routes).reshape(-1)
+        return np.unique(r[r >= 0]).astype(np.int32)
 
     def benchmark_decode(self, routes, position: int, repeats: int = 5) -> np.ndarray:
         """Measured seconds of ``repeats`` greedy decode calls on synthetic rows (slots ``0..n-1``, one
@@ -572,8 +621,10 @@ class Engine:
         pos = np.full((B,), self.cfg.max_len, np.int32)
         pos[:n] = position
         z = np.zeros((B,), np.int32)
-        args = (slots, z, rts, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32))
-        out = np.array([self._call(self._decode, ("decode", B), args, True)[2] for _ in range(repeats)])
+        present = self._present_experts(rts)
+        args = (slots, z, rts, present, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32))
+        out = np.array([self._call(self._decode, ("decode", B, present.size), args, True)[2]
+                        for _ in range(repeats)])
         self.reset()
         return out
 
