@@ -77,6 +77,12 @@ def moe_engine(models):
     return Engine(models[0], ECFG)
 
 
+@pytest.fixture(scope="module")
+def generic_engine(models):
+    """The ``expert_ffn`` path (all experts, ops impl 'xla'): one compiled shape per call kind."""
+    return Engine(models[0], dataclasses.replace(ECFG, moe_ffn="expert_ffn"))
+
+
 def _prompts(seed, n, vocab=97, lo=1, hi=14):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))).astype(np.int32) for _ in range(n)]
@@ -108,10 +114,9 @@ def test_batched_greedy_equals_one_at_a_time_for_every_policy(policy, models, mo
     assert not moe_engine._slot_owner  # every slot released
 
 
-def test_generic_expert_ffn_path_equals_one_at_a_time(models, reference):
-    eng = Engine(models[0], dataclasses.replace(ECFG, moe_ffn="expert_ffn"))  # all experts, ops impl "xla"
+def test_generic_expert_ffn_path_equals_one_at_a_time(generic_engine, reference):
     prompts = _prompts(7, 5)
-    for p, o in zip(prompts, generate(eng, prompts, 4, policy="expert_aware", token_budget=16)):
+    for p, o in zip(prompts, generate(generic_engine, prompts, 4, policy="expert_aware", token_budget=16)):
         assert o == reference("moe", p, 4)[0]
 
 
@@ -140,7 +145,7 @@ def test_present_experts_ffn_matches_expert_ffn():
 
 
 def test_dense_engine_equals_full_forward(models, reference):
-    eng = Engine(models[1], ECFG)
+    eng = Engine(models[1], dataclasses.replace(ECFG, decode_windows=(8, 16)))  # decode reads 8/16/24 positions
     prompts = _prompts(2, 6)
     outs = generate(eng, prompts, [5, 1, 7, 3, 6, 2], policy="decode_first", token_budget=16)
     for p, o, n in zip(prompts, outs, [5, 1, 7, 3, 6, 2]):
@@ -164,15 +169,16 @@ def test_eos_stops_and_frees_the_slot(models, reference):
     assert not eng._slot_owner
 
 
-def test_sampling_is_batch_invariant_and_top_p_zero_is_greedy(models, moe_engine, reference):
+def test_sampling_is_batch_invariant_and_top_p_zero_is_greedy(generic_engine, reference):
+    eng = generic_engine  # sampling does not depend on the FFN path; this one compiles fewest shapes
     prompts = _prompts(5, 4, hi=8)
     sp = SamplingParams(temperature=0.9, top_p=0.9, seed=123)
-    together = generate(moe_engine, prompts, 6, sp)
-    alone = [generate(moe_engine, [p], 6, sp)[0] for p in prompts[:2]]
+    together = generate(eng, prompts, 6, sp)
+    alone = [generate(eng, [p], 6, sp)[0] for p in prompts[:2]]
     assert together[:2] == alone
-    other_seed = generate(moe_engine, prompts, 6, SamplingParams(temperature=0.9, top_p=0.9, seed=7))
+    other_seed = generate(eng, prompts, 6, SamplingParams(temperature=0.9, top_p=0.9, seed=7))
     assert other_seed != together  # the seed matters (4 x 6 tokens from 97 colliding is vanishingly unlikely)
-    nucleus_of_one = generate(moe_engine, prompts, 6, SamplingParams(temperature=1.0, top_p=1e-9))
+    nucleus_of_one = generate(eng, prompts, 6, SamplingParams(temperature=1.0, top_p=1e-9))
     assert nucleus_of_one == [reference("moe", p, 6)[0] for p in prompts]
 
 
@@ -283,6 +289,10 @@ def test_config_and_model_errors(models):
     assert EngineConfig(max_len=256).buckets() == (8, 16, 32, 64, 128, 255)
     assert [EngineConfig(n_slots=6).rows(n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
     assert [ECFG.rows(n) for n in (1, 4)] == [4, 4]
+    wcfg = EngineConfig(max_len=64, decode_windows=(16, 32))
+    assert [wcfg.window(p) for p in (0, 14, 15, 30, 31, 62)] == [16, 16, 32, 32, 64, 64]
+    with pytest.raises(ConfigError, match=r"decode_windows must be integers in \[2, max_len=64\]"):
+        EngineConfig(max_len=64, decode_windows=(128,))
     with pytest.raises(ConfigError, match="engine.n_slots must be >= 1"):
         EngineConfig(n_slots=0)
     with pytest.raises(ConfigError, match=r"prefill_buckets must be integers in \[1, max_len-1=15\]"):

@@ -129,6 +129,7 @@ class EngineConfig:
     row_buckets: tuple[int, ...] | None = None  # rows per call; None: 1, 2, 4, ... n_slots
     eos_id: int | None = None
     moe_ffn: str = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
+    decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
 
     def __post_init__(self):
         if self.n_slots < 1:
@@ -145,6 +146,10 @@ class EngineConfig:
             if not r or any(int(x) != x or not 1 <= x <= self.n_slots for x in r) or max(r) != self.n_slots:
                 raise ConfigError(f"engine.row_buckets must be integers in [1, n_slots={self.n_slots}] including "
                                   f"n_slots, got {r}")
+        if self.decode_windows is not None and any(int(w) != w or not 2 <= w <= self.max_len
+                                                   for w in self.decode_windows):
+            raise ConfigError(f"engine.decode_windows must be integers in [2, max_len={self.max_len}], "
+                              f"got {self.decode_windows}")
         if self.moe_ffn not in MOE_FFNS:
             raise ConfigError(f"engine.moe_ffn must be one of {MOE_FFNS}, got {self.moe_ffn!r}")
         if self.eos_id is not None and self.eos_id < 0:
@@ -159,6 +164,14 @@ class EngineConfig:
             b *= 2
         out.append(self.max_len - 1)
         return tuple(sorted(set(out)))
+
+    def window(self, max_pos: int) -> int:
+        """Cache positions a decode reads when its rows sit at positions <= ``max_pos`` (the router
+        writes ``max_pos + 1``): the smallest decode window > ``max_pos + 1``, else ``max_len``."""
+        for w in sorted(self.decode_windows or ()):
+            if w >= max_pos + 2:
+                return int(w)
+        return self.max_len
 
     def rows(self, n: int) -> int:
         """Rows a call with ``n`` items runs (the smallest row bucket >= n)."""
@@ -191,8 +204,10 @@ def sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B):
     return jax.lax.cond(jnp.all(temps_B <= 0), lambda: greedy, stochastic)
 
 
-def _gather_rows(cache: decoder.KVCache, slots_B) -> decoder.KVCache:
-    return decoder.KVCache(cache.k.at[:, slots_B].get(mode="clip"), cache.v.at[:, slots_B].get(mode="clip"))
+def _gather_rows(cache: decoder.KVCache, slots_B, window: int | None = None) -> decoder.KVCache:
+    """Rows ``slots_B`` of the cache, positions ``[0, window)`` only (all when None)."""
+    k, v = (cache.k, cache.v) if window is None else (cache.k[:, :, :window], cache.v[:, :, :window])
+    return decoder.KVCache(k.at[:, slots_B].get(mode="clip"), v.at[:, slots_B].get(mode="clip"))
 
 
 def _put_column(cache: decoder.KVCache, sub: decoder.KVCache, slots_B, pos_B) -> decoder.KVCache:
@@ -260,9 +275,9 @@ def make_step_fns(model: ServeModel, moe_ffn: str = "present"):
         rl, _ = router_logits(rparams, rcfg, tokens_BT, None, None, rffn)
         return route_ids(rl)
 
-    def route_new(rparams, rcache, slots_B, tok_B, pos_B):
+    def route_new(rparams, rcache, slots_B, tok_B, pos_B, window):
         """Router on each sampled token at its position (router cache rows gathered, column written)."""
-        sub = _gather_rows(rcache, slots_B)
+        sub = _gather_rows(rcache, slots_B, window)
         rl, sub = router_logits(rparams, rcfg, tok_B[:, None], pos_B[:, None], sub, rffn)
         return route_ids(rl)[:, 0], _put_column(rcache, sub, slots_B, pos_B)
 
@@ -296,8 +311,8 @@ def make_step_fns(model: ServeModel, moe_ffn: str = "present"):
         return nxt, nroute, cache, _put_prefix(rcache, rsub, slots_B)
 
     def decode(params, rparams, cache, rcache, slots_B, tokens_B, routes_B, present_K, pos_B, seeds_B, counters_B,
-               temps_B, top_ps_B, greedy):
-        sub = _gather_rows(cache, slots_B)
+               temps_B, top_ps_B, greedy, window):
+        sub = _gather_rows(cache, slots_B, window)  # attend over positions < window only
         h, sub, _ = decoder.forward(params, cfg, tokens_B[:, None], pos_B[:, None], sub, ffn=ffn,
                                     ffn_ctx=ctx(routes_B[:, None], present_K), logits=False)
         logits = decoder.logits_of_hidden(params, cfg, h[:, 0])
@@ -305,11 +320,11 @@ def make_step_fns(model: ServeModel, moe_ffn: str = "present"):
         cache = _put_column(cache, sub, slots_B, pos_B)
         if not moe:
             return nxt, jnp.zeros_like(nxt), cache, rcache
-        nroute, rcache = route_new(rparams, rcache, slots_B, nxt, pos_B + 1)
+        nroute, rcache = route_new(rparams, rcache, slots_B, nxt, pos_B + 1, window)
         return nxt, nroute, cache, rcache
 
     return (jax.jit(route_prompt), jax.jit(prefill, donate_argnums=(2, 3), static_argnames=("greedy",)),
-            jax.jit(decode, donate_argnums=(2, 3), static_argnames=("greedy",)))
+            jax.jit(decode, donate_argnums=(2, 3), static_argnames=("greedy", "window")))
 
 
 # ----------------------------------------------------------------------------- engine
@@ -501,7 +516,7 @@ class Engine:
             st.route = route
             out_route[st.rid] = route
 
-    def _call(self, fn, key, args: tuple, greedy: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    def _call(self, fn, key, args: tuple, greedy: bool, **static) -> tuple[np.ndarray, np.ndarray, float]:
         """Run a donating step function on the engine's caches: ``(tokens, routes, timed seconds)``.
 
         The first use of a shape is warmed untimed; that is safe because a call is idempotent
@@ -509,7 +524,7 @@ class Engine:
         """
         def run():
             nxt, nroute, self.cache, self.rcache = fn(self.params, self.rparams, self.cache, self.rcache, *args,
-                                                      greedy=greedy)
+                                                      greedy=greedy, **static)
             return nxt, nroute
 
         self._warmup(key + (greedy,), run)
@@ -583,10 +598,11 @@ class Engine:
             seeds[b], counters[b], temps[b], tops[b] = st.seed, len(st.tokens), st.temperature, st.top_p
             states.append(st)
         present = self._present_experts(rts)
+        W = self.cfg.window(int(pos[:len(items)].max()))
         prep = time.perf_counter() - t0
-        nxt, nroute, call_s = self._call(self._decode, ("decode", B, present.size),
+        nxt, nroute, call_s = self._call(self._decode, ("decode", B, present.size, W),
                                          (slots, tok, rts, present, pos, seeds, counters, temps, tops),
-                                         bool((temps <= 0).all()))
+                                         bool((temps <= 0).all()), window=W)
         for b, st in enumerate(states):
             st.pos += 1
             self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
@@ -623,7 +639,8 @@ class Engine:
         z = np.zeros((B,), np.int32)
         present = self._present_experts(rts)
         args = (slots, z, rts, present, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32))
-        out = np.array([self._call(self._decode, ("decode", B, present.size), args, True)[2]
+        W = self.cfg.window(position)
+        out = np.array([self._call(self._decode, ("decode", B, present.size, W), args, True, window=W)[2]
                         for _ in range(repeats)])
         self.reset()
         return out
