@@ -323,7 +323,7 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
     cfg = load_bench_config(None, ["workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
                                    "workload.prompt_max=12", "workload.output_mean=4", "workload.output_max=8",
                                    "workload.length_scale=1.0", "token_budget=16", "n_slots=4", f"max_len={MAX_LEN}",
-                                   "prefill_buckets=[16]", "row_buckets=[4]", "capacities=[1, 2, 3]",
+                                   "prefill_buckets=[16]", "row_buckets=[4]", "decode_windows=null", "capacities=[1, 2, 3]",
                                    "latency_tokens=3", "latency_repeats=1", "latency_prompt_len=5", "sweep_rows=4",
                                    "sweep_repeats=1"])
     assert cfg.workload.rate_per_s == 40 and cfg.workload.n_experts == 8  # other keys from the cpu preset

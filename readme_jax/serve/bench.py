@@ -48,20 +48,25 @@ from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
 from readme_jax.serve.workload import PRESETS, WorkloadConfig, generate_workload
 
 
+BENCH_WORKLOAD = dataclasses.replace(PRESETS["cpu"], prompt_max=256)  # x length_scale 0.125 -> at most 32
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """serve-bench settings; load with :func:`load_bench_config` (``workload`` keys override the preset)."""
+    """serve-bench settings; load with :func:`load_bench_config` (``workload.*`` keys override
+    :data:`BENCH_WORKLOAD`, the ``cpu`` preset with prompts capped at 32 tokens = the token budget)."""
 
-    preset: str = "cpu"  # workload preset (serve.workload.PRESETS) under the workload keys
-    workload: WorkloadConfig = PRESETS["cpu"]
+    workload: WorkloadConfig = BENCH_WORKLOAD
     policies: tuple[str, ...] = SCHEDULER_POLICIES
-    token_budget: int = 128  # tokens per step, every policy
-    n_slots: int = 8
+    token_budget: int = 32  # tokens per step, every policy (a prefill is never split: longer prompts rejected)
+    n_slots: int = 16
     max_queue: int = 256
     max_wait_steps: int | None = 16
-    max_len: int = 256
+    max_len: int = 192
     prefill_buckets: tuple[int, ...] | None = None
     row_buckets: tuple[int, ...] | None = None
+    decode_windows: tuple[int, ...] | None = (64, 128)
+    moe_ffn: str = "present"
     stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
     temperature: float = 0.0
     capacities: tuple[int, ...] = (2, 3, 4, 5)
@@ -80,8 +85,6 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ConfigError(f"bench.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         bad = [p for p in self.policies if p not in SCHEDULER_POLICIES]
         if bad or not self.policies:
             raise ConfigError(f"bench.policies must be a non-empty subset of {SCHEDULER_POLICIES}, got {self.policies}")
@@ -99,15 +102,12 @@ class BenchConfig:
 
 def load_bench_config(path=None, overrides=()) -> BenchConfig:
     """BenchConfig from an optional YAML file and ``key=value`` overrides; ``workload.*`` keys
-    override the workload preset (``preset``, default ``cpu``), not the WorkloadConfig defaults."""
+    override :data:`BENCH_WORKLOAD`, not the WorkloadConfig defaults."""
     data = deep_merge(read_yaml(path) if path is not None else {}, parse_overrides(overrides))
-    preset = data.get("preset", "cpu")
-    if preset not in PRESETS:
-        raise ConfigError(f"bench.preset must be one of {sorted(PRESETS)}, got {preset!r}")
     wl = data.get("workload", {})
     if not isinstance(wl, dict):
         raise ConfigError(f"bench.workload must be a mapping of WorkloadConfig keys, got {wl!r}")
-    data["workload"] = deep_merge(to_dict(PRESETS[preset]), wl)
+    data["workload"] = deep_merge(to_dict(BENCH_WORKLOAD), wl)
     try:
         return from_dict(BenchConfig, data)
     except ConfigError as e:
@@ -324,7 +324,8 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
     specs = generate_workload(cfg.workload, prompt_fn, with_routes=False)
     eos = getattr(models.tokenizer, "eos_id", None) if cfg.stop_at_eos else None
     ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, prefill_buckets=cfg.prefill_buckets,
-                        row_buckets=cfg.row_buckets, eos_id=eos)
+                        row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn,
+                        decode_windows=cfg.decode_windows)
     engine = Engine(moe, ecfg)
     sp = SamplingParams(temperature=cfg.temperature)
     policies, outputs, step_sets = {}, {}, {}
