@@ -345,6 +345,11 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
         assert pf["prefetch"]["total_s_simulated"] <= pf["on_demand"]["total_s_simulated"] + 1e-12
         assert abs(pf["prefetch"]["compute_s_measured"] - s["measured_compute_s"]) < 1e-9
     assert all(v == 1.0 for v in r["greedy_outputs_agree_with_expert_aware"].values())  # batch-invariant
+    cal = r["calibrated"]
+    assert set(cal["policies"]) == set(SCHEDULER_POLICIES) and cal["n_requests"] == r["policies"]["expert_aware"][
+        "n_finished"]
+    assert all(s["n_finished"] + s["n_rejected"] == cal["n_requests"] for s in cal["policies"].values())
+    assert min(cal["cost_model_fit"][k] for k in ("a_s", "b_s_per_token", "c_s_per_expert")) >= 0
     lat = r["batch1_decode_latency"]
     assert lat["moe_ms_per_token_median"] > 0 and lat["dense_ms_per_token_median"] > 0
     assert len(lat["samples_ms"]["moe"]) == 3 and 0 < lat["router_share_of_moe_token"]

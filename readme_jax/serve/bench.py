@@ -43,7 +43,7 @@ from readme_jax.serve.metrics import (_figure, hit_ratio_table, plot_hit_ratio_v
                                       plot_normalized_latency_hist, plot_unique_experts, request_metrics, summarize)
 from readme_jax.serve.requests import Status
 from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import simulate
+from readme_jax.serve.simulate import CostModel, simulate
 from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
 from readme_jax.serve.workload import PRESETS, WorkloadConfig, generate_workload
 
@@ -328,7 +328,7 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
                         decode_windows=cfg.decode_windows)
     engine = Engine(moe, ecfg)
     sp = SamplingParams(temperature=cfg.temperature)
-    policies, outputs, step_sets = {}, {}, {}
+    policies, outputs, step_sets, routes = {}, {}, {}, {}
     for policy in cfg.policies:
         scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
                                max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
@@ -338,6 +338,8 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
                        lookahead_steps=cfg.lookahead_steps, progress=progress)
         wall = time.perf_counter() - t0
         outputs[policy] = engine.outputs()
+        if not routes:  # the real router's routes of every prompt and generated token (first run)
+            routes = {r.rid: engine.routes(r.rid) for r in res.requests if r.status is Status.FINISHED}
         step_sets[policy] = res
         s = summarize(res.requests, res.steps, res.makespan_s)
         s.pop("transfer_stall_s_total_simulated", None)  # no store in these runs
@@ -362,6 +364,10 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
         log(f"[serve-bench] {policy}: latency mean {s['latency_mean_s']:.3f}s p95 {s['latency_p95_s']:.3f}s, "
             f"unique experts/batch {s.get('unique_experts_per_batch_mean', float('nan')):.2f}, "
             f"finished {s['n_finished']}/{len(specs)} ({wall:.1f}s wall)")
+    calibrated = _calibrated_runs(specs, routes, step_sets, cfg, E)
+    for p, s in calibrated["policies"].items():
+        log(f"[serve-bench] calibrated {p}: latency mean {s['latency_mean_s']:.3f}s p95 {s['latency_p95_s']:.3f}s, "
+            f"unique experts/batch {s.get('unique_experts_per_batch_mean', float('nan')):.2f} (modelled times)")
     first = cfg.policies[0]
     agree = {p: float(np.mean([outputs[p].get(r) == outputs[first].get(r) for r in outputs[first]]))
              if outputs[first] else float("nan") for p in cfg.policies}
@@ -380,13 +386,14 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": _machine(), "model": models.description, "n_experts": E,
         "expert_bytes": moe.expert_bytes(), "config": to_dict(cfg), "n_requests": len(specs),
-        "policies": policies, "greedy_outputs_agree_with_" + first: agree,
+        "policies": policies, "calibrated": {k: v for k, v in calibrated.items() if k != "runs"},
+        "greedy_outputs_agree_with_" + first: agree,
         "decode_step_ms_vs_present_experts_measured": {"rows": rows, "position": pos, "moe": sweep,
                                                        "dense": sweep_dense},
         "batch1_decode_latency": latency, "compile_and_warmup_s": engine.compile_s,
         "prompt_domains": _count(domain_of.values()), "total_wall_s": time.perf_counter() - t_start,
     }
-    result["plots"] = _plots(out, result, step_sets)
+    result["plots"] = _plots(out, result, step_sets, calibrated["runs"])
     (out / "serve_bench.json").write_text(json.dumps(result, indent=1, default=_json_default))
     log(f"[serve-bench] wrote {out / 'serve_bench.json'} and {len(result['plots'])} plots")
     return result
@@ -426,16 +433,54 @@ def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg
     return out
 
 
-def _plots(out: Path, r: dict, runs: dict) -> list[str]:
+def _calibrated_runs(specs, routes: dict, runs: dict, cfg: BenchConfig, E: int) -> dict:
+    """The policies again, model-free and deterministic: the real router's routes (recorded by the
+    engine) and a step-time model ``a + b*tokens + c*experts`` fitted to every measured engine step.
+
+    Measured-clock runs on a shared CPU are confounded by load: a slower step lets more work
+    queue, which changes the batches. This comparison removes that noise; its times are MODELLED.
+    """
+    steps = [st for res in runs.values() for st in res.steps]
+    X = np.array([[1.0, st.n_tokens, len(st.experts)] for st in steps])
+    y = np.array([st.compute_s for st in steps])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    coef = np.maximum(coef, 0.0)
+    pred = X @ coef
+    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+    cost = CostModel(float(coef[0]), float(coef[1]), float(coef[2]))
+    real = [dataclasses.replace(s, prompt_routes=routes[s.rid][:s.prompt_len], output_routes=routes[s.rid][s.prompt_len:],
+                                output_len=len(routes[s.rid]) - s.prompt_len)  # EOS may end a request early
+            for s in specs if s.rid in routes]
+    out: dict = {"what": "MODELLED step times (fit to measured engine steps), real routes; deterministic",
+                 "cost_model_fit": {"a_s": cost.a_s, "b_s_per_token": cost.b_s_per_token,
+                                    "c_s_per_expert": cost.c_s_per_expert, "r2": r2, "n_steps": len(steps)},
+                 "n_requests": len(real), "policies": {}, "runs": {}}
+    for policy in runs:
+        scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
+                               max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
+        res = simulate(real, Scheduler(scfg), cost, record_future=True, lookahead_steps=cfg.lookahead_steps)
+        s = summarize(res.requests, res.steps, res.makespan_s)
+        s.pop("transfer_stall_s_total_simulated", None)
+        s["hit_ratio"] = hit_ratio_table([st.experts for st in res.steps], cfg.capacities, cfg.cache_policies,
+                                         futures=[st.future for st in res.steps], seed=cfg.seed)
+        out["policies"][policy] = s
+        out["runs"][policy] = res
+    return out
+
+
+def _plots(out: Path, r: dict, runs: dict, calibrated: dict) -> list[str]:
     paths = []
-    norm = {p: request_metrics(res.requests).normalized_latency_s for p, res in runs.items()}
-    paths.append(plot_normalized_latency_hist(norm, out / "normalized_latency.png",
-                                              title="normalized latency (measured compute)"))
-    paths.append(plot_unique_experts({p: [len(s.experts) for s in res.steps] for p, res in runs.items()},
-                                     out / "unique_experts.png"))
+    for name, rr in (("measured", runs), ("calibrated", calibrated)):
+        norm = {p: request_metrics(res.requests).normalized_latency_s for p, res in rr.items()}
+        what = "measured compute" if name == "measured" else "fitted step-time model, real routes"
+        paths.append(plot_normalized_latency_hist(norm, out / f"normalized_latency_{name}.png",
+                                                  title=f"normalized latency ({what})"))
+        paths.append(plot_unique_experts({p: [len(s.experts) for s in res.steps] for p, res in rr.items()},
+                                         out / f"unique_experts_{name}.png",
+                                         title=f"unique experts per batch ({name})"))
     pol = "expert_aware" if "expert_aware" in r["policies"] else next(iter(r["policies"]))
-    paths.append(plot_hit_ratio_vs_capacity(r["policies"][pol]["hit_ratio"], out / "hit_ratio.png",
-                                            title=f"expert cache hit ratio ({pol} batches)"))
+    paths.append(plot_hit_ratio_vs_capacity(r["calibrated"]["policies"][pol]["hit_ratio"], out / "hit_ratio.png",
+                                            title=f"expert cache hit ratio ({pol} batches, calibrated run)"))
     fig = _figure(3, 4.0, 3.2)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     sw = r["decode_step_ms_vs_present_experts_measured"]
