@@ -327,6 +327,10 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
                                    "latency_tokens=3", "latency_repeats=1", "latency_prompt_len=5", "sweep_rows=4",
                                    "sweep_repeats=1"])
     assert cfg.workload.rate_per_s == 40 and cfg.workload.n_experts == 8  # other keys from the cpu preset
+    with pytest.raises(ConfigError, match="unknown config key.*workload.nope"):
+        load_bench_config(None, ["workload.nope=1"])
+    with pytest.raises(ConfigError, match="bench.policies must be a non-empty subset"):
+        load_bench_config(None, ["policies=[sjf]"])
 
     def prompt_fn(length, seed):  # synthetic ids: the tiny model's vocabulary is not a real tokenizer's
         return np.random.default_rng(seed).integers(0, 97, size=length).astype(np.int32)

@@ -48,7 +48,9 @@ from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
 from readme_jax.serve.workload import PRESETS, WorkloadConfig, generate_workload
 
 
-BENCH_WORKLOAD = dataclasses.replace(PRESETS["cpu"], prompt_max=256)  # x length_scale 0.125 -> at most 32
+# the cpu preset, prompts capped at 256 x length_scale 0.125 = 32 tokens (the budget), arrivals at 4/s: enough load
+# on a 2-core CPU that ready work exceeds the budget, so the policies' choices matter
+BENCH_WORKLOAD = dataclasses.replace(PRESETS["cpu"], prompt_max=256, rate_per_s=4.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ class BenchConfig:
     workload: WorkloadConfig = BENCH_WORKLOAD
     policies: tuple[str, ...] = SCHEDULER_POLICIES
     token_budget: int = 32  # tokens per step, every policy (a prefill is never split: longer prompts rejected)
-    n_slots: int = 16
+    n_slots: int = 64  # > token_budget: decodes compete for the budget
     max_queue: int = 256
     max_wait_steps: int | None = 16
     max_len: int = 192
