@@ -509,7 +509,7 @@ def _plots(out: Path, r: dict, runs: dict, calibrated: dict) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "engine.png")
     paths.append(out / "engine.png")
-    return [str(p) for p in paths]
+    return [Path(p).name for p in paths]  # file names inside out_dir
 
 
 def _machine() -> str:
