@@ -14,7 +14,7 @@ from readme_jax import cli
 from readme_jax.errors import ConfigError
 from readme_jax.workflow import run as run_mod
 
-STAGES = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "report"]
+STAGES = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "serve_bench", "report"]
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,61 @@
-"""Stage `serve_bench`: the serving benchmark on the trained Read-ME model (see readme_jax.serve.bench)."""
+"""Stage `serve_bench`: the serving benchmark (readme_jax.serve.bench) on the trained Read-ME model,
+with the dense source model for the batch-1 latency comparison, prompts from the test split of the
+same domains. ``serve:`` in the run config holds BenchConfig keys (unknown keys are errors)."""
 
 from __future__ import annotations
 
 import time
 
-from readme_jax.workflow.workspace import Workspace
+import yaml
+
+from readme_jax.workflow.training import load_trained
+from readme_jax.workflow.workspace import Workspace, write_json
+
+
+def bench_config(ws: Workspace):
+    from readme_jax.serve.bench import load_bench_config
+
+    path = ws.stage_dir("serve_bench") / "bench_config.yaml"
+    path.write_text(yaml.safe_dump(dict(ws.cfg.serve)))
+    return load_bench_config(path)
 
 
 def run_serve_bench(ws: Workspace) -> dict:
-    t0 = time.time()
-    from readme_jax.serve import bench
+    from readme_jax.serve.bench import BenchModels, corpus_prompt_fn
+    from readme_jax.serve.bench import run_serve_bench as bench
+    from readme_jax.serve.engine_core import ServeModel
 
-    out = bench.run_from_workspace(ws)
-    ws.mark_done("serve_bench", out, time.time() - t0)
+    t0 = time.time()
+    out = ws.stage_dir("serve_bench")
+    cfg = bench_config(ws)
+    rp, rcfg, rffn, bp, bcfg, meta = load_trained(ws)
+    dense, tok = ws.dense
+    models = BenchModels(
+        moe=ServeModel(bcfg, bp, int(meta["n_experts"]), rcfg, rp, rffn, ws.cfg.impl, "readme"),
+        dense=ServeModel(dense.cfg, dense.arrays(), 1, name="dense"), tokenizer=tok,
+        description=f"trained Read-ME from {ws.cfg.model} ({meta['n_experts']} experts) vs its dense source")
+    prompt_fn, _ = corpus_prompt_fn(tok, meta["domains"], cfg.corpus_split, ws.sep_id, ws.cfg.data.cache_dir)
+    result = bench(models, cfg, out, prompt_fn=prompt_fn, progress=ws.progress, log=ws.log)
+    plots = [str(p) for p in result.get("plots", [])]
+    summary = {"summary": headline(result), "plots": plots, "json": str(out / "serve_bench.json")}
+    write_json(out / "summary.json", summary)
+    ws.mark_done("serve_bench", summary, time.time() - t0)
+    return summary
+
+
+def headline(result: dict) -> dict:
+    """The numbers the report shows (the full JSON is beside it)."""
+    cols = ("normalized_latency_mean_s", "normalized_latency_p95_s", "latency_mean_s", "latency_p95_s",
+            "ttft_mean_s", "unique_experts_per_batch_mean", "tokens_per_batch_mean", "throughput_tokens_per_s")
+    out = {"policies_measured": {p: {c: s.get(c) for c in cols} for p, s in result.get("policies", {}).items()}}
+    cal = result.get("calibrated", {}).get("policies", {})
+    out["policies_calibrated"] = {p: {c: s.get(c) for c in cols} for p, s in cal.items()}
+    first = next(iter(result.get("policies", {}).values()), {})
+    out["hit_ratio"] = first.get("hit_ratio", {})
+    out["prefetch_simulated"] = first.get("prefetch_simulated", {})
+    b1 = result.get("batch1_decode_latency", {})
+    out["batch1_decode_ms_per_token"] = {k: b1.get(k) for k in ("moe_ms_per_token_median", "dense_ms_per_token_median",
+                                                                  "moe_vs_dense_median_change",
+                                                                  "router_step_ms_measured", "router_share_of_moe_token")}
+    out["decode_step_ms_vs_present_experts"] = result.get("decode_step_ms_vs_present_experts_measured")
     return out
