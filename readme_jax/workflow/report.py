@@ -184,7 +184,7 @@ def run_report(ws: Workspace) -> dict:
     if "serve_bench" in metrics:
         md += serving_section(metrics["serve_bench"].get("summary", {}))
         for p in metrics["serve_bench"].get("plots", []):
-            src = Path(p)
+            src = Path(p) if Path(p).is_absolute() else ws.out / "serve_bench" / p
             if src.is_file():
                 (out / src.name).write_bytes(src.read_bytes())
                 plots.append(src.name)

@@ -36,7 +36,7 @@ def run_serve_bench(ws: Workspace) -> dict:
         description=f"trained Read-ME from {ws.cfg.model} ({meta['n_experts']} experts) vs its dense source")
     prompt_fn, _ = corpus_prompt_fn(tok, meta["domains"], cfg.corpus_split, ws.sep_id, ws.cfg.data.cache_dir)
     result = bench(models, cfg, out, prompt_fn=prompt_fn, progress=ws.progress, log=ws.log)
-    plots = [str(p) for p in result.get("plots", [])]
+    plots = [str(out / p) for p in result.get("plots", [])]  # names inside out (absolute paths stay as they are)
     summary = {"summary": headline(result), "plots": plots, "json": str(out / "serve_bench.json")}
     write_json(out / "summary.json", summary)
     ws.mark_done("serve_bench", summary, time.time() - t0)
