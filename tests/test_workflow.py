@@ -61,7 +61,8 @@ def test_run_writes_every_report_file(finished_run):
     out, _, _ = finished_run
     rep = out / "report"
     for f in ("report.md", "metrics.json", "ppl_final.png", "ppl_refactor.png", "training_curves.png",
-              "stage_metrics.png", "expert_load.png"):
+              "stage_metrics.png", "expert_load.png", "hit_ratio.png", "normalized_latency_measured.png",
+              "unique_experts_measured.png"):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
     m = json.loads((rep / "metrics.json").read_text())
     for stage in STAGES[:-1]:
@@ -72,6 +73,7 @@ def test_run_writes_every_report_file(finished_run):
     assert all(np.isfinite(v) and v > 1 for row in ppl.values() for v in row.values())
     text = (rep / "report.md").read_text()
     assert "Read-ME after all rounds" in text and "![ppl_final.png](ppl_final.png)" in text
+    assert "### Policies (measured)" in text and "| expert_aware |" in text and "![hit_ratio.png](hit_ratio.png)" in text
 
 
 def test_resume_skips_finished_stages(finished_run):
