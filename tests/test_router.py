@@ -7,7 +7,7 @@ import pytest
 
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder
-from readme_jax.model.router import Router, RouterConfig, make_router, route_ids, router_model_config
+from readme_jax.model.router import RouterConfig, make_router, route_ids, router_model_config
 
 V = 61
 

@@ -1,7 +1,6 @@
 """Read-ME training: distillation target vs float64 numpy, schedules, steps, freezing, resume."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

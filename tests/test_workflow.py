@@ -1,9 +1,6 @@
 """End to end on configs/tiny_test.yaml: every report file, resume, export, clear config errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -48,8 +48,8 @@ def save_params(path, arrays: dict, meta: dict, tokenizer=None, overwrite: bool 
     return d
 
 
-def restore_params(path) -> tuple[dict, dict]:
-    """Read back ``(arrays, meta)``; arrays are jax arrays on the default device."""
+def open_checkpoint(path):
+    """``(dir, meta, checkpointer, tree_metadata)`` of a readme-jax orbax checkpoint (validated)."""
     d = Path(path).absolute()
     if not is_orbax_dir(d):
         raise CheckpointError(f"{d}: not a readme-jax orbax checkpoint (expected {PARAMS_DIR}/ and {META_FILE})")
@@ -58,7 +58,12 @@ def restore_params(path) -> tuple[dict, dict]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{d / META_FILE}: invalid JSON ({e})") from None
     ckptr = ocp.StandardCheckpointer()
-    tree = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+    return d, meta, ckptr, ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+
+
+def restore_params(path) -> tuple[dict, dict]:
+    """Read back ``(arrays, meta)``; arrays are jax arrays on the default device."""
+    d, meta, ckptr, tree = open_checkpoint(path)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
     arrays = ckptr.restore(d / PARAMS_DIR, target)

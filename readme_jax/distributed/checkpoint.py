@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from readme_jax.checkpoints.orbax_io import META_FILE, PARAMS_DIR, is_orbax_dir
+from readme_jax.checkpoints.orbax_io import META_FILE, PARAMS_DIR, open_checkpoint
 from readme_jax.distributed.mesh import (expert_count, pad_experts, param_shardings, shard_tree, spec_for,
                                          unpad_experts)
 from readme_jax.errors import CheckpointError, ShapeError
@@ -73,15 +73,7 @@ def _restore_spec(path, shape_leaf, mesh: Mesh) -> P:
 
 def restore_sharded(path, mesh: Mesh) -> tuple[dict, dict]:
     """Read a checkpoint onto ``mesh``: ``(tree, meta)`` with E padded to the expert axis."""
-    d = Path(path).absolute()
-    if not is_orbax_dir(d):
-        raise CheckpointError(f"{d}: not a readme-jax orbax checkpoint (expected {PARAMS_DIR}/ and {META_FILE})")
-    try:
-        meta = json.loads((d / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / META_FILE}: invalid JSON ({e})") from None
-    ckptr = ocp.StandardCheckpointer()
-    tree = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+    d, meta, ckptr, tree = open_checkpoint(path)
     shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
     target = jax.tree_util.tree_map_with_path(
         lambda p, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, _restore_spec(p, s, mesh))),

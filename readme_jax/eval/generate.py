@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from readme_jax.config import ModelConfig
 from readme_jax.model import decoder

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from readme_jax.config import MeshConfig, ModelConfig, StageConfig, TrainConfig
+from readme_jax.config import MeshConfig, ModelConfig, TrainConfig
 from readme_jax.errors import TrainingError
 from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, routes_for
 from readme_jax.model.moe import routed_ffn

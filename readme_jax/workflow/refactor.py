@@ -13,7 +13,7 @@ from readme_jax import config as config_mod
 from readme_jax.checkpoints import restore_params, save_params
 from readme_jax.config import ModelConfig
 from readme_jax.convert import experts as ex
-from readme_jax.convert.calibrate import calibrate, load_stats, save_stats
+from readme_jax.convert.calibrate import calibrate, save_stats
 from readme_jax.eval.perplexity import mean_nll, nll_fn_for
 from readme_jax.eval.routing import fixed_route_nll
 from readme_jax.workflow.workspace import Workspace, write_json
