@@ -12,6 +12,7 @@ import regex
 
 from readme_jax.checkpoints import embedded_gguf_path, load_model
 from readme_jax.model import decoder
+from test_tokenizer import llama_cpp_pieces  # the llama.cpp `smollm` reference, shared
 
 pytestmark = pytest.mark.slow
 
@@ -85,20 +86,6 @@ def test_greedy_paris(ours):
     text = tok.decode(out)
     print(f"greedy continuation: {text!r}")
     assert text.startswith(" Paris")
-
-
-def llama_cpp_pieces(text: str) -> list[str]:
-    """llama.cpp's `smollm` pre-tokenizer: isolate each \\p{N}, then GPT-2's regex; gaps kept."""
-    gpt2 = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)")
-    out = []
-    for part in regex.split(r"(\p{N})", text):
-        pos = 0
-        for m in gpt2.finditer(part):
-            out += [part[pos:m.start()]] if m.start() > pos else []
-            out.append(m.group())
-            pos = m.end()
-        out += [part[pos:]] if pos < len(part) else []
-    return [p for p in out if p]
 
 
 def test_tokenizer_matches_transformers_and_llama_cpp_split(ours, ref_tok):
