@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -16,21 +15,20 @@ from readme_jax.model import decoder
 NllFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # tokens [B, T+1] -> (sum nll, n tokens)
 
 
-def nll_fn_for(params, cfg: ModelConfig, ffn=decoder.dense_ffn, ctx_fn=None) -> NllFn:
-    """A jitted ``tokens_BT1 -> (sum_nll, count)`` for a decoder with the given FFN.
+def block_nll(params, cfg: ModelConfig, blocks_BT1, ffn=decoder.dense_ffn, ffn_ctx=None):
+    """``(sum of token NLLs, token count)`` of packed blocks ``[B, T+1]`` (inputs, shifted targets)."""
+    inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
+    logits, _, _ = decoder.forward(params, cfg, inputs, ffn=ffn, ffn_ctx=ffn_ctx)
+    nll = decoder.token_nll(logits, targets)
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
 
-    ``ctx_fn(inputs_BT) -> ffn_ctx`` computes the FFN context (e.g. route ids) inside the jit.
-    """
 
-    @jax.jit
-    def run(params, blocks_BT1):
-        inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
-        ctx = None if ctx_fn is None else ctx_fn(inputs)
-        logits, _, _ = decoder.forward(params, cfg, inputs, ffn=ffn, ffn_ctx=ctx)
-        nll = decoder.token_nll(logits, targets)
-        return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+_dense_block_nll = jax.jit(block_nll, static_argnames=("cfg",))
 
-    return lambda blocks: run(params, blocks)
+
+def nll_fn_for(params, cfg: ModelConfig) -> NllFn:
+    """``tokens_BT1 -> (sum_nll, count)`` for a dense decoder (jitted once per config and shape)."""
+    return lambda blocks: _dense_block_nll(params, cfg, blocks)
 
 
 def mean_nll(nll_fn: NllFn, blocks_NT1: np.ndarray, batch_size: int = 4, desc: str | None = None,
@@ -46,7 +44,3 @@ def mean_nll(nll_fn: NllFn, blocks_NT1: np.ndarray, batch_size: int = 4, desc: s
         total += float(tot)
         count += float(cnt)
     return total / count
-
-
-def perplexity(mean_nll_value: float) -> float:
-    return math.exp(mean_nll_value)

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.config import ModelConfig
-from readme_jax.eval.perplexity import mean_nll
-from readme_jax.model import decoder
+from readme_jax.eval.perplexity import block_nll, mean_nll
 from readme_jax.model.moe import routed_ffn
 from readme_jax.model.router import router_logits
 
@@ -29,10 +28,7 @@ def routes_for(router_params, router_cfg: ModelConfig, router_ffn, blocks_NT1, b
 
 
 def _moe_nll(backbone_params, cfg, impl, blocks_BT1, route_BT):
-    inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
-    logits, _, _ = decoder.forward(backbone_params, cfg, inputs, ffn=routed_ffn(impl), ffn_ctx=route_BT)
-    nll = decoder.token_nll(logits, targets)
-    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+    return block_nll(backbone_params, cfg, blocks_BT1, routed_ffn(impl), route_BT)
 
 
 @functools.partial(jax.jit, static_argnames=("router_cfg", "router_ffn", "cfg", "impl"))
