@@ -173,9 +173,7 @@ class Trainer:
 
     def _expert_stage(self, round_idx: int, w: ReadMEWeights):
         tc, st = self.train_cfg, self.train_cfg.experts
-        micro = st.batch_size // st.grad_accum
-        frozen_keys = () if tc.train_embeddings else steps.FROZEN_TOP_KEYS_NO_EMBED
-        trainable, frozen = steps.split_params(w.backbone, frozen_keys)
+        trainable, frozen = steps.split_params(w.backbone, steps.frozen_keys(tc.train_embeddings))
         tx, step_fn = self._steps["experts"]
         if self._expert_pad > 1:  # experts sharded over the mesh: pad E to the expert axis, moments placed
             from readme_jax.distributed.mesh import pad_experts
@@ -190,13 +188,12 @@ class Trainer:
         for i in range(st.steps):
             batch = self.data.expert_batch(round_idx, i, st.batch_size)
             lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i)
-            for j in range(st.grad_accum):
-                trainable, opt_state, m = step_fn(trainable, frozen, opt_state, w.router,
-                                                  jnp.asarray(batch[j * micro:(j + 1) * micro]), lr)
-                m = {k: float(v) for k, v in m.items()}
+            trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, w.router,
+                                                              batch, st.grad_accum, lr)
+            for j, m in enumerate(ms):
                 self._check(m["loss"], name, i)
                 rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j, **m})
-                bar.update(1)
+            bar.update(st.grad_accum)
         bar.close()
         if self._expert_pad > 1:
             from readme_jax.distributed.mesh import gather_tree, unpad_experts

@@ -20,6 +20,11 @@ from readme_jax.train.distill import router_loss
 FROZEN_TOP_KEYS_NO_EMBED = ("embed", "lm_head")
 
 
+def frozen_keys(train_embeddings: bool) -> tuple[str, ...]:
+    """Top-level keys LM tuning leaves untouched: the token embedding / LM head unless asked to train them."""
+    return () if train_embeddings else FROZEN_TOP_KEYS_NO_EMBED
+
+
 def split_params(params: dict, frozen_keys) -> tuple[dict, dict]:
     """Split a param dict at the top level into (trainable, frozen)."""
     trainable = {k: v for k, v in params.items() if k not in frozen_keys}
@@ -71,6 +76,20 @@ def make_lm_step(cfg: ModelConfig, ffn, ctx_fn: Callable | None, tx: optax.Gradi
         return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return step
+
+
+def accumulated_step(step_fn, trainable, frozen, opt_state, ctx_params, batch_BT1, grad_accum: int, lr):
+    """One optimizer step of an LM step as ``grad_accum`` micro-batches of ``batch_BT1``.
+
+    Returns ``(trainable, opt_state, [metrics of each micro-step as floats])``.
+    """
+    micro = batch_BT1.shape[0] // grad_accum
+    ms = []
+    for j in range(grad_accum):
+        trainable, opt_state, m = step_fn(trainable, frozen, opt_state, ctx_params,
+                                          jnp.asarray(batch_BT1[j * micro:(j + 1) * micro]), lr)
+        ms.append({k: float(v) for k, v in m.items()})
+    return trainable, opt_state, ms
 
 
 def router_route_fn(router_cfg: ModelConfig, router_ffn):

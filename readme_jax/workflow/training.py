@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -114,29 +113,25 @@ def run_baseline(ws: Workspace) -> dict:
     st = StageConfig(steps=t.rounds * t.experts.steps, batch_size=t.experts.batch_size, lr=t.experts.lr,
                      seq_len=t.experts.seq_len, grad_accum=t.experts.grad_accum,
                      warmup_steps=t.experts.warmup_steps * t.rounds)
-    frozen_keys = () if t.train_embeddings else steps.FROZEN_TOP_KEYS_NO_EMBED
-    trainable, frozen = steps.split_params(params, frozen_keys)
+    trainable, frozen = steps.split_params(params, steps.frozen_keys(t.train_embeddings))
     tx = schedule.make_optimizer(st, t.weight_decay, t.clip_norm)
     step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx)
     opt_state = tx.init(trainable)
     data = CorpusData(ws, load_moe_domains(ws))  # the very batches the experts see, in the same order
-    micro = st.batch_size // st.grad_accum
     losses = []
     for i in tqdm(range(st.steps), desc="pruned-dense baseline", disable=not ws.progress):
         batch = data.expert_batch(i // t.experts.steps, i % t.experts.steps, st.batch_size)
-        lr = schedule.lr_at(st, 0, 1.0, i)
-        for j in range(st.grad_accum):
-            trainable, opt_state, m = step_fn(trainable, frozen, opt_state, None,
-                                              jnp.asarray(batch[j * micro:(j + 1) * micro]), lr)
-            loss = float(m["loss"])
-            if not np.isfinite(loss):
-                raise TrainingError(f"pruned-dense baseline: non-finite loss {loss} at step {i}")
-            losses.append(loss)
+        trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, None, batch,
+                                                          st.grad_accum, schedule.lr_at(st, 0, 1.0, i))
+        for m in ms:
+            if not np.isfinite(m["loss"]):
+                raise TrainingError(f"pruned-dense baseline: non-finite loss {m['loss']} at step {i}")
+            losses.append(m["loss"])
     d = ws.stage_dir("baseline")
     save_params(d / "pruned_tuned", steps.merge_params(trainable, frozen),
                 {"kind": "llama", "model_config": config_mod.to_dict(pcfg), "tokenizer_source": ws.cfg.model},
                 overwrite=True)
-    info = {"steps": st.steps, "lm_tokens": st.steps * st.batch_size * st.seq_len, "losses": losses}
+    info = {"steps": st.steps, "lm_tokens": lm_token_budget(ws), "losses": losses}
     ws.mark_done("baseline", info, time.time() - t0)
     return info
 
