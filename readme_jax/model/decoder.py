@@ -88,9 +88,7 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
     new_cache = None if cache is None else KVCache(ck, cv)
     if not logits:
         return x, new_cache, aux
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    out = jnp.dot(x, head, preferred_element_type=jnp.float32)
-    return out, new_cache, aux
+    return logits_of_hidden(params, cfg, x), new_cache, aux
 
 
 def logits_of_hidden(params: dict, cfg: ModelConfig, x_BTD):
