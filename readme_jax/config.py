@@ -62,6 +62,10 @@ def tiny_model_config(**kw) -> ModelConfig:
 # ----------------------------------------------------------------------------- router
 
 
+ROUTER_TARGETS = ("domain", "distill", "domain+distill")
+EXPERT_LAYOUTS = ("split", "fixed")
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
     width: int = 512
@@ -73,8 +77,15 @@ class RouterConfig:
     rope_theta: float = 10000.0
     embed_init: str = "backbone"  # backbone | random
     seed: int = 0
+    # What the router learns from (docs/ARCHITECTURE.md, "Router training"):
+    #   domain          cross-entropy on each block's domain label (expert i = domain i), every round;
+    #   distill         the paper's routing distillation from the backbone's activations, every round;
+    #   domain+distill  domain labels in round 0, distillation in the later rounds.
+    target: str = "domain"
 
     def __post_init__(self):
+        if self.target not in ROUTER_TARGETS:
+            raise ConfigError(f"router.target must be one of {ROUTER_TARGETS}, got {self.target!r}")
         if self.mlp not in ("swiglu", "silu_bias"):
             raise ConfigError(f"router.mlp must be 'swiglu' or 'silu_bias', got {self.mlp!r}")
         if self.score_scale not in ("sqrt", "none"):
@@ -139,6 +150,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -318,15 +334,17 @@ class ConvertConfig:
     calib_samples: int = 16
     calib_seq_len: int = 4096
     batch_size: int = 1
-    layout: str = "fixed"
+    # split: shared channels stored once [L, D, P] + expert-specific [L, E, D, R] (docs/CONVERT.md);
+    # fixed: every expert holds all its channels, shared ones copied (they drift apart in training).
+    layout: str = "split"
 
     def __post_init__(self):
         if not (isinstance(self.r, (int, float)) and 0 < self.r <= 1):
             raise ConfigError(f"convert.r must be in (0, 1], got {self.r!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.batch_size < 1:
             raise ConfigError("convert.calib_samples, convert.batch_size must be >= 1 and calib_seq_len >= 2")
-        if self.layout != "fixed":
-            raise ConfigError(f"convert.layout: the MoE model uses the 'fixed' layout, got {self.layout!r}")
+        if self.layout not in EXPERT_LAYOUTS:
+            raise ConfigError(f"convert.layout must be one of {EXPERT_LAYOUTS}, got {self.layout!r}")
 
 
 @dataclasses.dataclass(frozen=True)

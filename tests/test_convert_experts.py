@@ -18,6 +18,7 @@ from readme_jax.convert.experts import (expert_overlap, expert_width, extract_ex
 from readme_jax.errors import ConfigError, ShapeError
 from readme_jax.model import decoder, layers
 from readme_jax.model.llama import Llama
+from readme_jax.model.moe import routed_ffn
 
 
 def _silu(x):
@@ -235,33 +236,57 @@ def test_masks_disagreeing_with_model(dense):
 # ----------------------------------------------------------------------------- MoE params and pruned dense
 
 
-def test_moe_arrays_forward_equals_masked_dense(dense):
+@pytest.mark.parametrize("layout", ["fixed", "split"])
+def test_moe_arrays_forward_equals_masked_dense(dense, layout):
     cfg, arrays = dense
     rng = np.random.default_rng(6)
     E = 3
     m = _random_masks(rng, E, cfg.n_layers, cfg.ffn_dim, 0.5)
-    params, meta = moe_arrays_from_dense(arrays, m, domains=["a", "b", "c"], r=0.5)
-    assert set(params) == set(arrays) and set(params["layers"]) == set(arrays["layers"])
+    m[:, :, :5] = True  # some channels every expert keeps (the shared part of the split layout)
+    m[:, 0, 5:7] = True  # layers with different shared counts: padding in the split layout
+    m[:, 1, 7] = True
+    for e in range(E):  # keep F_e channels per (expert, layer): drop surplus non-shared ones
+        for layer in range(cfg.n_layers):
+            extra = np.flatnonzero(m[e, layer] & ~m.all(0)[layer])
+            n_drop = m[e, layer].sum() - expert_width(cfg.ffn_dim, 0.5)
+            m[e, layer, extra[:n_drop]] = False
+            m[e, layer, np.flatnonzero(~m[e, layer])[:max(0, -n_drop)]] = True
+    params, meta = moe_arrays_from_dense(arrays, m, domains=["a", "b", "c"], r=0.5, layout=layout)
+    shared_keys = {"shared_wg", "shared_wu", "shared_wd"} if layout == "split" else set()
+    assert set(params) == set(arrays) and set(params["layers"]) == set(arrays["layers"]) | shared_keys
     for k in decoder.ATTN_KEYS:
         assert params["layers"][k] is arrays["layers"][k]
     assert params["embed"] is arrays["embed"]
     fe = expert_width(cfg.ffn_dim, 0.5)
-    assert params["layers"]["wg"].shape == (cfg.n_layers, E, cfg.d_model, fe)
+    P = m.all(0).sum(-1)  # shared channels per layer
+    width = fe if layout == "fixed" else fe - P.min()
+    assert params["layers"]["wg"].shape == (cfg.n_layers, E, cfg.d_model, width)
+    if layout == "split":
+        assert params["layers"]["shared_wg"].shape == (cfg.n_layers, cfg.d_model, P.max())
     assert meta["domains"] == ["a", "b", "c"] and meta["r"] == 0.5 and meta["expert_width"] == fe
-    assert meta["n_experts"] == E and meta["ffn_dim"] == cfg.ffn_dim
+    assert meta["n_experts"] == E and meta["ffn_dim"] == cfg.ffn_dim and meta["layout"] == layout
     np.testing.assert_array_equal(meta["permanent"], permanent_channels(m))
-    assert meta["channel_index"].shape == (cfg.n_layers, E, fe)
+    assert meta["channel_index"].shape == (cfg.n_layers, E, width)
+
+    # one MoE layer vs the float64 numpy masked dense FFN, every expert, on fresh random inputs
+    h = rng.standard_normal((11, cfg.d_model)).astype(np.float32)
+    route = rng.integers(0, E, 11)
+    for layer in range(cfg.n_layers):
+        lp = {k: v[layer] for k, v in params["layers"].items()}
+        got, _ = routed_ffn("reference")(lp, jnp.asarray(h)[None], jnp.asarray(route, jnp.int32)[None])
+        wg, wu, wd = (np.asarray(arrays["layers"][k][layer], np.float64) for k in ("wg", "wu", "wd"))
+        g, u = h.astype(np.float64) @ wg, h.astype(np.float64) @ wu
+        hid = g / (1 + np.exp(-g)) * u * m[route, layer]
+        np.testing.assert_allclose(np.asarray(got[0], np.float64), hid @ wd, rtol=2e-4, atol=2e-5)
 
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
-    for e in range(E):
-        def moe_ffn(lp, h, ctx, e=e):
-            return layers.swiglu(h, lp["wg"][e], lp["wu"][e], lp["wd"][e]), None
-
+    for e in range(E):  # the whole decoder: MoE forced to expert e == dense with e's channels only
         def masked_ffn(lp, h, ctx):
             hid = layers.ffn_hidden(h, lp["wg"], lp["wu"]) * lp["keep"]
             return jnp.dot(hid, lp["wd"]), None
 
-        got, _, _ = decoder.forward(params, cfg, tokens, ffn=moe_ffn)
+        got, _, _ = decoder.forward(params, cfg, tokens, ffn=routed_ffn("reference"),
+                                    ffn_ctx=jnp.full(tokens.shape, e, jnp.int32))
         dparams = {**arrays, "layers": {**arrays["layers"], "keep": jnp.asarray(m[e], jnp.float32)}}
         want, _, _ = decoder.forward(dparams, cfg, tokens, ffn=masked_ffn)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
@@ -318,7 +343,8 @@ def test_summary_and_report_cli(dense, tmp_path, capsys):
     assert "F=48 r=0.5 -> F_e=24; L=2; D=32" in out
 
 
-def test_moe_backbone_loads_converted_params(dense):
+@pytest.mark.parametrize("layout", ["fixed", "split"])
+def test_moe_backbone_loads_converted_params(dense, layout):
     """End to end: converted params in the MoE backbone == dense FFN masked by each token's expert."""
     from readme_jax.model.moe import MoEBackbone
 
@@ -326,8 +352,15 @@ def test_moe_backbone_loads_converted_params(dense):
     rng = np.random.default_rng(9)
     E = 4
     m = _random_masks(rng, E, cfg.n_layers, cfg.ffn_dim, 0.5)
-    params, meta = moe_arrays_from_dense(arrays, m)
-    moe = MoEBackbone.from_arrays(cfg, params, n_experts=E, expert_dim=meta["expert_width"], impl="reference")
+    m[:, :, :3] = True  # shared by every expert (F_e grows by at most 3; masks stay equal-sized)
+    counts = m.sum(-1)
+    for e, layer in np.argwhere(counts > counts.min()):
+        drop = np.flatnonzero(m[e, layer] & ~m.all(0)[layer])[:counts[e, layer] - counts.min()]
+        m[e, layer, drop] = False
+    params, meta = moe_arrays_from_dense(arrays, m, layout=layout)
+    lay = params["layers"]
+    moe = MoEBackbone.from_arrays(cfg, params, n_experts=E, expert_dim=lay["wg"].shape[-1], impl="reference",
+                                  shared_dim=lay["shared_wg"].shape[-1] if "shared_wg" in lay else 0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
     route = jnp.asarray(rng.integers(0, E, (2, 7)), jnp.int32)
     got, _ = moe(tokens, route_BT=route)

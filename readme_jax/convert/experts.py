@@ -25,6 +25,7 @@ import numpy as np
 
 from readme_jax.config import ModelConfig
 from readme_jax.errors import ConfigError, ShapeError
+from readme_jax.model.moe import SHARED_KEYS
 
 FFN_KEYS = ("wg", "wu", "wd")
 
@@ -197,13 +198,21 @@ def layout_cost(masks_NLF: np.ndarray, k: int, d_model: int, bytes_per_param: in
 
 
 def moe_arrays_from_dense(dense_arrays: Mapping, masks_NLF: np.ndarray, *, domains: Sequence[str] | None = None,
-                          r: float | None = None) -> tuple[dict, dict]:
-    """The Read-ME MoE params (fixed layout) and their metadata.
+                          r: float | None = None, layout: str = "split") -> tuple[dict, dict]:
+    """The Read-ME MoE params and their metadata.
 
-    ``params`` has the dense top-level and attention arrays (same objects, not copied) with
-    ``layers.wg/wu/wd`` replaced by ``[L,E,D,F_e]`` / ``[L,E,F_e,D]``. ``meta`` holds
-    ``channel_index int32[L,E,F_e]``, ``permanent bool[L,F]``, ``domains``, ``r``,
-    ``n_experts``, ``expert_width``, ``ffn_dim``.
+    ``params`` has the dense top-level and attention arrays (same objects, not copied) with the
+    dense ``layers.wg/wu/wd`` replaced by the experts:
+
+    * ``fixed``: ``wg, wu [L,E,D,F_e]``, ``wd [L,E,F_e,D]`` (shared channels copied into every expert);
+    * ``split`` (default): ``shared_wg, shared_wu [L,D,P]``, ``shared_wd [L,P,D]`` (the channels every
+      domain keeps, stored once) plus expert-specific ``wg, wu [L,E,D,R]``, ``wd [L,E,R,D]``; P and R
+      are zero-padded to the widest layer (see :func:`extract_experts`). Zero columns add exactly 0,
+      get zero gradient and zero weight decay, so they stay zero through training.
+
+    ``meta`` holds ``channel_index int32[L,E,*]`` (dense channel of each expert column, -1 = pad),
+    ``shared_index`` (split only), ``permanent bool[L,F]``, ``domains``, ``r``, ``n_experts``,
+    ``expert_width`` (F_e, the active FFN width per token), ``ffn_dim``, ``layout``.
     """
     masks, fe = _check_masks(masks_NLF)
     E, L, F = masks.shape
@@ -216,13 +225,18 @@ def moe_arrays_from_dense(dense_arrays: Mapping, masks_NLF: np.ndarray, *, domai
     if r is not None and expert_width(F, r) != fe:
         raise ConfigError(f"moe_arrays_from_dense: r={r} gives {expert_width(F, r)} channels of F={F}, "
                           f"but the masks keep {fe}")
-    ex = extract_experts(dense_arrays, masks, "fixed")
+    if layout not in ("fixed", "split"):
+        raise ConfigError(f"moe_arrays_from_dense: layout must be 'fixed' or 'split', got {layout!r}")
+    ex = extract_experts(dense_arrays, masks, layout)
     params = {k: v for k, v in dense_arrays.items() if k != "layers"}
     params["layers"] = {k: v for k, v in dense_arrays["layers"].items() if k not in FFN_KEYS}
     params["layers"].update(wg=ex["wg"], wu=ex["wu"], wd=ex["wd"])
     meta = {"channel_index": ex["channel_index"], "permanent": np.logical_and.reduce(masks, axis=0),
             "domains": domains, "r": float(r) if r is not None else fe / F, "n_experts": E,
-            "expert_width": fe, "ffn_dim": F}
+            "expert_width": fe, "ffn_dim": F, "layout": layout}
+    if layout == "split" and ex["shared_wg"].shape[-1] > 0:  # no shared channel at all: nothing to store
+        params["layers"].update({k: ex[k] for k in SHARED_KEYS})
+        meta["shared_index"] = ex["shared_index"]
     return params, meta
 
 

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from readme_jax.config import MESH_FFN_COMMS
 from readme_jax.distributed.mesh import BATCH_AXES, check_mesh
 from readme_jax.errors import ConfigError, ShapeError
+from readme_jax.model.moe import shared_ffn
 from readme_jax.ops.expert_ffn import expert_ffn
 
 TOKENS = P(BATCH_AXES)
@@ -137,6 +138,7 @@ def expert_parallel_ffn(mesh: Mesh, *, impl: str = "xla", comm: str = "psum", ca
         if tuple(route_BT.shape) != tuple(h_BTD.shape[:2]):
             raise ShapeError(f"{where}: route shape {tuple(route_BT.shape)} does not match tokens "
                              f"{tuple(h_BTD.shape[:2])}")
-        return sharded(h_BTD, route_BT.astype(jnp.int32), wg, wu, wd)
+        y, dropped = sharded(h_BTD, route_BT.astype(jnp.int32), wg, wu, wd)
+        return shared_ffn(lp, h_BTD, y), dropped  # the split layout's shared part: replicated, every token
 
     return ffn

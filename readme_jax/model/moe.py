@@ -1,8 +1,11 @@
 """The Read-ME MoE backbone and the conventional layer-wise-routed baseline built from the same experts.
 
-Attention, norms and embeddings are the dense model's; each layer's FFN is E experts of width F_e
-stacked as ``wg, wu: [L, E, D, F_e]``, ``wd: [L, E, F_e, D]``, and every FFN call goes through the
-one entry point :func:`readme_jax.ops.expert_ffn.expert_ffn`.
+Attention, norms and embeddings are the dense model's; each layer's FFN is E experts stacked as
+``wg, wu: [L, E, D, F]``, ``wd: [L, E, F, D]``, and every routed FFN call goes through the one entry
+point :func:`readme_jax.ops.expert_ffn.expert_ffn`. With the ``split`` layout the layer also holds
+the shared part ``shared_wg, shared_wu: [L, D, P]``, ``shared_wd: [L, P, D]`` (the channels every
+expert keeps, stored once) and F = R is the expert-specific width; every token adds the shared
+part's output (:func:`shared_ffn`).
 
 - :class:`MoEBackbone` takes route ids ``[B, T]`` (from the decoupled router) and uses the SAME
   expert for a token in every layer; top-1, no gate scaling (Read-ME).
@@ -18,14 +21,35 @@ from flax import nnx
 
 from readme_jax.config import ModelConfig
 from readme_jax.errors import ConfigError
-from readme_jax.model import decoder
+from readme_jax.model import decoder, layers
 from readme_jax.model.llama import Decoder
 from readme_jax.ops.expert_ffn import expert_ffn
 
 
-def expert_shapes(cfg: ModelConfig, n_experts: int, expert_dim: int) -> dict:
+def expert_shapes(cfg: ModelConfig, n_experts: int, expert_dim: int, shared_dim: int = 0) -> dict:
+    """FFN param shapes: experts of width ``expert_dim``, plus a shared part of ``shared_dim`` when > 0."""
     L, D, E, Fe = cfg.n_layers, cfg.d_model, n_experts, expert_dim
-    return {"wg": (L, E, D, Fe), "wu": (L, E, D, Fe), "wd": (L, E, Fe, D)}
+    out = {"wg": (L, E, D, Fe), "wu": (L, E, D, Fe), "wd": (L, E, Fe, D)}
+    if shared_dim:
+        out.update(shared_wg=(L, D, shared_dim), shared_wu=(L, D, shared_dim), shared_wd=(L, shared_dim, D))
+    return out
+
+
+SHARED_KEYS = ("shared_wg", "shared_wu", "shared_wd")
+
+
+def has_shared(lp: dict) -> bool:
+    """Whether a layer's params hold the shared (always-on) part of the split layout."""
+    return "shared_wg" in lp
+
+
+def shared_ffn(lp: dict, h_BTD, y_BTD):
+    """``y`` plus the shared part's SwiGLU output on ``h`` (``y`` unchanged without a shared part)."""
+    if not has_shared(lp):
+        return y_BTD
+    with jax.named_scope("shared_ffn"):
+        s = layers.swiglu(h_BTD, lp["shared_wg"], lp["shared_wu"], lp["shared_wd"])
+    return (y_BTD.astype(jnp.float32) + s.astype(jnp.float32)).astype(y_BTD.dtype)
 
 
 def routed_ffn(impl: str):
@@ -33,8 +57,10 @@ def routed_ffn(impl: str):
 
     def ffn(lp, h_BTD, route_BT):
         B, T, D = h_BTD.shape
-        y = expert_ffn(h_BTD.reshape(B * T, D), route_BT.reshape(B * T), lp["wg"], lp["wu"], lp["wd"], impl=impl)
-        return y.reshape(B, T, D), None
+        with jax.named_scope("expert_ffn"):
+            y = expert_ffn(h_BTD.reshape(B * T, D), route_BT.reshape(B * T), lp["wg"], lp["wu"], lp["wd"],
+                           impl=impl)
+        return shared_ffn(lp, h_BTD, y.reshape(B, T, D)), None
 
     return ffn
 
@@ -49,7 +75,7 @@ def layerwise_ffn(impl: str):
         route = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), route[..., None], axis=-1)
         y = expert_ffn(h_BTD.reshape(B * T, D), route.reshape(B * T), lp["wg"], lp["wu"], lp["wd"], impl=impl)
-        return (y.reshape(B, T, D) * prob.astype(y.dtype)), logits
+        return shared_ffn(lp, h_BTD, y.reshape(B, T, D) * prob.astype(y.dtype)), logits
 
     return ffn
 
@@ -57,16 +83,19 @@ def layerwise_ffn(impl: str):
 class MoEBackbone(Decoder):
     """Read-ME backbone: dense attention + stacked experts, routed by precomputed route ids."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, n_experts: int, expert_dim: int, impl: str = "xla"):
-        if n_experts < 1 or expert_dim < 1:
-            raise ConfigError(f"MoE needs n_experts >= 1 and expert_dim >= 1, got {n_experts}, {expert_dim}")
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, n_experts: int, expert_dim: int, impl: str = "xla",
+                 shared_dim: int = 0):
+        if n_experts < 1 or expert_dim < 1 or shared_dim < 0:
+            raise ConfigError(f"MoE needs n_experts >= 1, expert_dim >= 1 and shared_dim >= 0, got {n_experts}, "
+                              f"{expert_dim}, {shared_dim}")
         self.n_experts = n_experts
         self.expert_dim = expert_dim
+        self.shared_dim = shared_dim
         self.impl = impl
         super().__init__(cfg, rngs=rngs)
 
     def ffn_shapes(self) -> dict:
-        return expert_shapes(self.cfg, self.n_experts, self.expert_dim)
+        return expert_shapes(self.cfg, self.n_experts, self.expert_dim, self.shared_dim)
 
     def ffn_fn(self):
         return routed_ffn(self.impl)

@@ -19,7 +19,7 @@ import numpy as np
 from readme_jax.config import ModelConfig
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder, sampling
-from readme_jax.model.moe import routed_ffn
+from readme_jax.model.moe import routed_ffn, shared_ffn
 from readme_jax.model.router import route_ids, router_logits
 from readme_jax.ops.expert_ffn import expert_ffn
 
@@ -86,7 +86,7 @@ class ServeModel:
         """Bytes of one whole expert (its wg, wu, wd slices in every layer); the full FFN when dense."""
         lay = self.params["layers"]
         total = sum(int(np.prod(lay[k].shape)) * jnp.dtype(lay[k].dtype).itemsize for k in ("wg", "wu", "wd"))
-        return total // self.n_experts
+        return total // self.n_experts  # the split layout's shared part is read by every step, not per expert
 
 
 
@@ -219,7 +219,7 @@ def present_experts_ffn(lp: dict, h_BTD, ctx):
         e = present_K[k]
         w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
         y = y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
-    return y.astype(h_BTD.dtype).reshape(B, T, D), None
+    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
 
 
 def _ffn_and_ctx(model: ServeModel, moe_ffn: str):

@@ -5,7 +5,9 @@ on the round's router-training tokens, the hidden stream routed by the current r
 (round 0: each block's own domain expert; later rounds: the current router). At every layer
 evaluate ALL experts on the hidden state ("run densely"): ``|silu(h Wg_e) * (h Wu_e)|``, mapped
 back to dense-FFN channel space through ``channel_index`` (a channel held by several experts
-gets their mean; one held by none gets 0). For untuned experts this is exactly the dense FFN's
+gets their mean; one held by none gets 0). With the ``split`` layout only the expert-specific
+channels are scored (the shared part adds the same to every expert and carries no signal; the
+reference code excludes it too). For untuned experts this is exactly the dense FFN's
 activation magnitude. The token's top-F_e channels are compared with each expert's channel set:
 
     overlap[t, e] = mean_l |TopFe(a_l[t]) ∩ C_l,e| / F_e         (normalised to [0, 1])
@@ -25,6 +27,7 @@ import optax
 
 from readme_jax.config import ModelConfig
 from readme_jax.model import decoder
+from readme_jax.model.moe import shared_ffn
 from readme_jax.ops.expert_ffn import expert_ffn
 
 
@@ -58,7 +61,7 @@ def teacher_ffn(impl: str, ffn_dim: int):
         y = expert_ffn(x, route_BT.reshape(-1), lp["wg"], lp["wu"], lp["wd"], impl=impl)
         mag = channel_magnitudes(x, lp["wg"], lp["wu"], lp["channel_index"], ffn_dim)
         ov = overlap_scores(mag, lp["expert_mask"], lp["wg"].shape[-1])
-        return y.reshape(B, T, D), ov.reshape(B, T, -1)
+        return shared_ffn(lp, h_BTD, y.reshape(B, T, D)), ov.reshape(B, T, -1)
 
     return ffn
 
@@ -83,6 +86,25 @@ def teacher_overlap(backbone_params, channel_index_LEF, expert_mask_LEF, tokens_
 
 def target_distribution(overlap_BTE, temperature: float):
     return jax.nn.softmax(overlap_BTE / temperature, axis=-1)
+
+
+def domain_targets(domain_N, seq_len: int, n_experts: int):
+    """One-hot targets ``[N, T, E]``: every token of block n labelled with its block's domain expert.
+
+    Domain i was calibrated into expert i, so the label is ``domain % E``. KL to a one-hot target
+    is the cross-entropy on the label.
+    """
+    label = jnp.asarray(domain_N, jnp.int32) % n_experts
+    return jnp.broadcast_to(jax.nn.one_hot(label, n_experts)[:, None, :], (label.shape[0], seq_len, n_experts))
+
+
+def overlap_gap(overlap_BTE) -> dict:
+    """How much signal a distillation target carries: per token, best minus second-best overlap."""
+    top2 = jax.lax.top_k(overlap_BTE, 2)[0] if overlap_BTE.shape[-1] > 1 else jnp.concatenate(
+        [overlap_BTE, overlap_BTE], -1)
+    gap = top2[..., 0] - top2[..., 1]
+    return {"gap_mean": float(jnp.mean(gap)), "gap_median": float(jnp.median(gap)),
+            "overlap_mean": float(jnp.mean(overlap_BTE))}
 
 
 def router_loss(logits_BTE, target_BTE, kind: str = "kl"):

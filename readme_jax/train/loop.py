@@ -24,8 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from readme_jax.config import MeshConfig, ModelConfig, TrainConfig
-from readme_jax.errors import TrainingError
+from readme_jax.config import ROUTER_TARGETS, MeshConfig, ModelConfig, TrainConfig
+from readme_jax.errors import ConfigError, TrainingError
 from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, routes_for
 from readme_jax.model.moe import routed_ffn
 from readme_jax.train import distill, schedule, steps
@@ -68,6 +68,7 @@ class Trainer:
     log: Callable[[str], None] = print
     on_stage_end: Callable[[int, str, "ReadMEWeights"], None] | None = None  # (stage, name, weights)
     mesh_cfg: MeshConfig | None = None  # expert tuning data x expert parallel when several devices exist
+    router_target: str = "domain"  # domain | distill | domain+distill (RouterConfig.target)
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -78,8 +79,12 @@ class Trainer:
         tc = self.train_cfg
         rtx = schedule.make_optimizer(tc.router, tc.weight_decay, tc.clip_norm)
         etx = schedule.make_optimizer(tc.experts, tc.weight_decay, tc.clip_norm)
+        if self.router_target not in ROUTER_TARGETS:
+            raise ConfigError(f"router target must be one of {ROUTER_TARGETS}, got {self.router_target!r}")
+        self._router_tx = rtx
+        self._router_steps = {}  # loss kind -> compiled step (domain labels: "kl" = cross-entropy)
+        self._stage_info = {}
         self._steps = {  # built once: every round reuses the compiled steps
-            "router": (rtx, steps.make_router_step(self.router_cfg, self.router_ffn, rtx, tc.router_loss)),
             "experts": (etx, steps.make_lm_step(self.backbone_cfg, routed_ffn(self.impl),
                                                 steps.router_route_fn(self.router_cfg, self.router_ffn), etx)),
         }
@@ -139,8 +144,12 @@ class Trainer:
         tc, st = self.train_cfg, self.train_cfg.router
         micro = st.batch_size // st.grad_accum
         blocks, dom = self.data.router_set(round_idx, st.steps * st.batch_size)
-        targets = self._teacher_targets(round_idx, w, blocks, dom)
-        tx, step_fn = self._steps["router"]
+        if self._uses_domain_labels(round_idx):
+            targets, loss_kind = distill.domain_targets(dom, blocks.shape[1] - 1, self.n_experts), "kl"
+            self._stage_info = {"router_target": "domain"}
+        else:
+            targets, loss_kind = self._teacher_targets(round_idx, w, blocks, dom), tc.router_loss
+        tx, step_fn = self._router_tx, self._router_step(loss_kind)
         params, opt_state = w.router, tx.init(w.router)
         rows = []
         name = f"round {round_idx} router"
@@ -154,21 +163,36 @@ class Trainer:
             rows.append({"round": round_idx, "stage": "router", "micro_step": i, **m})
         return ReadMEWeights(params, w.backbone), rows
 
+    def _uses_domain_labels(self, round_idx: int) -> bool:
+        return self.router_target == "domain" or (self.router_target == "domain+distill" and round_idx == 0)
+
+    def _router_step(self, loss_kind: str):
+        if loss_kind not in self._router_steps:
+            self._router_steps[loss_kind] = steps.make_router_step(self.router_cfg, self.router_ffn,
+                                                                   self._router_tx, loss_kind)
+        return self._router_steps[loss_kind]
+
     def _teacher_targets(self, round_idx, w: ReadMEWeights, blocks, dom):
-        """Target distributions ``[n, T, E]`` from one teacher pass per round."""
+        """Target distributions ``[n, T, E]`` from one teacher pass per round; the target's signal
+        (best-vs-second overlap gap) and its agreement with the domain label go to the stage summary."""
         tokens = blocks[:, :-1]
         if round_idx == 0:  # the experts were made per domain: route each block to its domain's expert
             route = np.broadcast_to(np.asarray(dom)[:, None] % self.n_experts, tokens.shape).astype(np.int32)
         else:
             route = routes_for(w.router, self.router_cfg, self.router_ffn, blocks, self.eval_batch_size)
-        out = []
+        out, overlaps = [], []
         bs = self.eval_batch_size
         for s in tqdm(range(0, len(tokens), bs), desc=f"round {round_idx} teacher", disable=not self.progress,
                       leave=False):
             ov = distill.teacher_overlap(w.backbone, jnp.asarray(self.channel_index_LEF), self.expert_mask_LEF,
                                          jnp.asarray(tokens[s:s + bs]), jnp.asarray(route[s:s + bs]),
                                          cfg=self.backbone_cfg, ffn_dim=self.ffn_dim, impl=self.impl)
+            overlaps.append(ov)
             out.append(distill.target_distribution(ov, self.train_cfg.target_temperature))
+        ov = jnp.concatenate(overlaps)
+        label = (np.asarray(dom) % self.n_experts)[:, None]
+        self._stage_info = {"router_target": "distill", **distill.overlap_gap(ov),
+                            "teacher_domain_agreement": float(np.mean(np.asarray(jnp.argmax(ov, -1)) == label))}
         return jnp.concatenate(out)
 
     def _expert_stage(self, round_idx: int, w: ReadMEWeights):
@@ -208,17 +232,22 @@ class Trainer:
         val = self.data.val_blocks()
         nll = readme_domain_nll(w.router, self.router_cfg, self.router_ffn, w.backbone, self.backbone_cfg,
                                 self.impl, val, self.eval_batch_size)
-        loads, locs = {}, {}
+        loads, locs, acc = {}, {}, {}
         for d, b in val.items():
             r = routes_for(w.router, self.router_cfg, self.router_ffn, b, self.eval_batch_size)
             loads[d] = expert_load(r, self.n_experts).tolist()
             locs[d] = locality(r)
+            if d in self.data.domains:
+                acc[d] = float(np.mean(r == self.data.domains.index(d) % self.n_experts))
         return {"val_ppl": {d: math.exp(v) for d, v in nll.items()}, "expert_load": loads,
-                "locality": locs, "locality_mean": float(np.mean(list(locs.values())))}
+                "locality": locs, "locality_mean": float(np.mean(list(locs.values()))),
+                "router_accuracy": acc, "router_accuracy_mean": float(np.mean(list(acc.values()))) if acc else None}
 
     def _write_stage_summary(self, s: int, name: str, w: ReadMEWeights, rows: list):
         t0 = time.time()
         summary = {"stage": s, "name": name, **self.evaluate(w)}
+        if name.endswith("router"):
+            summary.update(self._stage_info)
         if rows:
             tail = rows[-max(1, len(rows) // 5):]
             summary["final_loss"] = float(np.mean([r["loss"] for r in tail]))
@@ -230,8 +259,9 @@ class Trainer:
         with open(self.metrics_dir / f"stage_{tag}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        acc = summary["router_accuracy_mean"]
         self.log(f"[{name}] val ppl " + ", ".join(f"{d} {p:.2f}" for d, p in summary["val_ppl"].items())
-                 + f" | locality {summary['locality_mean']:.3f}")
+                 + f" | locality {summary['locality_mean']:.3f}" + ("" if acc is None else f" | router acc {acc:.3f}"))
 
     def _restore(self, step: int, like: ReadMEWeights) -> ReadMEWeights:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"router": like.router, "backbone": like.backbone})

@@ -11,11 +11,13 @@ Folder layout::
 Tensor names: ``backbone.<name>`` for the backbone (``embed [V,D]``, ``final_norm [D]``,
 ``lm_head [D,V]`` if untied, ``layers.<name>`` stacked over layers: ``attn_norm [L,D]``,
 ``wq [L,D,H*hd]``, ``wk/wv [L,D,K*hd]``, ``wo [L,H*hd,D]``, ``ffn_norm [L,D]``, experts
-``wg/wu [L,E,D,F_e]``, ``wd [L,E,F_e,D]``); matrices are [in, out], so ``y = x @ W``. RoPE is the
+``wg/wu [L,E,D,R]``, ``wd [L,E,R,D]`` and, with the split layout (``expert_layout``), the shared
+part every token uses ``shared_wg/shared_wu [L,D,P]``, ``shared_wd [L,P,D]``: FFN(x) = shared(x) +
+expert_e(x); zero columns are padding); matrices are [in, out], so ``y = x @ W``. RoPE is the
 rotate-half convention. ``router.<name>`` the same for the router (``head [W,E]``). Masks:
-``experts.channel_index [L,E,F_e]`` (dense FFN channel of each expert column) and
-``experts.permanent [L,F]`` (uint8). Route of a token = argmax of the router's logits; the
-backbone uses that expert in every layer, with no gate weight.
+``experts.channel_index [L,E,R]`` and ``experts.shared_index [L,P]`` (dense FFN channel of each
+column, -1 = padding) and ``experts.permanent [L,F]`` (uint8). Route of a token = argmax of the
+router's logits; the backbone uses that expert in every layer, with no gate weight.
 """
 
 from __future__ import annotations
@@ -68,12 +70,14 @@ def export_workspace(ws: Workspace, out_dir: Path) -> Path:
     tensors = {**flatten(bp, "backbone"), **flatten(rp, "router"),
                "experts.channel_index": ex["channel_index"].astype(np.int32),
                "experts.permanent": ex["permanent"].astype(np.uint8)}
+    if "shared_index" in ex and ex["shared_index"].size:
+        tensors["experts.shared_index"] = ex["shared_index"].astype(np.int32)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "readme_moe.safetensors"))
     info = {"format": FORMAT, "version": VERSION, "model_config": config_mod.to_dict(bcfg),
             "router_config": config_mod.to_dict(ws.cfg.router), "router_model_config": config_mod.to_dict(rcfg),
             "n_experts": meta["n_experts"], "expert_width": meta["expert_width"], "ffn_dim": meta["ffn_dim"],
-            "domains": meta["domains"], "r": meta["r"],
+            "domains": meta["domains"], "r": meta["r"], "expert_layout": meta.get("layout", "fixed"),
             "layout": {k: list(v.shape) for k, v in tensors.items()}}
     (out_dir / "readme_moe.json").write_text(json.dumps(info, indent=1))
     ws.tokenizer.save_hf(out_dir)

@@ -35,11 +35,14 @@ def run_refactor(ws: Workspace) -> dict:
                       progress=ws.progress)
     save_stats(d / "stats.npz", stats)
     masks = ex.select_channels(stats.mean(), cc.r)
-    moe, meta = ex.moe_arrays_from_dense(dense, masks, domains=list(stats.domains), r=cc.r)
-    np.savez(d / "experts.npz", masks=masks, channel_index=meta["channel_index"], permanent=meta["permanent"])
+    moe, meta = ex.moe_arrays_from_dense(dense, masks, domains=list(stats.domains), r=cc.r, layout=cc.layout)
+    np.savez(d / "experts.npz", masks=masks, channel_index=meta["channel_index"], permanent=meta["permanent"],
+             shared_index=meta.get("shared_index", np.zeros((len(masks[0]), 0), np.int32)))
     json_meta = {"kind": "readme_moe", "model_config": config_mod.to_dict(model.cfg), "source": cfg.model,
                  "domains": meta["domains"], "n_experts": meta["n_experts"], "expert_width": meta["expert_width"],
-                 "ffn_dim": meta["ffn_dim"], "r": meta["r"], "tokenizer_source": cfg.model}
+                 "ffn_dim": meta["ffn_dim"], "r": meta["r"], "layout": meta["layout"],
+                 "shared_width": int(moe["layers"]["shared_wg"].shape[-1]) if "shared_wg" in moe["layers"] else 0,
+                 "specific_width": int(moe["layers"]["wg"].shape[-1]), "tokenizer_source": cfg.model}
     save_params(d / "moe", moe, json_meta, overwrite=True)
     pruned, pcfg = ex.pruned_dense_arrays(dense, stats.pooled_mean(), meta["expert_width"], model.cfg)
     save_params(d / "pruned", pruned, {"kind": "llama", "model_config": config_mod.to_dict(pcfg),

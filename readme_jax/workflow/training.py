@@ -3,6 +3,7 @@ tuned with the same LM-token budget as the experts)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -22,18 +23,20 @@ from readme_jax.workflow.workspace import Workspace, seed_of
 
 
 class CorpusData:
-    """The Trainer's data from the offline domains: deterministic in (seed, round, stage, step)."""
+    """The Trainer's data from the offline domains: deterministic in (seed, train.seed, round, stage, step)."""
 
     def __init__(self, ws: Workspace, domains: list[str]):
         self.ws, self.domains = ws, list(domains)
         self._ds = {}
 
     def _mixture(self, key, seq_len, batch_size):
-        if key not in self._ds:
-            self._ds[key] = mixture_batches(self.domains, self.ws.tokenizer, seq_len=seq_len, batch_size=batch_size,
-                                            split="train", seed=seed_of(self.ws.cfg.seed, *key), sep_id=self.ws.sep_id,
-                                            cache_dir=self.ws.cfg.data.cache_dir, progress=False)
-        return self._ds[key]
+        full = (*key, seq_len, batch_size)  # a dataset is its name AND its shape
+        if full not in self._ds:
+            seed = seed_of(self.ws.cfg.seed, self.ws.cfg.train.seed, *key)
+            self._ds[full] = mixture_batches(self.domains, self.ws.tokenizer, seq_len=seq_len, batch_size=batch_size,
+                                             split="train", seed=seed, sep_id=self.ws.sep_id,
+                                             cache_dir=self.ws.cfg.data.cache_dir, progress=False)
+        return self._ds[full]
 
     def router_set(self, round_idx, n_blocks):
         st = self.ws.cfg.train.router
@@ -51,8 +54,11 @@ class CorpusData:
 
 
 def build_router(ws: Workspace, n_experts: int, backbone_cfg: ModelConfig, embed):
-    return make_router(ws.cfg.router, n_experts, backbone_cfg.vocab_size, backbone_cfg.max_seq_len,
-                       backbone_embed_VD=embed)
+    """The untrained router; its init seed is ``router.seed`` mixed with ``train.seed`` (0 keeps router.seed)."""
+    rc = ws.cfg.router
+    seed = rc.seed if ws.cfg.train.seed == 0 else seed_of(rc.seed, ws.cfg.train.seed)
+    return make_router(dataclasses.replace(rc, seed=seed), n_experts, backbone_cfg.vocab_size,
+                       backbone_cfg.max_seq_len, backbone_embed_VD=embed)
 
 
 def run_train(ws: Workspace) -> dict:
@@ -69,7 +75,7 @@ def run_train(ws: Workspace) -> dict:
 
     trainer = Trainer(ws.cfg.train, cfg, router.cfg, router.ffn_fn(), ci, meta["ffn_dim"],
                       CorpusData(ws, meta["domains"]), d, impl=ws.cfg.impl, progress=ws.progress, log=ws.log,
-                      on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh)
+                      on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh, router_target=ws.cfg.router.target)
     w = trainer.run(ReadMEWeights(router.arrays(), moe))
     save_params(d / "final" / "router", w.router, router_meta, overwrite=True)
     save_params(d / "final" / "backbone", w.backbone, {**meta, "trained": True}, overwrite=True)
