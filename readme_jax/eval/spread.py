@@ -45,3 +45,8 @@ def paired_difference(nll_a_N, nll_b_N, n_boot: int = 1000, seed: int = 0, level
     diff = a - b
     lo, hi = _interval(resampled_means(diff, n_boot, seed), level)
     return {"mean_diff": float(diff.mean()), "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)}
+
+
+def domain_ppl_ci(nll_by_domain: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """``domain -> [lo, hi]``: the 95 % bootstrap interval of each domain's perplexity."""
+    return {d: [b["lo"], b["hi"]] for d, b in ((d, bootstrap_ppl(x, n_boot, seed)) for d, x in nll_by_domain.items())}
