@@ -65,8 +65,10 @@ def plot_training(train_dir: Path, out: Path, n_experts: int | None = None) -> l
         ax.plot(np.arange(len(r)), [x[key] for x in r], lw=1)
         for b in np.flatnonzero(np.diff([x["round"] for x in r])):
             ax.axvline(b + 0.5, color="gray", lw=0.5, ls=":")
-        if key == "agreement" and n_experts:
-            _chance_line(ax, n_experts)
+        if key == "agreement":
+            ax.set_ylim(0, 1)
+            if n_experts:
+                _chance_line(ax, n_experts)
         ax.set_title(f"{stage} {key}")
         ax.set_xlabel("micro-step (rounds dotted)")
     fig.tight_layout()
@@ -102,7 +104,7 @@ def plot_expert_load(load: dict, experts: list[str], path: Path):
     """Heatmap: rows are the eval domains, columns the experts named by the domain each was built for."""
     domains = list(load)
     m = np.asarray([load[d] for d in domains])
-    fig = _figure(1, 1.6 + 0.9 * m.shape[1], 1.4 + 0.5 * len(domains))
+    fig = _figure(1, max(5.0, 2.0 + 1.0 * m.shape[1]), max(3.5, 1.6 + 0.5 * len(domains)))
     ax = fig.add_subplot()
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(m):
@@ -112,7 +114,7 @@ def plot_expert_load(load: dict, experts: list[str], path: Path):
                                       for i in range(m.shape[1])], rotation=20)
     ax.set_ylabel("eval domain")
     ax.set_xlabel("expert (built for domain)")
-    ax.set_title("fraction of each domain's tokens per expert")
+    ax.set_title("share of a domain's tokens per expert")
     fig.colorbar(im)
     fig.tight_layout()
     fig.savefig(path)
@@ -196,8 +198,8 @@ def budget_title(metrics: dict) -> str:
         return "# Read-ME on JAX: run report"
     r = metrics["config"]["train"]["router"]
     return (f"# Read-ME on JAX: {t['rounds']} rounds; router {r['steps']} steps × batch {r['batch_size']} × "
-            f"{r['seq_len']} tokens per round ({t['router_tokens']:,} router tokens); "
-            f"experts {t['lm_tokens']:,} LM tokens")
+            f"{r['seq_len']} tokens per round ({t['router_tokens']:,} in all); "
+            f"experts {t['lm_tokens']:,} LM tokens in all")
 
 
 def wins_line(wins: dict | None) -> str:
