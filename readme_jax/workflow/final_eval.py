@@ -36,7 +36,7 @@ def run_final_eval(ws: Workspace) -> dict:
     domains = meta["domains"]
     routes = {d: routes_for(*routers["readme_trained"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
     acc = router_accuracy(routes, domains)
-    out = {"ppl": {row: domain_ppl(v) for row, v in nll.items()},
+    out = {"ppl": {**_rows_without_blocks(ws, nll), **{row: domain_ppl(v) for row, v in nll.items()}},
            "ppl_ci": {row: domain_ppl_ci(v) for row, v in nll.items()},
            "nll_blocks": {row: {d: np.asarray(x).tolist() for d, x in v.items()} for row, v in nll.items()},
            **compare(nll),
@@ -75,6 +75,12 @@ def _row_nlls(ws: Workspace, blocks: dict, moe, cfg) -> tuple[dict, dict]:
     routers["readme_trained"] = (rp, rcfg, rffn)
     nll["readme_trained"] = readme_domain_block_nll(rp, rcfg, rffn, bp, bcfg, impl, blocks, bs)
     return nll, routers
+
+
+def _rows_without_blocks(ws: Workspace, nll: dict) -> dict:
+    """refactor_eval's perplexities for rows it stored no per-block NLLs for (older runs): no interval."""
+    ref = ws.done_info("refactor_eval")["ppl"]
+    return {row: ref[src] for row, src in COPIED_ROWS.items() if row not in nll and src in ref}
 
 
 def compare(nll: dict, candidate: str = CANDIDATE, reference: str = REFERENCE) -> dict:
