@@ -7,7 +7,7 @@ from flax import nnx
 
 from readme_jax.config import tiny_model_config
 from readme_jax.eval.generate import greedy_generate
-from readme_jax.eval.perplexity import mean_nll, nll_fn_for
+from readme_jax.eval.perplexity import mean_nll, nll_fn_for, per_block_nll
 from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
 from readme_jax.model.sampling import sample
@@ -18,11 +18,29 @@ def test_mean_nll_matches_numpy_log_softmax():
     model = Llama(cfg, rngs=nnx.Rngs(int(np.random.randint(1 << 30))))
     blocks = np.random.randint(0, cfg.vocab_size, (5, 9)).astype(np.int32)
     got = mean_nll(nll_fn_for(model.arrays(), cfg), blocks, batch_size=2)
-    logits = np.asarray(decoder.forward(model.arrays(), cfg, jnp.asarray(blocks[:, :-1]))[0], np.float64)
+    ref = _numpy_token_nll(model.arrays(), cfg, blocks).mean()
+    assert abs(got - ref) < 1e-5 * max(1.0, abs(ref))
+
+
+def test_per_block_nll_matches_numpy_and_averages_to_mean_nll():
+    cfg = tiny_model_config()
+    model = Llama(cfg, rngs=nnx.Rngs(int(np.random.randint(1 << 30))))
+    blocks = np.random.randint(0, cfg.vocab_size, (5, 9)).astype(np.int32)
+    fn = nll_fn_for(model.arrays(), cfg)
+    got = per_block_nll(fn, blocks, batch_size=2)  # batches 2, 2, 1: a short last batch too
+    ref = _numpy_token_nll(model.arrays(), cfg, blocks).mean(-1)
+    assert got.shape == (5,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    T = blocks.shape[1] - 1
+    assert abs(np.sum(got * T) / (5 * T) - mean_nll(fn, blocks, batch_size=2)) < 1e-9
+
+
+def _numpy_token_nll(params, cfg, blocks):
+    """Float64 log-softmax NLL ``[N, T]`` of the logits the decoder gives for ``blocks[:, :-1]``."""
+    logits = np.asarray(decoder.forward(params, cfg, jnp.asarray(blocks[:, :-1]))[0], np.float64)
     m = logits.max(-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-    ref = -np.take_along_axis(logp, blocks[:, 1:, None], -1).mean()
-    assert abs(got - ref) < 1e-5 * max(1.0, abs(ref))
+    return -np.take_along_axis(logp, blocks[:, 1:, None], -1)[..., 0]
 
 
 def test_greedy_generate_equals_repeated_full_forward():

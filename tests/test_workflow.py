@@ -70,7 +70,37 @@ def test_run_writes_every_report_file(finished_run):
     assert all(np.isfinite(v) and v > 1 for row in ppl.values() for v in row.values())
     text = (rep / "report.md").read_text()
     assert "Read-ME after all rounds" in text and "![ppl_final.png](ppl_final.png)" in text
+    assert text.startswith("# Read-ME on JAX: 2 rounds; router 2 steps × batch 4 × 32 tokens")
+    assert "Read-ME beats the tuned pruned dense on " in text and "## Router (held-out eval blocks)" in text
+    assert (rep / "router_accuracy.png").is_file()
     assert "### Policies (measured)" in text and "| expert_aware |" in text and "![hit_ratio.png](hit_ratio.png)" in text
+
+
+def test_results_carry_intervals_router_accuracy_and_wins(finished_run):
+    out, _, _ = finished_run
+    m = json.loads((out / "report" / "metrics.json").read_text())
+    fe = m["final_eval"]
+    for row, per_domain in fe["ppl"].items():  # every row, copied from refactor_eval or not, has an interval
+        for d, v in per_domain.items():
+            lo, hi = fe["ppl_ci"][row][d]
+            assert lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9), (row, d, lo, v, hi)
+            assert len(fe["nll_blocks"][row][d]) == fe["eval"]["blocks_per_domain"][d]
+    assert m["ppl"]["readme_final"] == m["ppl"]["readme_trained"] == fe["ppl"]["readme_trained"]
+    assert m["ppl"]["pruned_tuned"] == fe["ppl"]["pruned_dense_tuned"] and m["ppl_ci"]["readme_final"]
+    for key in ("router_accuracy", "router_accuracy_router_only"):
+        per_domain = fe[key.replace("accuracy", "accuracy_per_domain")]
+        assert 0 <= fe[key] <= 1 and set(per_domain) == set(fe["domains"])
+        assert fe[key] == pytest.approx(np.mean(list(per_domain.values())))
+    assert m["router_accuracy"] == fe["router_accuracy"] and 0 <= m["locality"] <= 1
+    w, comp = m["wins"], fe["comparison"]
+    assert w["n_domains"] == len(comp) == len(fe["domains"])
+    ppl_a, ppl_b = fe["ppl"]["readme_trained"], fe["ppl"]["pruned_dense_tuned"]
+    assert w["better"] == sum(ppl_a[d] < ppl_b[d] for d in comp)
+    assert w["significant"] == sum(c["hi"] < 0 for c in comp.values()) <= w["better"]
+    assert all(c["lo"] <= c["mean_diff"] <= c["hi"] for c in comp.values())
+    stage_seconds = [m[s]["seconds"] for s in STAGES[:-1]]
+    assert m["main_job_seconds"] == pytest.approx(sum(stage_seconds), abs=0.05) and m["main_job_seconds"] > 0
+    assert "report stage excluded" in m["main_job_seconds_note"]
 
 
 def test_resume_skips_finished_stages(finished_run):

@@ -1,4 +1,5 @@
-"""Evaluation of a Read-ME model: per-domain perplexity under a route source, locality, expert load."""
+"""Evaluation of a Read-ME model: per-domain perplexity (mean or per block) under a route source, routing
+accuracy against the domain label, locality, expert load."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.config import ModelConfig
-from readme_jax.eval.perplexity import block_nll, mean_nll
+from readme_jax.eval.perplexity import block_nll, mean_nll, per_block_nll
 from readme_jax.model.moe import routed_ffn
 from readme_jax.model.router import router_logits
 
@@ -43,22 +44,47 @@ def _fixed_nll(backbone_params, blocks_BT1, expert, *, cfg, impl):
     return _moe_nll(backbone_params, cfg, impl, blocks_BT1, route)
 
 
+def _readme_nll_fn(router_params, router_cfg, router_ffn, backbone_params, cfg, impl):
+    """NllFn with routes from the router (computed inside the same jit)."""
+    return lambda blocks: _readme_nll(router_params, backbone_params, blocks, router_cfg=router_cfg,
+                                      router_ffn=router_ffn, cfg=cfg, impl=impl)
+
+
+def _fixed_nll_fn(backbone_params, cfg, impl, expert: int):
+    return lambda blocks: _fixed_nll(backbone_params, blocks, expert, cfg=cfg, impl=impl)
+
+
 def readme_domain_nll(router_params, router_cfg, router_ffn, backbone_params, cfg, impl,
                       val_blocks: dict[str, np.ndarray], batch_size: int = 4, progress: bool = False) -> dict:
-    """Mean NLL per domain with routes from the router (computed inside the same jit)."""
-
-    def fn(blocks):
-        return _readme_nll(router_params, backbone_params, blocks, router_cfg=router_cfg, router_ffn=router_ffn,
-                           cfg=cfg, impl=impl)
-
+    """Mean NLL per domain with routes from the router."""
+    fn = _readme_nll_fn(router_params, router_cfg, router_ffn, backbone_params, cfg, impl)
     return {d: mean_nll(fn, b, batch_size, desc=f"ppl {d}" if progress else None) for d, b in val_blocks.items()}
+
+
+def readme_domain_block_nll(router_params, router_cfg, router_ffn, backbone_params, cfg, impl,
+                            val_blocks: dict[str, np.ndarray], batch_size: int = 4,
+                            progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-block mean NLL (``[N]`` float64) per domain with routes from the router."""
+    fn = _readme_nll_fn(router_params, router_cfg, router_ffn, backbone_params, cfg, impl)
+    return {d: per_block_nll(fn, b, batch_size, desc=f"ppl {d}" if progress else None)
+            for d, b in val_blocks.items()}
 
 
 def fixed_route_nll(backbone_params, cfg, impl, blocks_NT1, expert: int, batch_size: int = 4,
                     desc: str | None = None) -> float:
     """Mean NLL with every token sent to one expert (oracle or forced-wrong routing)."""
-    return mean_nll(lambda b: _fixed_nll(backbone_params, b, expert, cfg=cfg, impl=impl), blocks_NT1, batch_size,
-                    desc=desc)
+    return mean_nll(_fixed_nll_fn(backbone_params, cfg, impl, expert), blocks_NT1, batch_size, desc=desc)
+
+
+def fixed_route_block_nll(backbone_params, cfg, impl, blocks_NT1, expert: int, batch_size: int = 4,
+                          desc: str | None = None) -> np.ndarray:
+    """Per-block mean NLL (``[N]`` float64) with every token sent to one expert."""
+    return per_block_nll(_fixed_nll_fn(backbone_params, cfg, impl, expert), blocks_NT1, batch_size, desc=desc)
+
+
+def route_accuracy(route_NT: np.ndarray, expert: int) -> float:
+    """Fraction of tokens routed to ``expert`` (the block's domain's own expert)."""
+    return float(np.mean(np.asarray(route_NT) == expert))
 
 
 def locality(route_NT: np.ndarray) -> float:

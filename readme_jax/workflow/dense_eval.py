@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from readme_jax.eval.generate import greedy_generate
-from readme_jax.workflow.refactor import dense_ppl
+from readme_jax.workflow.refactor import dense_block_nll, domain_ppl
 from readme_jax.workflow.workspace import Workspace, write_json
 
 
@@ -15,10 +15,12 @@ def run_dense_eval(ws: Workspace) -> dict:
     model, tok = ws.dense
     e = ws.cfg.eval
     blocks = ws.eval_blocks()
-    ppl = dense_ppl(model.arrays(), model.cfg, blocks, e.batch_size, ws.progress, "dense")
+    nll = dense_block_nll(model.arrays(), model.cfg, blocks, e.batch_size, ws.progress, "dense")
+    ppl = domain_ppl(nll)
     ids = tok.encode(e.prompt)
     new = greedy_generate(model.arrays(), model.cfg, ids, e.max_new_tokens, eos_id=tok.eos_id)
-    out = {"ppl": ppl, "prompt": e.prompt, "completion": tok.decode(new),
+    out = {"ppl": ppl, "nll_blocks": {d: v.tolist() for d, v in nll.items()},
+           "prompt": e.prompt, "completion": tok.decode(new),
            "eval": {"split": e.split, "seq_len": e.seq_len, "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}},
            "model": ws.cfg.model}
     write_json(ws.stage_dir("dense_eval") / "dense_eval.json", out)

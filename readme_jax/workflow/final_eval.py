@@ -2,57 +2,104 @@
 
 Rows: dense; pruned dense (same activated width) untuned and tuned with the experts' LM-token
 budget; Read-ME with oracle (own-domain) routing before training; Read-ME with the round-0 router
-and untouched experts ("router only"); Read-ME after all rounds. Plus the final router's
-locality and expert load per domain.
+and untouched experts ("router only"); Read-ME after all rounds. Every row keeps its per-block
+NLLs (``nll_blocks``) and a 95 % bootstrap interval over blocks (``ppl_ci``); ``comparison`` is the
+paired bootstrap of Read-ME against the tuned pruned dense per domain, summarised in ``wins``.
+Router quality on the same blocks: accuracy against the domain label (domain d's expert is
+``domains.index(d)``), locality and expert load per domain.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 
-from readme_jax.checkpoints import restore_params
 from readme_jax import config as config_mod
+from readme_jax.checkpoints import restore_params
 from readme_jax.config import ModelConfig
-from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, routes_for
-from readme_jax.workflow.refactor import dense_ppl, load_moe
+from readme_jax.eval.routing import expert_load, locality, readme_domain_block_nll, route_accuracy, routes_for
+from readme_jax.eval.spread import domain_ppl_ci, paired_difference
+from readme_jax.workflow.refactor import dense_block_nll, domain_ppl, load_moe
 from readme_jax.workflow.training import load_router, load_trained
 from readme_jax.workflow.workspace import Workspace, write_json
+
+COPIED_ROWS = {"dense": "dense", "pruned_dense": "pruned_dense", "readme_oracle_untrained": "moe_oracle"}
+CANDIDATE, REFERENCE = "readme_trained", "pruned_dense_tuned"
 
 
 def run_final_eval(ws: Workspace) -> dict:
     t0 = time.time()
     blocks = ws.eval_blocks()
-    bs = ws.cfg.eval.batch_size
-    impl = ws.cfg.impl
-    ref = ws.done_info("refactor_eval")["ppl"]
-    rows = {"dense": ref["dense"], "pruned_dense": ref["pruned_dense"], "readme_oracle_untrained": ref["moe_oracle"]}
-    if ws.is_done("baseline"):
-        pp, pmeta = restore_params(ws.out / "baseline" / "pruned_tuned")
-        pcfg = config_mod.from_dict(ModelConfig, pmeta["model_config"])
-        rows["pruned_dense_tuned"] = dense_ppl(pp, pcfg, blocks, bs, ws.progress, "pruned tuned")
     moe, cfg, meta, _ = load_moe(ws)
-    r0 = ws.out / "train" / "after_router0" / "router"
-    if r0.exists():
-        rp0, rcfg0, rffn0 = load_router(r0, cfg)
-        rows["readme_router_only"] = _ppl(readme_domain_nll(rp0, rcfg0, rffn0, moe, cfg, impl, blocks, bs))
-    rp, rcfg, rffn, bp, bcfg, _ = load_trained(ws)
-    rows["readme_trained"] = _ppl(readme_domain_nll(rp, rcfg, rffn, bp, bcfg, impl, blocks, bs))
-    routes = {d: routes_for(rp, rcfg, rffn, b, bs) for d, b in blocks.items()}
-    E = int(meta["n_experts"])
-    out = {"ppl": rows,
+    nll, routers = _row_nlls(ws, blocks, moe, cfg)
+    domains = meta["domains"]
+    routes = {d: routes_for(*routers["readme_trained"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
+    acc = router_accuracy(routes, domains)
+    out = {"ppl": {**_rows_without_blocks(ws, nll), **{row: domain_ppl(v) for row, v in nll.items()}},
+           "ppl_ci": {row: domain_ppl_ci(v) for row, v in nll.items()},
+           "nll_blocks": {row: {d: np.asarray(x).tolist() for d, x in v.items()} for row, v in nll.items()},
+           **compare(nll),
+           "router_accuracy_per_domain": acc, "router_accuracy": _mean(acc),
            "locality": {d: locality(r) for d, r in routes.items()},
-           "locality_mean": float(np.mean([locality(r) for r in routes.values()])),
-           "expert_load": {d: expert_load(r, E).tolist() for d, r in routes.items()},
-           "domains": meta["domains"],
+           "locality_mean": _mean({d: locality(r) for d, r in routes.items()}),
+           "expert_load": {d: expert_load(r, int(meta["n_experts"])).tolist() for d, r in routes.items()},
+           "domains": domains,
            "eval": {"split": ws.cfg.eval.split, "seq_len": ws.cfg.eval.seq_len,
                     "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}}}
+    if "readme_router_only" in routers:
+        r0 = {d: routes_for(*routers["readme_router_only"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
+        out["router_accuracy_per_domain_router_only"] = router_accuracy(r0, domains)
+        out["router_accuracy_router_only"] = _mean(out["router_accuracy_per_domain_router_only"])
     write_json(ws.stage_dir("final_eval") / "table.json", out)
     ws.mark_done("final_eval", out, time.time() - t0)
     return out
 
 
-def _ppl(nll: dict) -> dict:
-    return {d: math.exp(v) for d, v in nll.items()}
+def _row_nlls(ws: Workspace, blocks: dict, moe, cfg) -> tuple[dict, dict]:
+    """Per-block NLLs of every row (``row -> domain -> [N]``) and the routers evaluated, as
+    ``row -> (params, cfg, ffn)``; refactor_eval's rows are reused when it stored per-block NLLs."""
+    bs, impl = ws.cfg.eval.batch_size, ws.cfg.impl
+    ref = ws.done_info("refactor_eval")
+    nll = {row: ref["nll_blocks"][src] for row, src in COPIED_ROWS.items() if src in ref.get("nll_blocks", {})}
+    if ws.is_done("baseline"):
+        pp, pmeta = restore_params(ws.out / "baseline" / "pruned_tuned")
+        pcfg = config_mod.from_dict(ModelConfig, pmeta["model_config"])
+        nll["pruned_dense_tuned"] = dense_block_nll(pp, pcfg, blocks, bs, ws.progress, "pruned tuned")
+    routers = {}
+    r0 = ws.out / "train" / "after_router0" / "router"
+    if r0.exists():
+        routers["readme_router_only"] = load_router(r0, cfg)
+        nll["readme_router_only"] = readme_domain_block_nll(*routers["readme_router_only"], moe, cfg, impl, blocks, bs)
+    rp, rcfg, rffn, bp, bcfg, _ = load_trained(ws)
+    routers["readme_trained"] = (rp, rcfg, rffn)
+    nll["readme_trained"] = readme_domain_block_nll(rp, rcfg, rffn, bp, bcfg, impl, blocks, bs)
+    return nll, routers
+
+
+def _rows_without_blocks(ws: Workspace, nll: dict) -> dict:
+    """refactor_eval's perplexities for rows it stored no per-block NLLs for (older runs): no interval."""
+    ref = ws.done_info("refactor_eval")["ppl"]
+    return {row: ref[src] for row, src in COPIED_ROWS.items() if row not in nll and src in ref}
+
+
+def compare(nll: dict, candidate: str = CANDIDATE, reference: str = REFERENCE) -> dict:
+    """``comparison`` (paired bootstrap of candidate minus reference log-ppl per domain) and ``wins``
+    (domains where the candidate's ppl is lower, and where that holds beyond the 95 % interval)."""
+    if candidate not in nll or reference not in nll:
+        return {"comparison": {}, "wins": None}
+    domains = [d for d in nll[candidate] if d in nll[reference]]
+    comp = {d: paired_difference(nll[candidate][d], nll[reference][d]) for d in domains}
+    wins = {"candidate": candidate, "reference": reference, "n_domains": len(domains),
+            "better": sum(c["mean_diff"] < 0 for c in comp.values()),
+            "significant": sum(c["significant"] and c["hi"] < 0 for c in comp.values())}
+    return {"comparison": comp, "wins": wins}
+
+
+def router_accuracy(routes: dict, domains: list[str]) -> dict:
+    """Per domain, the fraction of its tokens routed to its own expert (``domains.index(d)``)."""
+    return {d: route_accuracy(r, domains.index(d)) for d, r in routes.items() if d in domains}
+
+
+def _mean(per_domain: dict) -> float:
+    return float(np.mean(list(per_domain.values()))) if per_domain else float("nan")

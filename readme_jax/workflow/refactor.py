@@ -1,6 +1,6 @@
 """Stages `refactor` and `refactor_eval`: dense -> calibrated experts -> MoE checkpoint, and the
 four-way perplexity table (dense, MoE with oracle routing, MoE forced to a wrong expert, pruned
-dense of the same activated width)."""
+dense of the same activated width), with every row's per-block NLLs (``nll_blocks``) for intervals."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from readme_jax.checkpoints import restore_params, save_params
 from readme_jax.config import ModelConfig
 from readme_jax.convert import experts as ex
 from readme_jax.convert.calibrate import calibrate, save_stats
-from readme_jax.eval.perplexity import mean_nll, nll_fn_for
-from readme_jax.eval.routing import fixed_route_nll
+from readme_jax.eval.perplexity import nll_fn_for, per_block_nll
+from readme_jax.eval.routing import fixed_route_block_nll
 from readme_jax.workflow.workspace import Workspace, write_json
 
 
@@ -72,32 +72,45 @@ def load_pruned(ws: Workspace):
     return params, config_mod.from_dict(ModelConfig, meta["model_config"])
 
 
-def dense_ppl(params, cfg, blocks: dict, batch_size: int, progress: bool, label: str) -> dict:
+def dense_block_nll(params, cfg, blocks: dict, batch_size: int, progress: bool, label: str) -> dict:
+    """Per-block mean NLL (``[N]`` float64) per domain of a dense decoder."""
     fn = nll_fn_for(params, cfg)
-    return {d: math.exp(mean_nll(fn, b, batch_size, desc=f"{label} {d}" if progress else None))
+    return {d: per_block_nll(fn, b, batch_size, desc=f"{label} {d}" if progress else None)
             for d, b in blocks.items()}
+
+
+def domain_ppl(nll_blocks: dict) -> dict:
+    """Perplexity per domain from per-block NLLs (equal-length blocks: the block mean is the token mean)."""
+    return {d: math.exp(float(np.mean(v))) for d, v in nll_blocks.items()}
+
+
+def _dense_nll_blocks(ws: Workspace, blocks: dict, bs: int) -> dict:
+    """The dense model's per-block NLLs: dense_eval's when it stored them, else computed here."""
+    if ws.is_done("dense_eval") and "nll_blocks" in ws.done_info("dense_eval"):
+        return ws.done_info("dense_eval")["nll_blocks"]
+    model, _ = ws.dense
+    return dense_block_nll(model.arrays(), model.cfg, blocks, bs, ws.progress, "dense")
 
 
 def run_refactor_eval(ws: Workspace) -> dict:
     t0 = time.time()
     blocks = ws.eval_blocks()
     bs = ws.cfg.eval.batch_size
-    model, _ = ws.dense
     moe, cfg, meta, _ = load_moe(ws)
     domains = meta["domains"]
     E = len(domains)
-    rows = {"dense": ws.done_info("dense_eval")["ppl"] if ws.is_done("dense_eval")
-            else dense_ppl(model.arrays(), model.cfg, blocks, bs, ws.progress, "dense")}
-    rows["moe_oracle"], rows["moe_wrong"] = {}, {}
+    nll = {"dense": _dense_nll_blocks(ws, blocks, bs), "moe_oracle": {}, "moe_wrong": {}}
     for d, b in blocks.items():
         if d not in domains:
             continue
         i = domains.index(d)
-        rows["moe_oracle"][d] = math.exp(fixed_route_nll(moe, cfg, ws.cfg.impl, b, i, bs))
-        rows["moe_wrong"][d] = math.exp(fixed_route_nll(moe, cfg, ws.cfg.impl, b, (i + 1) % E, bs))
+        nll["moe_oracle"][d] = fixed_route_block_nll(moe, cfg, ws.cfg.impl, b, i, bs)
+        nll["moe_wrong"][d] = fixed_route_block_nll(moe, cfg, ws.cfg.impl, b, (i + 1) % E, bs)
     pruned, pcfg = load_pruned(ws)
-    rows["pruned_dense"] = dense_ppl(pruned, pcfg, blocks, bs, ws.progress, "pruned")
-    out = {"ppl": rows, "wrong_expert_rule": "domain i -> expert (i+1) mod E",
+    nll["pruned_dense"] = dense_block_nll(pruned, pcfg, blocks, bs, ws.progress, "pruned")
+    out = {"ppl": {row: domain_ppl(v) for row, v in nll.items()},
+           "nll_blocks": {row: {d: np.asarray(x).tolist() for d, x in v.items()} for row, v in nll.items()},
+           "wrong_expert_rule": "domain i -> expert (i+1) mod E",
            "eval": {"split": ws.cfg.eval.split, "seq_len": ws.cfg.eval.seq_len,
                     "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}}}
     write_json(ws.stage_dir("refactor_eval") / "table.json", out)
