@@ -10,7 +10,7 @@ from readme_jax.config import tiny_model_config
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
-from readme_jax.model.moe import LayerwiseMoE, MoEBackbone
+from readme_jax.model.moe import LayerwiseMoE, MoEBackbone, routed_ffn
 from readme_jax.model.readme import ReadME
 from readme_jax.model.router import RouterConfig, make_router
 
@@ -144,3 +144,32 @@ def test_moe_needs_route():
     moe = MoEBackbone(cfg, rngs=nnx.Rngs(0), n_experts=E, expert_dim=16)
     with pytest.raises(ConfigError, match="needs route_BT"):
         moe(jnp.zeros((1, 3), jnp.int32))
+
+
+def test_split_layout_ffns_agree_with_a_per_token_float64_loop():
+    """routed_ffn and the serving engine's present_experts_ffn add the shared part for every token."""
+    from readme_jax.serve.engine_core import present_experts_ffn
+
+    rng = np.random.default_rng(_seed())
+    E, D, R, P, T = 3, 16, 8, 5, 13
+    lp = {"wg": rng.standard_normal((E, D, R)), "wu": rng.standard_normal((E, D, R)), "wd": rng.standard_normal((E, R, D)),
+          "shared_wg": rng.standard_normal((D, P)), "shared_wu": rng.standard_normal((D, P)),
+          "shared_wd": rng.standard_normal((P, D))}
+    lp = {k: (v * 0.3).astype(np.float32) for k, v in lp.items()}
+    h = rng.standard_normal((1, T, D)).astype(np.float32)
+    route = rng.integers(0, E, (1, T)).astype(np.int32)
+
+    def swiglu64(x, wg, wu, wd):
+        g, u = x @ wg.astype(np.float64), x @ wu.astype(np.float64)
+        return (g / (1 + np.exp(-g)) * u) @ wd.astype(np.float64)
+
+    x = h[0].astype(np.float64)
+    want = np.stack([swiglu64(x[t], lp["wg"][route[0, t]], lp["wu"][route[0, t]], lp["wd"][route[0, t]])
+                     + swiglu64(x[t], lp["shared_wg"], lp["shared_wu"], lp["shared_wd"]) for t in range(T)])
+    jlp = {k: jnp.asarray(v) for k, v in lp.items()}
+    for impl in ("reference", "xla"):
+        got, _ = routed_ffn(impl)(jlp, jnp.asarray(h), jnp.asarray(route))
+        np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=1e-4, atol=1e-4)
+    present = jnp.asarray(np.unique(route), jnp.int32)
+    got, _ = jax.jit(present_experts_ffn)(jlp, jnp.asarray(h), (jnp.asarray(route), present))  # ids traced
+    np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=1e-4, atol=1e-4)

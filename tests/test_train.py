@@ -247,3 +247,61 @@ def test_bad_train_config():
         TrainConfig(router=StageConfig(steps=-1))
     with pytest.raises(ConfigError, match="unknown config key.*rounds_"):
         load(TrainConfig, None, ["rounds_=3"])
+
+
+def _converted(layout, seed=0):
+    """A tiny dense model converted to E experts whose masks share channels (different counts per layer)."""
+    from readme_jax.convert.experts import moe_arrays_from_dense
+    from readme_jax.model.llama import Llama
+
+    cfg = tiny_model_config(n_layers=2, ffn_dim=F)
+    dense = jax.tree.map(np.asarray, Llama(cfg, rngs=nnx.Rngs(seed)).arrays())
+    rng = np.random.default_rng(seed)
+    m = np.zeros((E, 2, F), bool)
+    for layer, n_shared in enumerate((6, 10)):
+        shared = rng.permutation(F)[:n_shared]
+        rest = np.setdiff1d(np.arange(F), shared)
+        for e in range(E):
+            m[e, layer, shared] = True
+            m[e, layer, rng.choice(rest, FE - n_shared, replace=False)] = True
+    params, meta = moe_arrays_from_dense(dense, m, layout=layout)
+    return cfg, params, meta, m
+
+
+def _tune(cfg, params, steps_n=3):
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16), E, cfg.vocab_size, 64,
+                         backbone_embed_VD=params["embed"])
+    tx = optax.adamw(1.0, weight_decay=0.01)
+    tr, fr = steps.split_params(jax.tree.map(jnp.asarray, params), steps.FROZEN_TOP_KEYS_NO_EMBED)
+    lstep = steps.make_lm_step(cfg, routed_ffn("xla"), steps.router_route_fn(router.cfg, router.ffn_fn()), tx)
+    opt = tx.init(tr)
+    data = SyntheticData(cfg.vocab_size)
+    for i in range(steps_n):
+        tr, opt, _ = lstep(tr, fr, opt, router.arrays(), jnp.asarray(data.expert_batch(0, i, 6)), 1e-2)
+    return steps.merge_params(tr, fr)
+
+
+def test_shared_channels_stay_shared_through_training():
+    """Split layout: one shared copy, trained, its zero padding still exactly zero; the fixed layout's
+    copies of the same channels drift apart (the problem the split layout removes)."""
+    cfg, split0, meta, m = _converted("split")
+    split1 = _tune(cfg, split0)
+    lay0, lay1 = split0["layers"], split1["layers"]
+    assert not np.allclose(np.asarray(lay1["shared_wg"]), lay0["shared_wg"])  # the shared part learned
+    pad = meta["shared_index"] < 0  # [L, P]: layers with fewer shared channels are zero-padded
+    n_shared = m.all(0).sum(-1)
+    assert pad.sum() == (n_shared.max() - n_shared).sum() > 0
+    for k in ("shared_wg", "shared_wu", "shared_wd"):  # channel axis moved next to L: [L, P, D]
+        w = np.asarray(lay1[k]) if k == "shared_wd" else np.moveaxis(np.asarray(lay1[k]), -1, 1)
+        np.testing.assert_array_equal(w[pad], 0.0)
+    spad = meta["channel_index"] < 0  # [L, E, R]
+    assert spad.any()
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(lay1["wg"]), -1, 2)[spad], 0.0)
+    np.testing.assert_array_equal(np.asarray(lay1["wd"])[spad], 0.0)
+
+    cfg, fixed0, fmeta, _ = _converted("fixed")
+    fixed1 = _tune(cfg, fixed0)
+    ci = fmeta["channel_index"][0]  # layer 0: [E, F_e]
+    shared = np.flatnonzero(m[:, 0].all(0))
+    cols = [np.asarray(fixed1["layers"]["wg"][0, e])[:, np.searchsorted(ci[e], shared)] for e in range(E)]
+    assert max(np.abs(cols[e] - cols[0]).max() for e in range(1, E)) > 1e-4  # copies drifted apart

@@ -120,9 +120,18 @@ def test_export_is_readable_without_jax(finished_run, cache_dir, tmp_path):
     info = json.loads((tmp_path / "x" / "readme_moe.json").read_text())
     t = load_file(str(tmp_path / "x" / "readme_moe.safetensors"))
     E, Fe = info["n_experts"], info["expert_width"]
-    L = info["model_config"]["n_layers"]
-    assert t["backbone.layers.wg"].shape == (L, E, info["model_config"]["d_model"], Fe)
-    assert t["experts.channel_index"].shape == (L, E, Fe)
+    L, D = info["model_config"]["n_layers"], info["model_config"]["d_model"]
+    assert info["expert_layout"] == "split"  # the default: shared part once + expert-specific parts
+    R = t["backbone.layers.wg"].shape[-1]
+    assert t["backbone.layers.wg"].shape == (L, E, D, R) and t["experts.channel_index"].shape == (L, E, R)
+    if "backbone.layers.shared_wg" in t:
+        P = t["backbone.layers.shared_wg"].shape[-1]
+        assert t["experts.shared_index"].shape == (L, P)
+        # every layer: shared + specific channels (padding -1 excluded) = F_e per expert
+        n = (t["experts.shared_index"] >= 0).sum(-1)[:, None] + (t["experts.channel_index"] >= 0).sum(-1)
+        assert (n == Fe).all()
+    else:
+        assert R == Fe
     assert t["router.head"].shape[-1] == E
     assert (tmp_path / "x" / "tokenizer.json").is_file()
     from readme_jax.checkpoints import restore_params
