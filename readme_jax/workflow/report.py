@@ -111,7 +111,7 @@ def plot_expert_load(load: dict, experts: list[str], path: Path):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
     ax.set_yticks(range(len(domains)), domains)
     ax.set_xticks(range(m.shape[1]), [f"{experts[i]} expert" if i < len(experts) else f"e{i}"
-                                      for i in range(m.shape[1])], rotation=20)
+                                      for i in range(m.shape[1])], rotation=35, ha="right")
     ax.set_ylabel("eval domain")
     ax.set_xlabel("expert (built for domain)")
     ax.set_title("share of a domain's tokens per expert")
