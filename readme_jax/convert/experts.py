@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from readme_jax.config import ModelConfig
+from readme_jax.config import EXPERT_LAYOUTS, ModelConfig
 from readme_jax.errors import ConfigError, ShapeError
 from readme_jax.model.moe import SHARED_KEYS
 
@@ -225,8 +225,8 @@ def moe_arrays_from_dense(dense_arrays: Mapping, masks_NLF: np.ndarray, *, domai
     if r is not None and expert_width(F, r) != fe:
         raise ConfigError(f"moe_arrays_from_dense: r={r} gives {expert_width(F, r)} channels of F={F}, "
                           f"but the masks keep {fe}")
-    if layout not in ("fixed", "split"):
-        raise ConfigError(f"moe_arrays_from_dense: layout must be 'fixed' or 'split', got {layout!r}")
+    if layout not in EXPERT_LAYOUTS:
+        raise ConfigError(f"moe_arrays_from_dense: layout must be one of {EXPERT_LAYOUTS}, got {layout!r}")
     ex = extract_experts(dense_arrays, masks, layout)
     params = {k: v for k, v in dense_arrays.items() if k != "layers"}
     params["layers"] = {k: v for k, v in dense_arrays["layers"].items() if k not in FFN_KEYS}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from readme_jax.config import ROUTER_TARGETS, MeshConfig, ModelConfig, TrainConfig
 from readme_jax.errors import ConfigError, TrainingError
-from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, routes_for
+from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, route_accuracy, routes_for
 from readme_jax.model.moe import routed_ffn
 from readme_jax.train import distill, schedule, steps
 
@@ -238,7 +238,7 @@ class Trainer:
             loads[d] = expert_load(r, self.n_experts).tolist()
             locs[d] = locality(r)
             if d in self.data.domains:
-                acc[d] = float(np.mean(r == self.data.domains.index(d) % self.n_experts))
+                acc[d] = route_accuracy(r, self.data.domains.index(d) % self.n_experts)
         return {"val_ppl": {d: math.exp(v) for d, v in nll.items()}, "expert_load": loads,
                 "locality": locs, "locality_mean": float(np.mean(list(locs.values()))),
                 "router_accuracy": acc, "router_accuracy_mean": float(np.mean(list(acc.values()))) if acc else None}
