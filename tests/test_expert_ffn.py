@@ -1,4 +1,4 @@
-"""expert_ffn (reference / xla impls) and ops.grouping against a float64 numpy oracle."""
+"""expert_ffn (reference / xla impls) and kernels.grouping against a float64 numpy oracle."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from readme_jax.errors import ShapeError
-from readme_jax.ops import expert_ffn, group_sizes, sort_by_expert
-from readme_jax.ops.grouping import max_tiles, tile_layout
+from readme_jax.kernels.grouping import group_sizes, max_tiles, sort_by_expert, tile_layout
+from readme_jax.ops import expert_ffn
 
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh data every run; printed on failure
 

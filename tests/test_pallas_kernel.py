@@ -17,8 +17,8 @@ from readme_jax.errors import ShapeError
 from readme_jax.kernels import block_sizes as bsz
 from readme_jax.kernels.block_sizes import BlockSizes
 from readme_jax.kernels.expert_ffn_pallas import fused_tiles_gpu, fused_tiles_tpu
+from readme_jax.kernels.grouping import tile_layout
 from readme_jax.ops import expert_ffn
-from readme_jax.ops.grouping import tile_layout
 
 from test_expert_ffn import np_ffn, np_grads, rel_err  # the float64 oracle
 

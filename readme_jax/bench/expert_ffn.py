@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from readme_jax.ops.expert_ffn import expert_ffn, xla_ffn_ragged, xla_ffn_tiles, xla_tile_rows
+from readme_jax.kernels.xla_tiles import xla_ffn_ragged, xla_ffn_tiles, xla_tile_rows
+from readme_jax.ops.expert_ffn import expert_ffn
 
 SHAPES = {"smollm2": (576, 768), "llama2-7b": (4096, 5504)}
 NUM_EXPERTS = 8

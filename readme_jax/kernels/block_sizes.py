@@ -87,7 +87,7 @@ def _tile_rows(T: int, E: int, tm_min: int, tm_max: int) -> int:
 
 
 def num_tiles_bound(T: int, E: int, tm: int) -> int:
-    """Static tile count of the padded layout (same as ``ops.grouping.max_tiles``)."""
+    """Static tile count of the padded layout (same as ``kernels.grouping.max_tiles``)."""
     return 1 if T == 0 else -(-T // tm) + min(E, T) - 1
 
 

@@ -1,7 +1,7 @@
 """Pallas fused gathered-expert FFN: ``expert_ffn(..., impl="pallas")``.
 
 Tokens are laid out sorted by expert with every group padded to a multiple of the row tile
-``tm`` (``ops.grouping.tile_layout``), so each tile holds ONE expert's tokens and a tile that
+``tm`` (``kernels.grouping.tile_layout``), so each tile holds ONE expert's tokens and a tile that
 straddles two groups cannot occur. Per tile, one kernel computes gate and up projections with
 that expert's weights, ``silu(gate) * up`` and the down projection, looping over F in blocks of
 ``bf`` and accumulating the down projection in float32; the [T, F] hidden never goes to memory.
@@ -22,7 +22,7 @@ Two kernels, one per lowering:
 
 On CPU either kernel runs with ``interpret=True`` (the default there: the TPU-style kernel;
 interpret is the default wherever the kernel does not match the device).
-The backward (``custom_vjp``) is the XLA tile loop of ``ops.expert_ffn`` on the same layout.
+The backward (``custom_vjp``) is the XLA tile loop of ``kernels.xla_tiles`` on the same layout.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 from readme_jax.errors import ShapeError
 from readme_jax.kernels import block_sizes as bsz
-from readme_jax.ops import grouping
-from readme_jax.ops.expert_ffn import compute_dtype, tiled_ffn_bwd
+from readme_jax.kernels import grouping
+from readme_jax.kernels.xla_tiles import compute_dtype, tiled_ffn_bwd
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST  # IEEE f32 on Triton (its default is TF32); no-op for bf16
@@ -104,7 +106,6 @@ def fused_tiles_tpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: 
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
         aliases = {len(args): 0}
         args.append(out_init.astype(out_dtype))
-    from jax.experimental.pallas import tpu as pltpu
 
     itemsize = jnp.dtype(x_PD.dtype).itemsize
     cost = pl.CostEstimate(flops=6 * P * D * F, transcendentals=P * F,
@@ -134,8 +135,6 @@ def fused_tiles_tpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: 
 def _gpu_kernel(te_ref, nt_ref, x_ref, wg_ref, wu_ref, wd_ref, y_in_ref, y_ref, *,
                 tm: int, bf: int, bk: int, bd: int):
     del y_in_ref  # aliased to y_ref (the zeroed f32 accumulator)
-    from jax.experimental.pallas import triton as plgpu
-
     n, f = pl.program_id(0), pl.program_id(1)
     D = x_ref.shape[1]
 
@@ -170,8 +169,6 @@ def fused_tiles_gpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: 
 
     ``out_init`` (default zeros) is the f32 buffer the programs atomically add into.
     """
-    from jax.experimental.pallas import triton as plgpu
-
     P, D = x_PD.shape
     F = wg.shape[2]
     N, nf = P // tm, F // bf

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class SortMeta(NamedTuple):
@@ -55,12 +54,6 @@ def sort_by_expert(expert_T, num_experts: int) -> SortMeta:
     sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[keys].add(1)[:num_experts]
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes, dtype=jnp.int32)])
     return SortMeta(order, inv, sizes, offsets)
-
-
-def num_unique_experts(expert_T, num_experts: int) -> int:
-    """Distinct in-range experts among concrete (host) ids; for schedulers and benchmarks."""
-    e = np.asarray(expert_T)
-    return int(np.unique(e[(e >= 0) & (e < num_experts)]).size)
 
 
 # --------------------------------------------------------------------------- tile-padded layout
