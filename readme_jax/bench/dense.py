@@ -66,7 +66,9 @@ def ours(model, tokens: np.ndarray, batches=(1, 8), steps=32, repeats=3) -> dict
 
 
 def transformers_ref(gguf_path, tokens: np.ndarray, batches=(1, 8), steps=32, repeats=3) -> dict:
+    # local import: torch/transformers are test extras, not runtime dependencies
     import torch
+    # local import: torch/transformers are test extras, not runtime dependencies
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -15,7 +15,7 @@ Times one Read-ME MoE FFN layer step (forward + backward w.r.t. tokens and exper
   with no expert compute: the communication alone, as a second estimate (``/ psum``).
 
 On CPU the N devices are fake (``--xla_force_host_platform_device_count``, set by this module
-before JAX starts) and share the machine's cores, so ``ep / single`` measures overhead, not
+before JAX's backend starts) and share the machine's cores, so ``ep / single`` measures overhead, not
 speedup. Each result's output is compared with the single-device layer (exact for dropless modes; with
 a capacity factor the dropped tokens' rows are 0 and are counted).
 """
@@ -26,23 +26,35 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import xla_bridge  # private, but the only way to ask whether the backend has started
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from readme_jax.config import MeshConfig
+from readme_jax.distributed.expert_parallel import W_IN, W_OUT, _local_ffn, expert_parallel_ffn
+from readme_jax.distributed.mesh import make_mesh
+from readme_jax.errors import ConfigError
+from readme_jax.model.moe import routed_ffn
 
 SHAPES = {"full": dict(B=16, T=128, D=256, F=512, E=8), "quick": dict(B=8, T=64, D=128, F=256, E=8)}
 
 
 def _force_devices(n: int) -> None:
-    flag = f"--xla_force_host_platform_device_count={n}"
-    if "jax" in sys.modules:
-        import jax
-
+    """Ask for ``n`` fake CPU devices. Importing jax does not start a backend; XLA_FLAGS is read
+    when the first one starts, so the flag still works here unless something already used JAX."""
+    if xla_bridge.backends_are_initialized():
         if jax.device_count() < n:
-            from readme_jax.errors import ConfigError
-
             raise ConfigError(f"expert_parallel bench needs {n} devices but JAX already started with "
                               f"{jax.device_count()}; run it as `python -m readme_jax.bench.expert_parallel`")
         return
+    flag = f"--xla_force_host_platform_device_count={n}"
     if jax_platform_is_cpu() and flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
@@ -52,18 +64,6 @@ def jax_platform_is_cpu() -> bool:
 
 
 def run(n_devices: int, quick: bool, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from tqdm import tqdm
-
-    from readme_jax.config import MeshConfig
-    from readme_jax.distributed.expert_parallel import W_IN, W_OUT, _local_ffn, expert_parallel_ffn
-    from readme_jax.distributed.mesh import make_mesh
-    from readme_jax.model.moe import routed_ffn
-
     s = SHAPES["quick" if quick else "full"]
     B, T, D, F, E = s["B"], s["T"], s["D"], s["F"], s["E"]
     rng = np.random.default_rng(0)
@@ -107,9 +107,9 @@ def run(n_devices: int, quick: bool, repeats: int) -> dict:
                 tok = NamedSharding(mesh, P(("data", "expert")))
                 args = (sl, jax.device_put(x, tok), jax.device_put(route, tok))
             if comm == "local":
-                fn = _local_only(mesh, ct, W_IN, W_OUT, _local_ffn, P)
+                fn = _local_only(mesh, ct)
             elif comm == "comm":
-                fn = _collectives_only(mesh, ct, P)
+                fn = _collectives_only(mesh, ct)
             else:
                 c, _, cf = comm.partition(":")
                 fn = layer_step(expert_parallel_ffn(mesh, comm=c, capacity_factor=float(cf or 0)))
@@ -136,13 +136,10 @@ def run(n_devices: int, quick: bool, repeats: int) -> dict:
             "rows": rows, "comm_share_psum_1xN": 1 - local / psum}
 
 
-def _local_only(mesh, ct, W_IN, W_OUT, _local_ffn, P):
+def _local_only(mesh, ct):
     """psum mode's per-device work with no collectives: every device gets its own copy of the
     gathered tokens (an ``[n, B, T, D]`` input split over ``expert``) and returns its partial
     output unsummed, so neither direction needs communication."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
 
     def body(x, r, wg, wu, wd):
         x, r = x[0], r[0]
@@ -162,11 +159,8 @@ def _local_only(mesh, ct, W_IN, W_OUT, _local_ffn, P):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _collectives_only(mesh, ct, P):
+def _collectives_only(mesh, ct):
     """psum mode's collectives with no expert compute: all-gather the tokens, reduce-scatter them back."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
 
     def body(x, r):
         xg = lax.all_gather(x, "expert", axis=0, tiled=True)

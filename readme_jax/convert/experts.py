@@ -17,6 +17,7 @@ Column ``j`` of an expert came from dense channel ``channel_index[..., j]`` (asc
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from typing import Mapping, Sequence
@@ -24,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from readme_jax.config import EXPERT_LAYOUTS, ModelConfig
+from readme_jax.convert.calibrate import load_stats
 from readme_jax.errors import ConfigError, ShapeError
 from readme_jax.model.moe import SHARED_KEYS
 
@@ -282,10 +284,6 @@ def summarize(masks_NLF: np.ndarray, d_model: int, bytes_per_param: int = 2) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m readme_jax.convert.experts STATS.npz [--r 0.5]``: print the channel report."""
-    import argparse
-
-    from readme_jax.convert.calibrate import load_stats
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("stats", help="calibration stats .npz written by save_stats")
     ap.add_argument("--r", type=float, default=0.5, help="expert ratio r (default 0.5)")

@@ -1,12 +1,12 @@
 """``python -m readme_jax.data [names...] [--no-apt] [--divergence]``: fetch domains, print a table."""
 
+import argparse
+
 from readme_jax.data.domains import DOMAIN_NAMES, domain_table, prepare_domains, word_divergence
 
 
 def main(argv=None) -> None:
     """``python -m readme_jax.data [names...] [--no-apt] [--divergence]``: fetch, print a table."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("names", nargs="*", help=f"domains (default: all of {list(DOMAIN_NAMES)})")
     ap.add_argument("--no-apt", action="store_true", help="do not use apt-get for the Debian domains")

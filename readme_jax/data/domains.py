@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -252,10 +255,6 @@ def domain_table(cache_dir=None) -> list[dict]:
 def word_divergence(names: Iterable[str], cache_dir=None, max_chars: int = 2_000_000) -> dict[tuple[str, str], float]:
     """Jensen-Shannon divergence (bits, 0..1) between the word-unigram distributions of the train
     splits (first ``max_chars`` characters each): a cheap check that domains differ."""
-    import math
-    import re
-    from collections import Counter
-
     counts = {}
     for n in names:
         text, got = [], 0

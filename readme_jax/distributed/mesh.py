@@ -21,6 +21,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -156,8 +157,6 @@ def gather_tree(tree):
     """Full host (numpy) values of a tree of possibly sharded, possibly multi-process arrays."""
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
