@@ -4,7 +4,7 @@
 # The same code path as a multi-node cluster, for testing without one.
 #
 # Usage: launch/local_multiprocess.sh [-n NPROC] [-d DEVICES] [-p PORT] [-l LOGDIR] [-t SECONDS] [-- CMD ...]
-#   default CMD: $PYTHON -m readme_jax.distributed.demo --out runs/ep_local --expert DEVICES
+#   default CMD: $PYTHON -m readme_jax.train.sharded_demo --out runs/ep_local --expert DEVICES
 # Every process gets READMEJAX_LAUNCH=explicit, READMEJAX_COORDINATOR=127.0.0.1:PORT,
 # READMEJAX_NUM_PROCESSES, READMEJAX_PROCESS_ID (read by readme_jax.distributed.initialize_from_env).
 # If one process fails (or the time limit passes) the others are stopped; the exit status is
@@ -32,7 +32,7 @@ done
 if [[ $# -gt 0 ]]; then
   CMD=("$@")
 else
-  CMD=("$PYTHON" -m readme_jax.distributed.demo --out runs/ep_local --expert "$DEVICES")
+  CMD=("$PYTHON" -m readme_jax.train.sharded_demo --out runs/ep_local --expert "$DEVICES")
 fi
 if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ && "$DEVICES" =~ ^[1-9][0-9]*$ ]]; then
   echo "local_multiprocess.sh: -n and -d must be positive integers, got -n $NPROC -d $DEVICES" >&2; exit 2

@@ -7,7 +7,7 @@
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b [PROJECT=my-project] launch/tpu_pod.sh setup
 #       copy this checkout (git HEAD) to every worker and `pip install -e '.[tpu]'` there
 #   TPU_NAME=... ZONE=... launch/tpu_pod.sh run [CMD ...]
-#       run CMD on all workers (default: python -m readme_jax.distributed.demo
+#       run CMD on all workers (default: python -m readme_jax.train.sharded_demo
 #       --out runs/ep_tpu --expert $EXPERT --steps 10; EXPERT defaults to 4)
 #   TPU_NAME=... ZONE=... launch/tpu_pod.sh kill
 #       stop leftover python processes of a failed run (they hold the TPU)
@@ -41,7 +41,7 @@ case "$ACTION" in
     if [[ $# -gt 0 ]]; then
       CMD="$(printf '%q ' "$@")"
     else
-      CMD="python -m readme_jax.distributed.demo --out runs/ep_tpu --expert $EXPERT --steps 10"
+      CMD="python -m readme_jax.train.sharded_demo --out runs/ep_tpu --expert $EXPERT --steps 10"
     fi
     on_all_workers "cd $REMOTE_DIR && READMEJAX_LAUNCH=tpu $CMD"
     ;;

@@ -1,3 +1,23 @@
-"""readme-jax: Read-ME router-decoupled mixture of experts on JAX."""
+"""readme-jax: Read-ME router-decoupled mixture of experts on JAX.
+
+The public API (everything else is reachable through the subpackages, see docs/ARCHITECTURE.md)::
+
+    import readme_jax
+    model = readme_jax.load("runs/main")          # a run folder, a train/final folder or an export
+    out = model(tokens_BT)                         # logits, routes, router logits (and caches)
+    engine = readme_jax.Engine(model, readme_jax.EngineConfig())
+"""
+
+from readme_jax.checkpoints import load_model
+from readme_jax.checkpoints.readme_io import load_readme as load
+from readme_jax.checkpoints.readme_io import save_export, save_readme
+from readme_jax.config import ModelConfig, RouterConfig, RunConfig, TrainConfig
+from readme_jax.errors import ReadmeError
+from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel, ReadMEOut
+from readme_jax.serve.engine import Engine, EngineConfig, SamplingParams, generate
 
 __version__ = "0.1.0"
+
+__all__ = ["DenseModel", "Engine", "EngineConfig", "ExpertLayout", "ModelConfig", "ReadMEModel", "ReadMEOut",
+           "ReadmeError", "RouterConfig", "RunConfig", "SamplingParams", "TrainConfig", "generate", "load",
+           "load_model", "save_export", "save_readme"]

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 
 from readme_jax import config as config_mod
+from readme_jax.data import prepare_domains
 from readme_jax.errors import ReadmeError
+from readme_jax.workflow.export import export_workspace
+from readme_jax.workflow.run import run
+from readme_jax.workflow.workspace import Workspace
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_PRESET = "smollm2_135m_quick"
@@ -48,8 +52,6 @@ def _common(p: argparse.ArgumentParser):
 
 
 def _run_stages(args, stages):
-    from readme_jax.workflow.run import run
-
     cfg = load_run_config(args, stages)
     force = tuple(s for s in (getattr(args, "force", "") or "").split(",") if s)
     return run(cfg, progress=not args.no_progress, force=force)
@@ -80,17 +82,12 @@ def cmd_serve_bench(args):
 
 
 def cmd_export(args):
-    from readme_jax.workflow.export import export_workspace
-    from readme_jax.workflow.workspace import Workspace
-
     ws = Workspace(load_run_config(args), progress=not args.no_progress)
     path = export_workspace(ws, Path(args.out))
     print(f"exported to {path}")
 
 
 def cmd_data(args):
-    from readme_jax.data import prepare_domains
-
     rep = prepare_domains(args.domains or None, allow_apt=not args.no_apt)
     for n, m in rep.available.items():
         print(f"{n:12s} {m.get('n_docs', '?'):>8} docs {m.get('n_chars', '?'):>12} chars")

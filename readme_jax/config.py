@@ -10,11 +10,45 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from readme_jax.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- choices (the one place)
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+RunDtype = Literal["float32", "bfloat16"]  # float16 trains unstably without loss scaling: not offered for runs
+Impl = Literal["reference", "xla", "pallas"]  # expert_ffn implementations (readme_jax.ops.expert_ffn)
+RouterMlp = Literal["swiglu", "silu_bias"]
+ScoreScale = Literal["sqrt", "none"]
+EmbedInit = Literal["backbone", "random"]
+RouterTarget = Literal["domain", "distill", "domain+distill"]
+RouterLoss = Literal["kl", "reference"]
+ExpertLayoutKind = Literal["split", "fixed"]
+Split = Literal["train", "validation", "test"]
+FfnComm = Literal["psum", "all_to_all"]
+
+
+def choices(lit) -> tuple:
+    """The legal values of a ``Literal`` type, as a tuple."""
+    return typing.get_args(lit)
+
+
+IMPLS = choices(Impl)
+ROUTER_TARGETS = choices(RouterTarget)
+EXPERT_LAYOUTS = choices(ExpertLayoutKind)
+MESH_FFN_COMMS = choices(FfnComm)
+
+
+def check_choices(cfg, prefix: str) -> None:
+    """Raise ConfigError for any ``Literal``-typed field of dataclass ``cfg`` holding a value outside it."""
+    for name, tp in typing.get_type_hints(type(cfg)).items():
+        if typing.get_origin(tp) is Literal and getattr(cfg, name) not in typing.get_args(tp):
+            raise ConfigError(f"{prefix}{name} must be one of {list(typing.get_args(tp))}, "
+                              f"got {getattr(cfg, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +66,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_seq_len: int = 2048
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
+    dtype: Dtype = "float32"  # compute dtype
+    param_dtype: Dtype = "float32"
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); the router's reference variant uses 1.0
 
     def __post_init__(self):
@@ -46,9 +80,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        check_choices(self, "model.")
 
 
 def tiny_model_config(**kw) -> ModelConfig:
@@ -62,9 +94,6 @@ def tiny_model_config(**kw) -> ModelConfig:
 # ----------------------------------------------------------------------------- router
 
 
-ROUTER_TARGETS = ("domain", "distill", "domain+distill")
-EXPERT_LAYOUTS = ("split", "fixed")
-
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
@@ -72,26 +101,19 @@ class RouterConfig:
     n_layers: int = 1
     n_heads: int = 4
     ffn_dim: int = 1024
-    mlp: str = "swiglu"  # swiglu | silu_bias
-    score_scale: str = "sqrt"  # sqrt | none
+    mlp: RouterMlp = "swiglu"
+    score_scale: ScoreScale = "sqrt"
     rope_theta: float = 10000.0
-    embed_init: str = "backbone"  # backbone | random
+    embed_init: EmbedInit = "backbone"
     seed: int = 0
     # What the router learns from (docs/ARCHITECTURE.md, "Router training"):
     #   domain          cross-entropy on each block's domain label (expert i = domain i), every round;
     #   distill         the paper's routing distillation from the backbone's activations, every round;
     #   domain+distill  domain labels in round 0, distillation in the later rounds.
-    target: str = "domain"
+    target: RouterTarget = "domain"
 
     def __post_init__(self):
-        if self.target not in ROUTER_TARGETS:
-            raise ConfigError(f"router.target must be one of {ROUTER_TARGETS}, got {self.target!r}")
-        if self.mlp not in ("swiglu", "silu_bias"):
-            raise ConfigError(f"router.mlp must be 'swiglu' or 'silu_bias', got {self.mlp!r}")
-        if self.score_scale not in ("sqrt", "none"):
-            raise ConfigError(f"router.score_scale must be 'sqrt' or 'none', got {self.score_scale!r}")
-        if self.embed_init not in ("backbone", "random"):
-            raise ConfigError(f"router.embed_init must be 'backbone' or 'random', got {self.embed_init!r}")
+        check_choices(self, "router.")
         for name in ("width", "n_layers", "n_heads", "ffn_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"router.{name} must be > 0, got {getattr(self, name)}")
@@ -124,6 +146,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: value {value!r} fits none of {tp}: {'; '.join(errors)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -296,7 +322,7 @@ class TrainConfig:
     lr_decay_per_round: float = 0.8
     weight_decay: float = 0.01
     clip_norm: float = 1.0
-    router_loss: str = "kl"  # kl (paper Eq. 4) | reference (0.75 CE smoothed argmax + 0.25 soft CE)
+    router_loss: RouterLoss = "kl"  # kl (paper Eq. 4) | reference (0.75 CE smoothed argmax + 0.25 soft CE)
     target_temperature: float = 0.05  # softmax temperature on the normalised overlap scores
     train_embeddings: bool = False  # expert tuning: also train token embedding / LM head
     seed: int = 0
@@ -308,8 +334,7 @@ class TrainConfig:
         self.experts.validate("train.experts")
         if not 0 < self.lr_decay_per_round <= 1:
             raise ConfigError(f"train.lr_decay_per_round must be in (0, 1], got {self.lr_decay_per_round}")
-        if self.router_loss not in ("kl", "reference"):
-            raise ConfigError(f"train.router_loss must be 'kl' or 'reference', got {self.router_loss!r}")
+        check_choices(self, "train.")
         if not self.target_temperature > 0:
             raise ConfigError(f"train.target_temperature must be > 0, got {self.target_temperature}")
         if self.weight_decay < 0 or self.clip_norm < 0:
@@ -336,15 +361,14 @@ class ConvertConfig:
     batch_size: int = 1
     # split: shared channels stored once [L, D, P] + expert-specific [L, E, D, R] (docs/CONVERT.md);
     # fixed: every expert holds all its channels, shared ones copied (they drift apart in training).
-    layout: str = "split"
+    layout: ExpertLayoutKind = "split"
 
     def __post_init__(self):
         if not (isinstance(self.r, (int, float)) and 0 < self.r <= 1):
             raise ConfigError(f"convert.r must be in (0, 1], got {self.r!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.batch_size < 1:
             raise ConfigError("convert.calib_samples, convert.batch_size must be >= 1 and calib_seq_len >= 2")
-        if self.layout not in EXPERT_LAYOUTS:
-            raise ConfigError(f"convert.layout must be one of {EXPERT_LAYOUTS}, got {self.layout!r}")
+        check_choices(self, "convert.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,15 +376,14 @@ class EvalConfig:
     seq_len: int = 512
     blocks_per_domain: int = 8
     batch_size: int = 4
-    split: str = "test"
+    split: Split = "test"
     prompt: str = "The capital of France is"
     max_new_tokens: int = 16
 
     def __post_init__(self):
         if self.seq_len < 1 or self.blocks_per_domain < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("eval.seq_len, eval.blocks_per_domain, eval.batch_size, eval.max_new_tokens must be >= 1")
-        if self.split not in ("train", "validation", "test"):
-            raise ConfigError(f"eval.split must be train, validation or test, got {self.split!r}")
+        check_choices(self, "eval.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +391,8 @@ class RunConfig:
     """Everything `readme-jax run` does, from the dense checkpoint to the report."""
 
     model: str = "embedded"  # 'embedded' (SmolLM2-135M GGUF), a .gguf file, or a Hugging Face directory
-    dtype: str = "float32"
-    impl: str = "xla"  # expert_ffn implementation: reference | xla | pallas
+    dtype: RunDtype = "float32"
+    impl: Impl = "xla"  # expert_ffn implementation
     output_dir: str = "runs/default"
     seed: int = 0
     stages: tuple[str, ...] = ("dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval",
@@ -387,15 +410,10 @@ class RunConfig:
         bad = [s for s in self.stages if s not in known]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; valid: {list(known)}")
-        if self.impl not in ("reference", "xla", "pallas"):
-            raise ConfigError(f"impl must be reference, xla or pallas, got {self.impl!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_choices(self, "")
 
 
 # ----------------------------------------------------------------------------- device mesh
-
-MESH_FFN_COMMS = ("psum", "all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +431,7 @@ class MeshConfig:
     data: int = -1
     expert: int = 1
     model: int = 1
-    ffn_comm: str = "psum"
+    ffn_comm: FfnComm = "psum"
     capacity_factor: float = 0.0
 
     def __post_init__(self):
@@ -422,7 +440,6 @@ class MeshConfig:
         for name in ("expert", "model"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"mesh.{name} must be >= 1, got {getattr(self, name)}")
-        if self.ffn_comm not in MESH_FFN_COMMS:
-            raise ConfigError(f"mesh.ffn_comm must be one of {MESH_FFN_COMMS}, got {self.ffn_comm!r}")
+        check_choices(self, "mesh.")
         if not self.capacity_factor >= 0:
             raise ConfigError(f"mesh.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")

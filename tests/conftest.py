@@ -104,7 +104,7 @@ def byte_tokenizer():
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from readme_jax.data.tokenizer import Tokenizer, bytes_to_unicode
+    from readme_jax.checkpoints.tokenizer import Tokenizer, bytes_to_unicode
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     symbols = sorted(bytes_to_unicode().values())

@@ -203,7 +203,7 @@ def test_unsupported_quant_type(tmp_path, llama_arrays):
 
 def test_load_model_gguf(tmp_path, gguf_writer, llama_arrays):
     from readme_jax.checkpoints import load_model
-    from readme_jax.data.tokenizer import bytes_to_unicode
+    from readme_jax.checkpoints.tokenizer import bytes_to_unicode
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + sorted(bytes_to_unicode().values()) + ["Ġt"]

@@ -254,7 +254,7 @@ def test_moe_arrays_forward_equals_masked_dense(dense, layout):
     params, meta = moe_arrays_from_dense(arrays, m, domains=["a", "b", "c"], r=0.5, layout=layout)
     shared_keys = {"shared_wg", "shared_wu", "shared_wd"} if layout == "split" else set()
     assert set(params) == set(arrays) and set(params["layers"]) == set(arrays["layers"]) | shared_keys
-    for k in decoder.ATTN_KEYS:
+    for k in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm"):  # attention and norms shared
         assert params["layers"][k] is arrays["layers"][k]
     assert params["embed"] is arrays["embed"]
     fe = expert_width(cfg.ffn_dim, 0.5)

@@ -6,7 +6,6 @@ import numpy as np
 from flax import nnx
 
 from readme_jax.config import tiny_model_config
-from readme_jax.eval.generate import greedy_generate
 from readme_jax.eval.perplexity import mean_nll, nll_fn_for, per_block_nll
 from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
@@ -41,19 +40,6 @@ def _numpy_token_nll(params, cfg, blocks):
     m = logits.max(-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
     return -np.take_along_axis(logp, blocks[:, 1:, None], -1)[..., 0]
-
-
-def test_greedy_generate_equals_repeated_full_forward():
-    cfg = tiny_model_config()
-    model = Llama(cfg, rngs=nnx.Rngs(int(np.random.randint(1 << 30))))
-    p = model.arrays()
-    prompt = list(np.random.randint(0, cfg.vocab_size, 5))
-    got = greedy_generate(p, cfg, prompt, 6)
-    seq = list(prompt)
-    for _ in range(6):
-        logits = decoder.forward(p, cfg, jnp.asarray([seq]))[0]
-        seq.append(int(jnp.argmax(logits[0, -1])))
-    assert got == seq[5:]
 
 
 def test_sampler_greedy_and_nucleus():

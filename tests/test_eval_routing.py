@@ -8,6 +8,7 @@ from readme_jax.config import tiny_model_config
 from readme_jax.eval.routing import (fixed_route_block_nll, fixed_route_nll, readme_domain_block_nll,
                                      readme_domain_nll, route_accuracy, routes_for)
 from readme_jax.model.moe import MoEBackbone
+from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.model.router import RouterConfig, make_router
 
 E = 3
@@ -33,11 +34,13 @@ def _setup():
 
 def test_readme_block_nll_matches_numpy_with_the_routers_routes():
     cfg, backbone, router, blocks = _setup()
-    rargs = (router.arrays(), router.cfg, router.ffn_fn())
-    got = readme_domain_block_nll(*rargs, backbone.arrays(), cfg, "xla", blocks, batch_size=2)
-    mean = readme_domain_nll(*rargs, backbone.arrays(), cfg, "xla", blocks, batch_size=2)
+    model = ReadMEModel.from_modules(router, backbone)
+    got = readme_domain_block_nll(model, "xla", blocks, batch_size=2)
+    mean = readme_domain_nll(model, "xla", blocks, batch_size=2)
     for d, b in blocks.items():
-        ref = _numpy_block_nll(backbone, b, routes_for(*rargs, b))
+        route = routes_for(model, b)
+        np.testing.assert_array_equal(route, np.argmax(np.asarray(router(jnp.asarray(b[:, :-1]))[0]), -1))
+        ref = _numpy_block_nll(backbone, b, route)
         assert got[d].shape == (len(b),) and got[d].dtype == np.float64
         np.testing.assert_allclose(got[d], ref, rtol=1e-5)
         assert abs(got[d].mean() - mean[d]) < 1e-9

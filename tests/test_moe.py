@@ -11,7 +11,7 @@ from readme_jax.errors import ConfigError
 from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
 from readme_jax.model.moe import LayerwiseMoE, MoEBackbone, routed_ffn
-from readme_jax.model.readme import ReadME
+from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
 from readme_jax.model.router import RouterConfig, make_router
 
 E = 3
@@ -128,7 +128,8 @@ def test_readme_composite_routes_before_backbone():
     backbone = MoEBackbone(cfg, rngs=nnx.Rngs(_seed()), n_experts=E, expert_dim=16)
     router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16), E, cfg.vocab_size, 32,
                          backbone_embed_VD=backbone.embed[...])
-    model = ReadME(router, backbone)
+    model = ReadMEModel.from_modules(router, backbone)
+    assert model.layout == ExpertLayout(E, 16) and model.layout.kind == "fixed"
     tok = jax.random.randint(jax.random.key(_seed()), (2, 7), 0, cfg.vocab_size)
     out = model(tok)
     assert out.route.shape == (2, 7) and out.route.dtype == jnp.int32
@@ -137,6 +138,29 @@ def test_readme_composite_routes_before_backbone():
     np.testing.assert_allclose(out.logits, direct, rtol=1e-6, atol=1e-6)
     forced = model(tok, route_BT=jnp.zeros_like(out.route))
     assert (forced.route == 0).all()
+    # a pytree: through jit as an argument, configs static, params leaves
+    jitted = jax.jit(lambda m, t: m(t).logits)(model, tok)
+    np.testing.assert_allclose(jitted, out.logits, rtol=1e-5, atol=1e-6)
+    leaves = jax.tree.leaves(model)
+    assert len(leaves) == len(jax.tree.leaves(router.arrays())) + len(jax.tree.leaves(backbone.arrays()))
+    doubled = jax.tree.map(lambda x: x * 2, model)
+    assert isinstance(doubled, ReadMEModel) and doubled.layout == model.layout
+
+
+def test_readme_model_validate_names_the_mismatch():
+    cfg = tiny_model_config()
+    backbone = MoEBackbone(cfg, rngs=nnx.Rngs(0), n_experts=E, expert_dim=16)
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16), E + 1, cfg.vocab_size, 32,
+                         backbone_embed_VD=backbone.embed[...])
+    with pytest.raises(ConfigError, match="router has 4 experts, backbone 3"):
+        ReadMEModel.from_modules(router, backbone)
+    ok = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16), E, cfg.vocab_size, 32,
+                     backbone_embed_VD=backbone.embed[...])
+    model = ReadMEModel.from_modules(ok, backbone)
+    with pytest.raises(ConfigError, match="router head must be"):
+        model.replace(router_params={**model.router_params, "head": model.router_params["head"][:, :2]}).validate()
+    with pytest.raises(ConfigError, match="shared_dim=4"):
+        model.replace(layout=ExpertLayout(E, 16, 4)).validate()
 
 
 def test_moe_needs_route():
@@ -148,7 +172,7 @@ def test_moe_needs_route():
 
 def test_split_layout_ffns_agree_with_a_per_token_float64_loop():
     """routed_ffn and the serving engine's present_experts_ffn add the shared part for every token."""
-    from readme_jax.serve.engine_core import present_experts_ffn
+    from readme_jax.model.moe import present_experts_ffn
 
     rng = np.random.default_rng(_seed())
     E, D, R, P, T = 3, 16, 8, 5, 13

@@ -2,7 +2,7 @@
 
 ``launch/local_multiprocess.sh`` starts 2 processes x 4 CPU devices that join one job through
 ``jax.distributed.initialize`` on 127.0.0.1 (gloo CPU collectives, the jax 0.10 default), run one
-expert-parallel step of ``readme_jax.distributed.demo`` on a (data=2, expert=4) mesh spanning
+expert-parallel step of ``readme_jax.train.sharded_demo`` on a (data=2, expert=4) mesh spanning
 both processes and save a sharded checkpoint. This process (1 device) recomputes the step
 unsharded and reads the checkpoint back.
 """
@@ -116,7 +116,7 @@ def _flat(tree) -> dict:
 def test_two_process_training_step_equals_single_process(tmp_path):
     out = tmp_path / "run"
     r = _launch(["-n", "2", "-d", "4", "-l", str(tmp_path / "logs"), "-t", "400"], sys.executable, "-m",
-                "readme_jax.distributed.demo", "--out", str(out), "--expert", "4", "--ckpt", "--process-local-data",
+                "readme_jax.train.sharded_demo", "--out", str(out), "--expert", "4", "--ckpt", "--process-local-data",
                 timeout=450)
     if r.returncode != 0 and "gloo" in (r.stdout + r.stderr).lower() and "unimplemented" in (r.stdout + r.stderr).lower():
         pytest.skip(f"CPU multi-process collectives unavailable in this jax: {r.stderr[-500:]}")
@@ -132,7 +132,7 @@ def test_two_process_training_step_equals_single_process(tmp_path):
 
     from readme_jax.config import MeshConfig
     from readme_jax.distributed import checkpoint as ckpt
-    from readme_jax.distributed.demo import DEMO_LR, demo_optimizer, demo_problem
+    from readme_jax.train.sharded_demo import DEMO_LR, demo_optimizer, demo_problem
     from readme_jax.distributed.mesh import gather_tree, make_mesh, unpad_experts
     from readme_jax.model.moe import routed_ffn
     from readme_jax.train import steps
@@ -141,7 +141,7 @@ def test_two_process_training_step_equals_single_process(tmp_path):
     tx = demo_optimizer()
     tr, fr = steps.split_params(prob["backbone"], steps.FROZEN_TOP_KEYS_NO_EMBED)
     step = steps.make_lm_step(prob["cfg"], routed_ffn("xla"),
-                              steps.router_route_fn(prob["router_cfg"], prob["router_ffn"]), tx)
+                              steps.router_route_fn(prob["model"]), tx)
     new_tr, _, m = step(tr, fr, tx.init(tr), prob["router"], prob["blocks"], DEMO_LR)
     assert abs(res["losses"][0] - float(m["loss"])) / float(m["loss"]) < 1e-5
     want = _flat(steps.merge_params(new_tr, fr))

@@ -15,9 +15,9 @@ from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
 from readme_jax.model.moe import MoEBackbone
-from readme_jax.model.readme import readme_forward
 from readme_jax.model.router import RouterConfig, make_router
-from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, ServeModel, generate
+from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
+from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, complete, generate
 from readme_jax.serve.requests import Status
 from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
 from readme_jax.serve.simulate import CostModel, simulate
@@ -35,8 +35,8 @@ def models():
     bb = MoEBackbone(cfg, rngs=nnx.Rngs(11), n_experts=E, expert_dim=16)
     router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=5), E, cfg.vocab_size, cfg.max_seq_len,
                          backbone_embed_VD=bb.embed[...])
-    moe = ServeModel.from_readme(router, bb)
-    dense = ServeModel.from_dense(Llama(cfg, rngs=nnx.Rngs(12)))
+    moe = ReadMEModel.from_modules(router, bb)
+    dense = DenseModel.from_module(Llama(cfg, rngs=nnx.Rngs(12)))
     return moe, dense
 
 
@@ -45,8 +45,7 @@ def reference(models):
     """Greedy one-request-at-a-time generation by repeated FULL forwards (no KV cache), and the
     router's routes of the whole sequence; impl 'reference' (per-expert loop) for the MoE."""
     moe, dense = models
-    f_moe = jax.jit(lambda rp, bp, tok: readme_forward(rp, moe.router_cfg, moe.router_ffn, bp, moe.cfg, "reference",
-                                                       tok)[:2])
+    f_moe = jax.jit(lambda m, tok: m(tok, impl="reference")[:2])
     f_dense = jax.jit(lambda p, tok: decoder.forward(p, dense.cfg, tok)[0])
     cache = {}
 
@@ -58,7 +57,7 @@ def reference(models):
                 tok = np.zeros((1, PAD), np.int32)
                 tok[0, :len(seq)] = seq
                 if kind == "moe":
-                    logits, route = f_moe(moe.router_params, moe.params, tok)
+                    logits, route = f_moe(moe, tok)
                 else:
                     logits, route = f_dense(dense.params, tok), jnp.zeros((1, PAD), jnp.int32)
                 if len(out) == n:
@@ -122,7 +121,7 @@ def test_generic_expert_ffn_path_equals_one_at_a_time(generic_engine, reference)
 
 def test_present_experts_ffn_matches_expert_ffn():
     from readme_jax.ops.expert_ffn import expert_ffn
-    from readme_jax.serve.engine import present_experts_ffn
+    from readme_jax.model.moe import present_experts_ffn
 
     rng = np.random.default_rng(8)
     lp = {n: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
@@ -299,12 +298,12 @@ def test_config_and_model_errors(models):
         EngineConfig(max_len=16, prefill_buckets=(8, 16))
     with pytest.raises(ConfigError, match="row_buckets must be integers in"):
         EngineConfig(n_slots=4, row_buckets=(1, 2))
-    with pytest.raises(ConfigError, match="a dense model has n_experts=1"):
-        ServeModel(dense.cfg, dense.params, n_experts=2)
-    with pytest.raises(ConfigError, match=r"MoE layers.wg must be \[L=2, E=4"):
-        dataclasses.replace(moe, n_experts=4)
-    with pytest.raises(ConfigError, match="router_params given without router_cfg"):
-        dataclasses.replace(moe, router_cfg=None)
+    with pytest.raises(ConfigError, match=r"layers.wg must be \[L, D, F\]"):
+        Engine(DenseModel(moe.backbone_params, dense.cfg), ECFG)
+    with pytest.raises(ConfigError, match=r"backbone layers.wg must be \[L=2, E=4"):
+        Engine(moe.replace(layout=ExpertLayout(4, 16)), ECFG)
+    with pytest.raises(ConfigError, match="serves a ReadMEModel or a DenseModel"):
+        Engine(object(), ECFG)
     assert moe.expert_bytes() == 3 * 2 * 32 * 16 * 4  # wg+wu+wd, 2 layers, D=32, F_e=16, float32
     eng = Engine(moe, ECFG)
     req = eng.new_request(0, [1, 2], 2)
@@ -369,9 +368,26 @@ def test_bench_models_save_load_round_trip(tmp_path):
     m = tiny_models(vocab_size=50, n_experts=3, seed=1)
     save_bench_models(tmp_path / "m", m)
     back = load_bench_models(str(tmp_path / "m"))
-    assert back.moe.n_experts == 3 and back.moe.cfg == m.moe.cfg and back.moe.router_cfg == m.moe.router_cfg
-    for a, b in zip(jax.tree.leaves((m.moe.params, m.moe.router_params, m.dense.params)),
-                    jax.tree.leaves((back.moe.params, back.moe.router_params, back.dense.params))):
+    assert back.moe.n_experts == 3 and back.moe.backbone_cfg == m.moe.backbone_cfg
+    assert back.moe.router_cfg == m.moe.router_cfg and back.moe.layout == m.moe.layout
+    assert back.dense.cfg == m.dense.cfg and back.description == m.description
+    for a, b in zip(jax.tree.leaves((m.moe, m.dense)), jax.tree.leaves((back.moe, back.dense))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ReadmeError, match="expected 'tiny', 'smollm-timing' or a directory"):
+    with pytest.raises(ReadmeError, match="expected 'tiny', 'smollm-timing' or a folder"):
         load_bench_models(str(tmp_path / "nothing"))
+
+
+def test_complete_equals_repeated_full_forward():
+    """``complete`` (a one-slot engine through the KV cache) = greedy by repeated full forwards."""
+    cfg = tiny_model_config()
+    model = DenseModel.from_module(Llama(cfg, rngs=nnx.Rngs(int(np.random.randint(1 << 30)))))
+    prompt = [int(t) for t in np.random.randint(0, cfg.vocab_size, 5)]
+    got = complete(model, prompt, 6)
+    seq = list(prompt)
+    for _ in range(6):
+        logits = decoder.forward(model.params, cfg, jnp.asarray([seq]))[0]
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    assert got == seq[5:]
+    assert complete(model, prompt, 6, eos_id=seq[6]) == seq[5:7]  # stops at (and keeps) EOS
+    with pytest.raises(ReadmeError, match="non-empty prompt"):
+        complete(model, [], 3)

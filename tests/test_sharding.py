@@ -54,10 +54,10 @@ def _worker(part: str, out_path: str) -> None:
     from readme_jax.checkpoints.orbax_io import restore_params
     from readme_jax.config import MeshConfig
     from readme_jax.distributed import checkpoint as ckpt
-    from readme_jax.distributed.demo import demo_optimizer, demo_problem
+    from readme_jax.train.sharded_demo import demo_optimizer, demo_problem
     from readme_jax.distributed.expert_parallel import expert_parallel_ffn
     from readme_jax.distributed.mesh import gather_tree, make_mesh, pad_experts, shard_tree, unpad_experts
-    from readme_jax.distributed.train import ShardedLMStep
+    from readme_jax.train.sharded_step import ShardedLMStep
     from readme_jax.errors import ShapeError
     from readme_jax.model import decoder
     from readme_jax.model.moe import routed_ffn
@@ -154,7 +154,7 @@ def _worker(part: str, out_path: str) -> None:
 
     # --- one AdamW training step, data x expert parallel, vs the single-device step
     tx = demo_optimizer()
-    route_fn = steps.router_route_fn(prob["router_cfg"], prob["router_ffn"])
+    route_fn = steps.router_route_fn(prob["model"])
     tr, fr = steps.split_params(params, steps.FROZEN_TOP_KEYS_NO_EMBED)
     ref_step = steps.make_lm_step(cfg, routed_ffn("xla"), route_fn, tx)
     ref_tr, _, ref_m = ref_step(tr, fr, tx.init(tr), prob["router"], blocks, 1e-3)

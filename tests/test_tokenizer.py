@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from readme_jax.data.tokenizer import Tokenizer, bytes_to_unicode, tokenizer_from_gguf, tokenizer_from_hf
+from readme_jax.checkpoints.tokenizer import Tokenizer, bytes_to_unicode, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.errors import CheckpointError, ShapeError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,6 +1,7 @@
 """Read-ME training: distillation target vs float64 numpy, schedules, steps, freezing, resume."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +17,21 @@ from readme_jax.model.moe import MoEBackbone, routed_ffn
 from readme_jax.model.router import RouterConfig, make_router
 from readme_jax.train import distill, schedule, steps
 from readme_jax.eval.routing import routes_for
-from readme_jax.train.loop import ReadMEWeights, Trainer, stage_summaries
+from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
+from readme_jax.train.loop import Trainer, stage_summaries
 
 E, F, FE = 3, 48, 24
+
+
+def expected_lr(stage: StageConfig, round_idx: int, decay: float, step: int) -> float:
+    """The schedule's formula written out: the reference the optax schedule is checked against."""
+    peak = schedule.round_peak_lr(stage.lr, round_idx, decay)
+    n = max(stage.steps, 1)
+    w = stage.warmup_steps
+    if w and step < w:
+        return peak * step / w
+    frac = min(max(step - w, 0) / max(n - w, 1), 1.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def _seed():
@@ -86,8 +99,8 @@ def test_schedule_values_at_round_boundaries():
     for r in range(3):
         sched = schedule.stage_schedule(st, r, 0.8)
         for step in (0, 1, 2, 5, 9, 10):
-            assert abs(float(sched(step)) - schedule.expected_lr(st, r, 0.8, step)) < 1e-9
-        assert abs(schedule.expected_lr(st, r, 0.8, 2) - 1e-3 * 0.8**r) < 1e-12  # peak after warmup
+            assert abs(float(sched(step)) - expected_lr(st, r, 0.8, step)) < 1e-9
+        assert abs(expected_lr(st, r, 0.8, 2) - 1e-3 * 0.8**r) < 1e-12  # peak after warmup
     assert float(schedule.stage_schedule(dataclasses.replace(st, warmup_steps=0), 1, 0.8)(0)) == pytest.approx(8e-4)
 
 
@@ -96,7 +109,8 @@ def test_one_router_step_and_one_expert_step_decrease_loss():
     tok = jax.random.randint(jax.random.key(2), (4, 12), 0, cfg.vocab_size)
     target = jax.nn.softmax(jax.random.normal(jax.random.key(3), (4, 11, E)) * 3)
     tx = optax.adam(1e-2)
-    rstep = steps.make_router_step(router.cfg, router.ffn_fn(), tx, "kl")
+    model = ReadMEModel.from_modules(router, backbone)
+    rstep = steps.make_router_step(model, tx, "kl")
     rp, opt = router.arrays(), tx.init(router.arrays())
     losses = []
     for _ in range(3):
@@ -104,7 +118,7 @@ def test_one_router_step_and_one_expert_step_decrease_loss():
         losses.append(float(m["loss"]))
     assert losses[2] < losses[0]
     tr, fr = steps.split_params(backbone.arrays(), steps.FROZEN_TOP_KEYS_NO_EMBED)
-    lstep = steps.make_lm_step(cfg, routed_ffn("xla"), steps.router_route_fn(router.cfg, router.ffn_fn()), tx)
+    lstep = steps.make_lm_step(cfg, routed_ffn("xla"), steps.router_route_fn(model), tx)
     opt = tx.init(tr)
     losses = []
     for _ in range(3):
@@ -140,19 +154,20 @@ class SyntheticData:
 def _trainer(tmp, cfg, router, ci, router_target="domain", **kw):
     tc = TrainConfig(rounds=2, router=StageConfig(steps=2, batch_size=4, lr=1e-3, seq_len=12),
                      experts=StageConfig(steps=2, batch_size=4, lr=1e-3, seq_len=12, grad_accum=2), **kw)
-    return Trainer(tc, cfg, router.cfg, router.ffn_fn(), ci, F, SyntheticData(cfg.vocab_size), tmp,
+    return Trainer(tc, ci, F, SyntheticData(cfg.vocab_size), tmp,
                    progress=False, eval_batch_size=2, log=lambda s: None, router_target=router_target)
 
 
 @pytest.mark.parametrize("target", ["domain", "distill", "domain+distill"])
 def test_kill_and_resume_is_bitwise_equal(tmp_path, target):
     cfg, backbone, router, ci = _setup(4)
-    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    w0 = ReadMEModel.from_modules(router, backbone)
     full = _trainer(tmp_path / "full", cfg, router, ci, target).run(w0)
     killed = _trainer(tmp_path / "killed", cfg, router, ci, target)
     killed.run(w0, stop_after_stages=1)
     resumed = _trainer(tmp_path / "killed", cfg, router, ci, target).run(w0)
-    for a, b in zip(jax.tree.leaves((full.router, full.backbone)), jax.tree.leaves((resumed.router, resumed.backbone))):
+    assert isinstance(full, ReadMEModel) and full.layout == w0.layout and full.router_cfg == w0.router_cfg
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     s = stage_summaries(tmp_path / "full")
     assert [x["name"] for x in s] == ["initial", "round0-router", "round0-experts", "round1-router", "round1-experts"]
@@ -202,39 +217,40 @@ def test_domain_router_phase_learns_two_domains(tmp_path):
     tc = TrainConfig(rounds=1, router=StageConfig(steps=60, batch_size=8, lr=3e-3, seq_len=16, warmup_steps=5),
                      experts=StageConfig(steps=1, batch_size=2, lr=1e-3, seq_len=16))
     ci = _channel_index(1, np.random.default_rng(0))[:, :2]
-    t = Trainer(tc, cfg, router.cfg, router.ffn_fn(), ci, F, data, tmp_path, progress=False, log=lambda s: None,
-                router_target="domain")
-    w, _ = t._router_stage(0, ReadMEWeights(router.arrays(), backbone.arrays()))
+    t = Trainer(tc, ci, F, data, tmp_path, progress=False, log=lambda s: None, router_target="domain")
+    w, _ = t._router_stage(0, ReadMEModel.from_modules(router, backbone))
     held_out = data.blocks(12345, np.arange(64) % 2)
-    route = routes_for(w.router, router.cfg, router.ffn_fn(), held_out)
+    route = routes_for(w, held_out)
     acc = float(np.mean(route == (np.arange(64) % 2)[:, None]))
     assert acc > 0.95, acc
 
 
 def test_freezing_really_freezes(tmp_path):
     cfg, backbone, router, ci = _setup(5)
-    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    w0 = ReadMEModel.from_modules(router, backbone)
     t = _trainer(tmp_path, cfg, router, ci)
     after_router, _ = t._router_stage(0, w0)
-    for a, b in zip(jax.tree.leaves(after_router.backbone), jax.tree.leaves(w0.backbone)):
+    for a, b in zip(jax.tree.leaves(after_router.backbone_params), jax.tree.leaves(w0.backbone_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_router.router), jax.tree.leaves(w0.router)))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_router.router_params),
+                                                         jax.tree.leaves(w0.router_params)))
     after_exp, _ = t._expert_stage(0, after_router)
-    for a, b in zip(jax.tree.leaves(after_exp.router), jax.tree.leaves(after_router.router)):
+    for a, b in zip(jax.tree.leaves(after_exp.router_params), jax.tree.leaves(after_router.router_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(np.asarray(after_exp.backbone["embed"]), np.asarray(w0.backbone["embed"]))
-    assert not np.array_equal(np.asarray(after_exp.backbone["layers"]["wg"]), np.asarray(w0.backbone["layers"]["wg"]))
+    np.testing.assert_array_equal(np.asarray(after_exp.backbone_params["embed"]), np.asarray(w0.backbone_params["embed"]))
+    assert not np.array_equal(np.asarray(after_exp.backbone_params["layers"]["wg"]),
+                              np.asarray(w0.backbone_params["layers"]["wg"]))
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     cfg, backbone, router, ci = _setup(6)
-    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    w0 = ReadMEModel.from_modules(router, backbone)
     t = _trainer(tmp_path, cfg, router, ci)
     t.run(w0, stop_after_stages=1)
-    bad = dict(w0.backbone)
+    bad = dict(w0.backbone_params)
     bad["final_norm"] = jnp.full_like(bad["final_norm"], jnp.nan)
     t2 = _trainer(tmp_path, cfg, router, ci)
-    t2._restore = lambda step, like: ReadMEWeights(w0.router, bad)
+    t2._restore = lambda step, like: w0.replace(backbone_params=bad)
     with pytest.raises(TrainingError, match=r"non-finite loss .* round 0 experts at step 0.*after stage 1"):
         t2.run(w0)
     assert t2._ckpt.latest_step() == 1
@@ -273,7 +289,8 @@ def _tune(cfg, params, steps_n=3):
                          backbone_embed_VD=params["embed"])
     tx = optax.adamw(1.0, weight_decay=0.01)
     tr, fr = steps.split_params(jax.tree.map(jnp.asarray, params), steps.FROZEN_TOP_KEYS_NO_EMBED)
-    lstep = steps.make_lm_step(cfg, routed_ffn("xla"), steps.router_route_fn(router.cfg, router.ffn_fn()), tx)
+    model = ReadMEModel(router.arrays(), params, router.cfg, cfg, ExpertLayout.of(params), router.mlp)
+    lstep = steps.make_lm_step(cfg, routed_ffn("xla"), steps.router_route_fn(model), tx)
     opt = tx.init(tr)
     data = SyntheticData(cfg.vocab_size)
     for i in range(steps_n):

@@ -26,17 +26,18 @@ def _worker(out_path: str) -> None:
     from test_train import F, SyntheticData, _setup
 
     from readme_jax.config import MeshConfig, StageConfig, TrainConfig
-    from readme_jax.train.loop import ReadMEWeights, Trainer
+    from readme_jax.model.readme_model import ReadMEModel
+    from readme_jax.train.loop import Trainer
 
     assert jax.device_count() == 4, jax.devices()
     cfg, backbone, router, ci = _setup(int(np.random.randint(1000)))  # E = 3: padded to 4 on the expert axis
-    w0 = ReadMEWeights(router.arrays(), backbone.arrays())
+    w0 = ReadMEModel.from_modules(router, backbone)
     tc = TrainConfig(rounds=1, router=StageConfig(steps=1, batch_size=4, lr=1e-3, seq_len=12),
                      experts=StageConfig(steps=2, batch_size=4, lr=1e-3, seq_len=12))
     results = {}
     for name, mesh in (("single", None), ("mesh", MeshConfig(data=2, expert=2))):
         with tempfile.TemporaryDirectory() as d:
-            t = Trainer(tc, cfg, router.cfg, router.ffn_fn(), ci, F, SyntheticData(cfg.vocab_size), d,
+            t = Trainer(tc, ci, F, SyntheticData(cfg.vocab_size), d,
                         progress=False, eval_batch_size=2, log=lambda s: None, mesh_cfg=mesh)
             after_router, _ = t._router_stage(0, w0)
             w, rows = t._expert_stage(0, after_router)
@@ -44,9 +45,9 @@ def _worker(out_path: str) -> None:
     (ws, ls, _), (wm, lm, pad) = results["single"], results["mesh"]
     rel = max(float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) /
                     max(np.linalg.norm(np.asarray(b, np.float64)), 1e-30))
-              for a, b in zip(jax.tree.leaves(wm.backbone), jax.tree.leaves(ws.backbone)))
-    shapes_equal = all(np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(wm.backbone),
-                                                                   jax.tree.leaves(ws.backbone)))
+              for a, b in zip(jax.tree.leaves(wm.backbone_params), jax.tree.leaves(ws.backbone_params)))
+    shapes_equal = all(np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(wm.backbone_params),
+                                                                   jax.tree.leaves(ws.backbone_params)))
     Path(out_path).write_text(json.dumps({"rel": rel, "loss_single": ls, "loss_mesh": lm, "pad": pad,
                                           "shapes_equal": shapes_equal}))
 

@@ -30,7 +30,7 @@ def finished_run(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run")
     cfg = _cfg(out, cache_dir, "stages=[" + ",".join(STAGES) + "]")
     log = []
-    real_baseline = run_mod._stage_fns()["baseline"]
+    real_baseline = run_mod.STAGE_FNS["baseline"]
     calls = {"n": 0}
 
     def crashing_baseline(ws):  # the first attempt dies in the middle of the run
@@ -39,10 +39,7 @@ def finished_run(tmp_path_factory, cache_dir):
             raise KeyboardInterrupt("simulated kill")
         return real_baseline(ws)
 
-    fns = run_mod._stage_fns()
-    fns["baseline"] = crashing_baseline
-    orig = run_mod._stage_fns
-    run_mod._stage_fns = lambda: fns
+    run_mod.STAGE_FNS["baseline"] = crashing_baseline
     try:
         with pytest.raises(KeyboardInterrupt):
             run_mod.run(cfg, progress=False, log=log.append)
@@ -50,7 +47,7 @@ def finished_run(tmp_path_factory, cache_dir):
         log.clear()
         run_mod.run(cfg, progress=False, log=log.append)
     finally:
-        run_mod._stage_fns = orig
+        run_mod.STAGE_FNS["baseline"] = real_baseline
     return out, first, list(log)
 
 

@@ -17,9 +17,10 @@ from readme_jax.checkpoints.embedded import embedded_gguf_path
 from readme_jax.checkpoints.gguf import load_gguf, open_gguf
 from readme_jax.checkpoints.hf import load_hf, np_dtype, save_hf
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
+from readme_jax.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.config import ModelConfig, from_dict, to_dict
-from readme_jax.data.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.errors import CheckpointError, ConfigError
+from readme_jax.model.llama import Llama
 
 __all__ = ["load_model", "save_model", "load_gguf", "load_hf", "save_hf", "save_params", "restore_params",
            "embedded_gguf_path", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
@@ -35,8 +36,6 @@ def load_model(source: str | Path | None = None, dtype: str = "float32"):
 
 
 def _load_model(source, dtype):
-    from readme_jax.model.llama import Llama
-
     if source is None or str(source) == "embedded":
         source = embedded_gguf_path()
     p = Path(source)

@@ -55,7 +55,7 @@ def _dtype_name(dtype) -> str:
 # ----------------------------------------------------------------------------- config
 
 
-def _get(raw: dict, key: str, where: Path, default=None):
+def _hf_value(raw: dict, key: str, where: Path, default=None):
     if key in raw and raw[key] is not None:
         return raw[key]
     if default is None:
@@ -81,17 +81,17 @@ def config_from_hf(raw: dict, where: Path, dtype="float32") -> ModelConfig:
     if rope_type != "default":
         raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported, only 'default'")
     theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
-    d = int(_get(raw, "hidden_size", where))
-    h = int(_get(raw, "num_attention_heads", where))
+    d = int(_hf_value(raw, "hidden_size", where))
+    h = int(_hf_value(raw, "num_attention_heads", where))
     name = _dtype_name(dtype)
     return ModelConfig(
-        vocab_size=int(_get(raw, "vocab_size", where)),
+        vocab_size=int(_hf_value(raw, "vocab_size", where)),
         d_model=d,
-        n_layers=int(_get(raw, "num_hidden_layers", where)),
+        n_layers=int(_hf_value(raw, "num_hidden_layers", where)),
         n_heads=h,
-        n_kv_heads=int(_get(raw, "num_key_value_heads", where, h)),
-        head_dim=int(_get(raw, "head_dim", where, d // h)),
-        ffn_dim=int(_get(raw, "intermediate_size", where)),
+        n_kv_heads=int(_hf_value(raw, "num_key_value_heads", where, h)),
+        head_dim=int(_hf_value(raw, "head_dim", where, d // h)),
+        ffn_dim=int(_hf_value(raw, "intermediate_size", where)),
         rope_theta=float(theta),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -202,7 +202,7 @@ def _read_arrays(d: Path, cfg: ModelConfig, files: dict, dt, stack: contextlib.E
 def save_hf(path, cfg: ModelConfig, arrays: dict, tokenizer=None, max_shard_bytes: int | None = None) -> Path:
     """Write ``config.json`` + safetensors (sharded with an index when ``max_shard_bytes`` is set).
 
-    ``tokenizer`` (a :class:`readme_jax.data.tokenizer.Tokenizer`) is saved beside when given.
+    ``tokenizer`` (a :class:`readme_jax.checkpoints.tokenizer.Tokenizer`) is saved beside when given.
     """
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,17 @@ def open_checkpoint(path):
     return d, meta, ckptr, ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
 
 
+def read_meta(path) -> dict:
+    """The ``meta.json`` of a readme-jax orbax checkpoint, without reading its arrays."""
+    d = Path(path)
+    if not is_orbax_dir(d):
+        raise CheckpointError(f"{d}: not a readme-jax orbax checkpoint (expected {PARAMS_DIR}/ and {META_FILE})")
+    try:
+        return json.loads((d / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / META_FILE}: invalid JSON ({e})") from None
+
+
 def restore_params(path) -> tuple[dict, dict]:
     """Read back ``(arrays, meta)``; arrays are jax arrays on the default device."""
     d, meta, ckptr, tree = open_checkpoint(path)

@@ -7,6 +7,7 @@ One reduction, two views: ``block_nll_sums`` gives each block's summed NLL and t
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -64,3 +65,15 @@ def per_block_nll(nll_fn: NllFn, blocks_NT1: np.ndarray, batch_size: int = 4, de
     ``mean_nll``)."""
     sums, counts = block_nll_sums(nll_fn, blocks_NT1, batch_size, desc, progress)
     return sums / counts
+
+
+def dense_block_nll(params, cfg, blocks: dict, batch_size: int, progress: bool, label: str) -> dict:
+    """Per-block mean NLL (``[N]`` float64) per domain of a dense decoder."""
+    fn = nll_fn_for(params, cfg)
+    return {d: per_block_nll(fn, b, batch_size, desc=f"{label} {d}" if progress else None)
+            for d, b in blocks.items()}
+
+
+def domain_ppl(nll_blocks: dict) -> dict:
+    """Perplexity per domain from per-block NLLs (equal-length blocks: the block mean is the token mean)."""
+    return {d: math.exp(float(np.mean(v))) for d, v in nll_blocks.items()}

@@ -9,22 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.config import ModelConfig
 from readme_jax.eval.perplexity import block_nll, mean_nll, per_block_nll
 from readme_jax.model.moe import routed_ffn
-from readme_jax.model.router import router_logits
+from readme_jax.model.readme_model import ReadMEModel
 
 
-@functools.partial(jax.jit, static_argnames=("router_cfg", "router_ffn"))
-def _routes(router_params, tokens_BT, *, router_cfg, router_ffn):
-    return jnp.argmax(router_logits(router_params, router_cfg, tokens_BT, ffn=router_ffn)[0], -1).astype(jnp.int32)
+@jax.jit
+def _routes(model: ReadMEModel, tokens_BT):
+    return model.routes(tokens_BT)[0]
 
 
-def routes_for(router_params, router_cfg: ModelConfig, router_ffn, blocks_NT1, batch_size: int = 8):
-    """Router's route ids ``[N, T]`` for the inputs of each block (jitted once per shape, batched)."""
+def routes_for(model: ReadMEModel, blocks_NT1, batch_size: int = 8):
+    """The router's route ids ``[N, T]`` for the inputs of each block (jitted once per shape, batched)."""
     blocks = np.asarray(blocks_NT1)[:, :-1]
-    return np.concatenate([np.asarray(_routes(router_params, blocks[s:s + batch_size], router_cfg=router_cfg,
-                                              router_ffn=router_ffn))
+    return np.concatenate([np.asarray(_routes(model, blocks[s:s + batch_size]))
                            for s in range(0, len(blocks), batch_size)])
 
 
@@ -32,10 +30,10 @@ def _moe_nll(backbone_params, cfg, impl, blocks_BT1, route_BT):
     return block_nll(backbone_params, cfg, blocks_BT1, routed_ffn(impl), route_BT)
 
 
-@functools.partial(jax.jit, static_argnames=("router_cfg", "router_ffn", "cfg", "impl"))
-def _readme_nll(router_params, backbone_params, blocks_BT1, *, router_cfg, router_ffn, cfg, impl):
-    route = _routes(router_params, blocks_BT1[:, :-1], router_cfg=router_cfg, router_ffn=router_ffn)
-    return _moe_nll(backbone_params, cfg, impl, blocks_BT1, route)
+@functools.partial(jax.jit, static_argnames=("impl",))
+def _readme_nll(model: ReadMEModel, blocks_BT1, *, impl):
+    route = model.routes(blocks_BT1[:, :-1])[0]
+    return _moe_nll(model.backbone_params, model.backbone_cfg, impl, blocks_BT1, route)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
@@ -44,28 +42,21 @@ def _fixed_nll(backbone_params, blocks_BT1, expert, *, cfg, impl):
     return _moe_nll(backbone_params, cfg, impl, blocks_BT1, route)
 
 
-def _readme_nll_fn(router_params, router_cfg, router_ffn, backbone_params, cfg, impl):
-    """NllFn with routes from the router (computed inside the same jit)."""
-    return lambda blocks: _readme_nll(router_params, backbone_params, blocks, router_cfg=router_cfg,
-                                      router_ffn=router_ffn, cfg=cfg, impl=impl)
-
-
 def _fixed_nll_fn(backbone_params, cfg, impl, expert: int):
     return lambda blocks: _fixed_nll(backbone_params, blocks, expert, cfg=cfg, impl=impl)
 
 
-def readme_domain_nll(router_params, router_cfg, router_ffn, backbone_params, cfg, impl,
-                      val_blocks: dict[str, np.ndarray], batch_size: int = 4, progress: bool = False) -> dict:
+def readme_domain_nll(model: ReadMEModel, impl: str, val_blocks: dict[str, np.ndarray], batch_size: int = 4,
+                      progress: bool = False) -> dict:
     """Mean NLL per domain with routes from the router."""
-    fn = _readme_nll_fn(router_params, router_cfg, router_ffn, backbone_params, cfg, impl)
+    fn = functools.partial(_readme_nll, model, impl=impl)
     return {d: mean_nll(fn, b, batch_size, desc=f"ppl {d}" if progress else None) for d, b in val_blocks.items()}
 
 
-def readme_domain_block_nll(router_params, router_cfg, router_ffn, backbone_params, cfg, impl,
-                            val_blocks: dict[str, np.ndarray], batch_size: int = 4,
+def readme_domain_block_nll(model: ReadMEModel, impl: str, val_blocks: dict[str, np.ndarray], batch_size: int = 4,
                             progress: bool = False) -> dict[str, np.ndarray]:
     """Per-block mean NLL (``[N]`` float64) per domain with routes from the router."""
-    fn = _readme_nll_fn(router_params, router_cfg, router_ffn, backbone_params, cfg, impl)
+    fn = functools.partial(_readme_nll, model, impl=impl)
     return {d: per_block_nll(fn, b, batch_size, desc=f"ppl {d}" if progress else None)
             for d, b in val_blocks.items()}
 

@@ -22,9 +22,6 @@ import jax.numpy as jnp
 from readme_jax.config import ModelConfig
 from readme_jax.model import layers
 
-ATTN_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm")
-
-
 class KVCache(NamedTuple):
     """Keys/values for every layer: ``k, v: [L, B, S, K, hd]``; slot s holds position s."""
 
@@ -65,6 +62,10 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def layer(x_BTD, xs):
+        with jax.named_scope("decoder_layer"):
+            return layer_body(x_BTD, xs)
+
+    def layer_body(x_BTD, xs):
         lp, ck, cv = xs
         h = layers.rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
         q = layers.apply_rope((h @ lp["wq"]).reshape(B, T, H, hd), cos, sin)
@@ -79,7 +80,8 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
             a = layers.attend(q, ck, cv, positions_BT, kpos, cfg.attn_scale)
         x_BTD = x_BTD + (a @ lp["wo"]).astype(dt)
         h = layers.rms_norm(x_BTD, lp["ffn_norm"], cfg.norm_eps)
-        y, aux = ffn(lp, h, ffn_ctx)
+        with jax.named_scope("ffn"):
+            y, aux = ffn(lp, h, ffn_ctx)
         return x_BTD + y.astype(dt), (ck, cv, aux)
 
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)

@@ -34,7 +34,7 @@ def top_shapes(cfg: ModelConfig) -> dict:
     return out
 
 
-class Layers(nnx.Module):
+class StackedLayers(nnx.Module):
     """Stacked per-layer weights (leading axis L)."""
 
     def __init__(self, shapes: dict, dtype, rngs: nnx.Rngs):
@@ -49,7 +49,7 @@ class Layers(nnx.Module):
             setattr(self, name, nnx.Param(value))
 
 
-class Decoder(nnx.Module):
+class DecoderModule(nnx.Module):
     """Embedding, stacked layers and head; subclasses say which FFN weights the layers carry."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -62,13 +62,13 @@ class Decoder(nnx.Module):
         if "lm_head" in top:
             self.lm_head = nnx.Param(
                 (jax.random.normal(rngs.params(), top["lm_head"], jnp.float32) * cfg.d_model**-0.5).astype(dt))
-        self.layers = Layers(shapes["layers"], dt, rngs)
+        self.layers = StackedLayers(shapes["layers"], dt, rngs)
 
     # --- what a subclass defines
     def ffn_shapes(self) -> dict:
         return dense_ffn_shapes(self.cfg)
 
-    def ffn_fn(self):
+    def layer_ffn(self):
         return decoder.dense_ffn
 
     # --- shared
@@ -110,11 +110,11 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT=None, cache=None, *, ffn_ctx=None):
         out, cache, _ = decoder.forward(self.arrays(), self.cfg, tokens_BT, positions_BT, cache,
-                                        ffn=self.ffn_fn(), ffn_ctx=ffn_ctx)
+                                        ffn=self.layer_ffn(), ffn_ctx=ffn_ctx)
         return out, cache
 
 
-class Llama(Decoder):
+class Llama(DecoderModule):
     """The dense Llama: SwiGLU FFN of width cfg.ffn_dim in every layer."""
 
 

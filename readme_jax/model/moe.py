@@ -22,7 +22,8 @@ from flax import nnx
 from readme_jax.config import ModelConfig
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder, layers
-from readme_jax.model.llama import Decoder
+from readme_jax.model.llama import DecoderModule
+from readme_jax.model.router import route_ids
 from readme_jax.ops.expert_ffn import expert_ffn
 
 
@@ -65,6 +66,27 @@ def routed_ffn(impl: str):
     return ffn
 
 
+def present_experts_ffn(lp: dict, h_BTD, ctx):
+    """Read-ME FFN over the experts PRESENT in the call: ``ctx = (route_BT, present_K)``.
+
+    ``present_K`` lists the distinct expert ids of the call (K static, known on the host). For
+    each, one ``expert_ffn`` over that expert's weights alone (a dynamic slice of the layer's
+    stack) runs on every row and keeps its own rows; rows routed to -1 (padding) get 0. Only
+    K experts' weights are read. On XLA:CPU this beats the tile loop of ``expert_ffn(impl='xla')``
+    inside the layer scan by several times at decode batch sizes (docs/SERVING.md); the price is
+    K x the FFN compute, small for decode batches.
+    """
+    route_BT, present_K = ctx
+    B, T, D = h_BTD.shape
+    x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
+    y = jnp.zeros((B * T, D), jnp.float32)
+    for k in range(present_K.shape[0]):
+        e = present_K[k]
+        w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
+        y = y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
+    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+
+
 def layerwise_ffn(impl: str):
     """FFN of the conventional MoE: per-layer top-1 router with softmax gate; aux = router logits."""
 
@@ -72,7 +94,7 @@ def layerwise_ffn(impl: str):
         del ctx
         B, T, D = h_BTD.shape
         logits = jnp.dot(h_BTD, lp["gate"], preferred_element_type=jnp.float32)  # [B,T,E]
-        route = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        route = route_ids(logits)
         prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), route[..., None], axis=-1)
         y = expert_ffn(h_BTD.reshape(B * T, D), route.reshape(B * T), lp["wg"], lp["wu"], lp["wd"], impl=impl)
         return shared_ffn(lp, h_BTD, y.reshape(B, T, D) * prob.astype(y.dtype)), logits
@@ -80,7 +102,7 @@ def layerwise_ffn(impl: str):
     return ffn
 
 
-class MoEBackbone(Decoder):
+class MoEBackbone(DecoderModule):
     """Read-ME backbone: dense attention + stacked experts, routed by precomputed route ids."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, n_experts: int, expert_dim: int, impl: str = "xla",
@@ -97,7 +119,7 @@ class MoEBackbone(Decoder):
     def ffn_shapes(self) -> dict:
         return expert_shapes(self.cfg, self.n_experts, self.expert_dim, self.shared_dim)
 
-    def ffn_fn(self):
+    def layer_ffn(self):
         return routed_ffn(self.impl)
 
     def __call__(self, tokens_BT, positions_BT=None, cache=None, *, route_BT=None, ffn_ctx=None):
@@ -116,9 +138,9 @@ class LayerwiseMoE(MoEBackbone):
         out["gate"] = (self.cfg.n_layers, self.cfg.d_model, self.n_experts)
         return out
 
-    def ffn_fn(self):
+    def layer_ffn(self):
         return layerwise_ffn(self.impl)
 
     def __call__(self, tokens_BT, positions_BT=None, cache=None, **_):
-        out, cache, _ = decoder.forward(self.arrays(), self.cfg, tokens_BT, positions_BT, cache, ffn=self.ffn_fn())
+        out, cache, _ = decoder.forward(self.arrays(), self.cfg, tokens_BT, positions_BT, cache, ffn=self.layer_ffn())
         return out, cache

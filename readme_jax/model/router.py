@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from readme_jax.config import ModelConfig, RouterConfig
+from readme_jax.config import ModelConfig, RouterConfig, RouterMlp, choices
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder
-from readme_jax.model.llama import Decoder
+from readme_jax.model.llama import DecoderModule
 
 
 def router_model_config(rc: RouterConfig, vocab_size: int, max_seq_len: int, dtype: str = "float32") -> ModelConfig:
@@ -47,7 +47,7 @@ def silu_bias_mlp(lp: dict, h_BTD, ctx):
     return y.astype(h_BTD.dtype), None
 
 
-class Router(Decoder):
+class Router(DecoderModule):
     """Causal transformer over token ids; ``__call__`` gives expert logits ``[B, T, E]``."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, n_experts: int, mlp: str = "swiglu"):
@@ -70,17 +70,28 @@ class Router(Decoder):
         out["head"] = (self.cfg.d_model, self.n_experts)
         return out
 
-    def ffn_fn(self):
-        return decoder.dense_ffn if self.mlp == "swiglu" else silu_bias_mlp
+    def layer_ffn(self):
+        return router_ffn(self.mlp)
 
     def __call__(self, tokens_BT, positions_BT=None, cache=None, *, ffn_ctx=None):
-        return router_logits(self.arrays(), self.cfg, tokens_BT, positions_BT, cache, self.ffn_fn())
+        return router_logits(self.arrays(), self.cfg, tokens_BT, positions_BT, cache, mlp=self.mlp)
 
 
-def router_logits(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache=None, ffn=decoder.dense_ffn):
+def router_ffn(mlp: RouterMlp):
+    """The router layer's MLP for ``RouterConfig.mlp``: SwiGLU (the paper) or Linear+bias/SiLU (reference code)."""
+    if mlp == "swiglu":
+        return decoder.dense_ffn
+    if mlp == "silu_bias":
+        return silu_bias_mlp
+    raise ConfigError(f"router mlp must be one of {choices(RouterMlp)}, got {mlp!r}")
+
+
+def router_logits(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache=None,
+                  mlp: RouterMlp = "swiglu"):
     """Pure router forward: ``(logits_BTE float32, cache)``."""
-    h, cache, _ = decoder.forward(params, cfg, tokens_BT, positions_BT, cache, ffn=ffn, logits=False)
-    return jnp.dot(h.astype(jnp.float32), params["head"].astype(jnp.float32)), cache
+    with jax.named_scope("router"):
+        h, cache, _ = decoder.forward(params, cfg, tokens_BT, positions_BT, cache, ffn=router_ffn(mlp), logits=False)
+        return jnp.dot(h.astype(jnp.float32), params["head"].astype(jnp.float32)), cache
 
 
 def make_router(rc: RouterConfig, n_experts: int, vocab_size: int, max_seq_len: int,

@@ -33,13 +33,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.config import ModelConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from flax import nnx
+
+from readme_jax.checkpoints import embedded_gguf_path, load_model
+from readme_jax.checkpoints.orbax_io import read_meta, restore_params, save_params
+from readme_jax.checkpoints.readme_io import load_readme, save_readme
+from readme_jax.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
+from readme_jax.config import (Impl, ModelConfig, RouterConfig, deep_merge, from_dict, parse_overrides, read_yaml,
+                               tiny_model_config, to_dict)
+from readme_jax.convert.experts import expert_width, moe_arrays_from_dense
+from readme_jax.data import available_domains, token_stream
 from readme_jax.errors import CheckpointError, ConfigError, DataError
+from readme_jax.figures import new_figure
+from readme_jax.jsonfile import write_json
 from readme_jax.model import decoder
-from readme_jax.model.router import RouterConfig, router_logits, silu_bias_mlp
+from readme_jax.model.llama import Llama
+from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
+from readme_jax.model.router import make_router
 from readme_jax.serve.cache_policy import CACHE_POLICIES
-from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, ServeModel
-from readme_jax.serve.metrics import (_figure, hit_ratio_table, plot_hit_ratio_vs_capacity,
+from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams
+from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity,
                                       plot_normalized_latency_hist, plot_unique_experts, request_metrics, summarize)
 from readme_jax.serve.requests import Status
 from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
@@ -69,6 +82,7 @@ class BenchConfig:
     row_buckets: tuple[int, ...] | None = None
     decode_windows: tuple[int, ...] | None = (64, 128)
     moe_ffn: str = "present"
+    impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
     stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
     temperature: float = 0.0
     capacities: tuple[int, ...] = (2, 3, 4, 5)
@@ -118,8 +132,8 @@ def load_bench_config(path=None, overrides=()) -> BenchConfig:
 
 @dataclasses.dataclass
 class BenchModels:
-    moe: ServeModel
-    dense: ServeModel | None = None  # for the batch-1 latency comparison
+    moe: ReadMEModel
+    dense: DenseModel | None = None  # for the batch-1 latency comparison
     tokenizer: Any = None  # for corpus prompts and EOS
     description: str = ""
 
@@ -131,11 +145,6 @@ def tiny_models(vocab_size: int = 97, n_experts: int = 7, r: float = 0.5, seed: 
                 tokenizer=None) -> BenchModels:
     """Random tiny dense Llama and the Read-ME built from it (random channel subsets as experts,
     untrained router): same attention weights, so the two differ only in the FFN and the router."""
-    from flax import nnx
-
-    from readme_jax.config import tiny_model_config
-    from readme_jax.model.llama import Llama
-
     cfg = tiny_model_config(vocab_size=vocab_size, max_seq_len=4096)
     dense = Llama(cfg, rngs=nnx.Rngs(seed))
     return _readme_from_dense(cfg, dense.arrays(), n_experts, r, seed, RouterConfig(width=16, n_heads=2, ffn_dim=32),
@@ -144,9 +153,6 @@ def tiny_models(vocab_size: int = 97, n_experts: int = 7, r: float = 0.5, seed: 
 
 
 def _readme_from_dense(cfg, dense_arrays, n_experts, r, seed, rc, tokenizer, description) -> BenchModels:
-    from readme_jax.convert.experts import expert_width, moe_arrays_from_dense
-    from readme_jax.model.router import make_router
-
     rng = np.random.default_rng(seed)
     F, L = cfg.ffn_dim, cfg.n_layers
     fe = expert_width(F, r)
@@ -158,77 +164,59 @@ def _readme_from_dense(cfg, dense_arrays, n_experts, r, seed, rc, tokenizer, des
     params, _ = moe_arrays_from_dense(arrays, masks, r=r)
     router = make_router(dataclasses.replace(rc, seed=seed), n_experts, cfg.vocab_size, cfg.max_seq_len,
                          backbone_embed_VD=arrays["embed"])
-    moe = ServeModel(cfg, params, n_experts, router.cfg, router.arrays(), router.ffn_fn(), "xla", "readme")
-    return BenchModels(moe, ServeModel(cfg, arrays, 1, name="dense"), tokenizer, description)
+    moe = ReadMEModel(router.arrays(), params, router.cfg, cfg, ExpertLayout.of(params), router.mlp).validate()
+    return BenchModels(moe, DenseModel(arrays, cfg).validate(), tokenizer, description)
 
 
 def smollm_timing_models(n_experts: int = 7, r: float = 0.5, seed: int = 0) -> BenchModels:
     """The embedded SmolLM2-135M as dense model and a Read-ME made of random channel subsets with
     an untrained paper-size router: right sizes for TIMING, meaningless routes."""
-    from readme_jax.checkpoints import load_model
-
     dense, tok = load_model("embedded")
     return _readme_from_dense(dense.cfg, dense.arrays(), n_experts, r, seed, RouterConfig(), tok,
                               f"SmolLM2-135M (embedded GGUF) + {n_experts} random-channel experts r={r} + untrained "
                               f"router (timing only: routes are not a trained router's)")
 
 
-def save_bench_models(path, models: BenchModels, overwrite: bool = False) -> Path:
-    """Write ``models`` (Read-ME + optional dense + tokenizer) as an orbax dir ``load_bench_models`` reads."""
-    from readme_jax.checkpoints.orbax_io import save_params
-
-    m = models.moe
-    mlp = "silu_bias" if m.router_ffn is silu_bias_mlp else "swiglu"
-    meta = {"kind": "readme-serve", "model_config": to_dict(m.cfg), "router_model_config": to_dict(m.router_cfg),
-            "router_mlp": mlp, "n_experts": m.n_experts, "impl": m.impl, "description": models.description,
-            "has_dense": models.dense is not None}
-    arrays = {"router": m.router_params, "backbone": m.params}
+def save_bench_models(path, models: BenchModels) -> Path:
+    """Write ``models`` for :func:`load_bench_models`: ``path/readme`` (router + backbone, as training
+    writes them), ``path/dense`` when there is a dense model, and the tokenizer beside."""
+    d = Path(path)
+    save_readme(d / "readme", models.moe, backbone_meta={"description": models.description})
     if models.dense is not None:
-        meta["dense_model_config"] = to_dict(models.dense.cfg)
-        arrays["dense"] = models.dense.params
-    return save_params(path, arrays, meta, tokenizer=models.tokenizer, overwrite=overwrite)
+        save_params(d / "dense", models.dense.params, {"kind": "llama", "model_config": to_dict(models.dense.cfg)},
+                    overwrite=True)
+    if models.tokenizer is not None:
+        models.tokenizer.save_hf(d)
+    return d
 
 
 def load_bench_models(source: str, seed: int = 0) -> BenchModels:
     """``tiny`` (random, real tokenizer vocabulary if the embedded one loads), ``smollm-timing``, or a
-    directory written by :func:`save_bench_models`."""
+    folder written by :func:`save_bench_models`."""
     if source == "tiny":
         tok = _embedded_tokenizer()
         return tiny_models(tok.vocab_size if tok is not None else 97, seed=seed, tokenizer=tok)
     if source == "smollm-timing":
         return smollm_timing_models(seed=seed)
-    from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params
-
     p = Path(source)
-    if not is_orbax_dir(p):
-        raise CheckpointError(f"serve-bench model {source!r}: expected 'tiny', 'smollm-timing' or a directory "
-                              f"written by save_bench_models (params/ + meta.json)")
-    arrays, meta = restore_params(p)
-    if meta.get("kind") != "readme-serve":
-        raise CheckpointError(f"{p / 'meta.json'}: kind is {meta.get('kind')!r}, expected 'readme-serve'")
-    try:
-        cfg = from_dict(ModelConfig, meta["model_config"], "model_config.")
-        rcfg = from_dict(ModelConfig, meta["router_model_config"], "router_model_config.")
-        dcfg = from_dict(ModelConfig, meta["dense_model_config"], "dense_model_config.") if meta["has_dense"] else None
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{p / 'meta.json'}: {e}") from None
-    rffn = silu_bias_mlp if meta.get("router_mlp") == "silu_bias" else decoder.dense_ffn
-    moe = ServeModel(cfg, arrays["backbone"], int(meta["n_experts"]), rcfg, arrays["router"], rffn,
-                     meta.get("impl", "xla"), "readme")
-    dense = ServeModel(dcfg, arrays["dense"], 1, name="dense") if dcfg is not None else None
-    tok = None
-    if (p / "tokenizer.json").is_file():
-        from readme_jax.data.tokenizer import tokenizer_from_hf
-
-        tok = tokenizer_from_hf(p)
-    return BenchModels(moe, dense, tok, meta.get("description", str(p)))
+    if not (p / "readme").is_dir():
+        raise CheckpointError(f"serve-bench model {source!r}: expected 'tiny', 'smollm-timing' or a folder "
+                              f"written by save_bench_models (readme/, optional dense/)")
+    moe = load_readme(p / "readme")
+    dense = None
+    if (p / "dense").is_dir():
+        arrays, meta = restore_params(p / "dense")
+        try:
+            dense = DenseModel(arrays, from_dict(ModelConfig, meta["model_config"], "model_config.")).validate()
+        except (ConfigError, KeyError) as e:
+            raise CheckpointError(f"{p / 'dense' / 'meta.json'}: {e}") from None
+    tok = tokenizer_from_hf(p) if (p / "tokenizer.json").is_file() else None
+    description = read_meta(p / "readme" / "backbone").get("description", str(p))
+    return BenchModels(moe, dense, tok, description)
 
 
 def _embedded_tokenizer():
     try:
-        from readme_jax.checkpoints import embedded_gguf_path
-        from readme_jax.data.tokenizer import tokenizer_from_gguf
-
         return tokenizer_from_gguf(embedded_gguf_path())
     except Exception:  # noqa: BLE001 - the tiny model works without it (synthetic prompts)
         return None
@@ -237,8 +225,6 @@ def _embedded_tokenizer():
 def corpus_prompt_fn(tokenizer, domains=None, split: str = "test", sep_id: int | None = 0, cache_dir=None):
     """``(prompt_fn, domain_of_seed)``: prompt = a window of one domain's token stream (domain and
     offset drawn from the request's prompt seed)."""
-    from readme_jax.data import available_domains, token_stream
-
     names = list(domains) if domains else available_domains(cache_dir)
     if not names:
         raise DataError("serve-bench: no prepared text domains (run `python -m readme_jax.data` first, or set "
@@ -280,16 +266,16 @@ def decode_latency(engine: Engine, prompt, n_tokens: int) -> np.ndarray:
     return np.asarray(times)
 
 
-def router_step_time(model: ServeModel, max_len: int, repeats: int = 20) -> float:
+def router_step_time(model: ReadMEModel, max_len: int, repeats: int = 20) -> float:
     """Median measured seconds of the router alone on one token with a ``max_len`` cache (batch 1)."""
-    f = jax.jit(lambda rp, rc, tok, pos: router_logits(rp, model.router_cfg, tok, pos, rc, model.router_ffn))
+    f = jax.jit(lambda m, rc, tok, pos: m.router_logits(tok, pos, rc))
     rc = decoder.init_cache(model.router_cfg, 1, max_len)
     tok, pos = jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), max_len // 2, jnp.int32)
-    jax.block_until_ready(f(model.router_params, rc, tok, pos))
+    jax.block_until_ready(f(model, rc, tok, pos))
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(model.router_params, rc, tok, pos))
+        jax.block_until_ready(f(model, rc, tok, pos))
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
 
@@ -326,7 +312,7 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
     specs = generate_workload(cfg.workload, prompt_fn, with_routes=False)
     eos = getattr(models.tokenizer, "eos_id", None) if cfg.stop_at_eos else None
     ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, prefill_buckets=cfg.prefill_buckets,
-                        row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn,
+                        row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn, impl=cfg.impl,
                         decode_windows=cfg.decode_windows)
     engine = Engine(moe, ecfg)
     sp = SamplingParams(temperature=cfg.temperature)
@@ -396,7 +382,7 @@ def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn
         "prompt_domains": _count(domain_of.values()), "total_wall_s": time.perf_counter() - t_start,
     }
     result["plots"] = _plots(out, result, step_sets, calibrated["runs"])
-    (out / "serve_bench.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    write_json(out / "serve_bench.json", result)
     log(f"[serve-bench] wrote {out / 'serve_bench.json'} and {len(result['plots'])} plots")
     return result
 
@@ -483,7 +469,7 @@ def _plots(out: Path, r: dict, runs: dict, calibrated: dict) -> list[str]:
     pol = "expert_aware" if "expert_aware" in r["policies"] else next(iter(r["policies"]))
     paths.append(plot_hit_ratio_vs_capacity(r["calibrated"]["policies"][pol]["hit_ratio"], out / "hit_ratio.png",
                                             title=f"expert cache hit ratio ({pol} batches, calibrated run)"))
-    fig = _figure(3, 4.0, 3.2)
+    fig = new_figure(3, 4.0, 3.2)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     sw = r["decode_step_ms_vs_present_experts_measured"]
     ks = sorted(sw["moe"])
@@ -522,14 +508,6 @@ def _count(xs) -> dict:
     for x in xs:
         out[x] = out.get(x, 0) + 1
     return out
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, (np.ndarray, frozenset, set, tuple)):
-        return list(x)
-    return str(x)
 
 
 # ----------------------------------------------------------------------------- CLI

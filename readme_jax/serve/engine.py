@@ -8,8 +8,8 @@ Contract (the scheduler drives it; see docs/SERVING.md, "The JAX engine")::
     out.next_routes[rid]            # expert of the token just sampled (None: finished, EOS or max tokens)
     engine.output(rid)              # the generated token ids
 
-A model is a :class:`ServeModel`: Read-ME (router + MoE backbone, plain param dicts) or a dense
-Llama (one "expert", no router). Both run through ``decoder.forward``.
+A model is a :class:`ReadMEModel` (router + MoE backbone) or a :class:`DenseModel` (one "expert", no
+router). Both run through ``decoder.forward``.
 
 Caches: backbone ``[L, n_slots, max_len, K, hd]`` and router ``[Lr, n_slots, max_len, Kr, hdr]``;
 slot s of a request holds its positions 0.. . The router runs on each sampled token right after
@@ -40,12 +40,13 @@ import numpy as np
 
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
-from readme_jax.serve.engine_core import (MOE_FFNS, EngineConfig, SamplingParams, ServeModel, make_step_fns,
-                                          present_experts_ffn, sample_rows, step_fns)
+from readme_jax.serve.engine_core import (MOE_FFNS, EngineConfig, SamplingParams, ServedModel, backbone_of,
+                                          make_step_fns, sample_rows, step_fns)
 from readme_jax.serve.requests import Batch, Kind, Request
+from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["MOE_FFNS", "Engine", "EngineConfig", "EngineRunner", "SamplingParams", "ServeModel", "StepOutput",
-           "generate", "make_step_fns", "present_experts_ffn", "sample_rows", "step_fns"]
+__all__ = ["MOE_FFNS", "Engine", "EngineConfig", "EngineRunner", "SamplingParams", "ServedModel", "StepOutput",
+           "complete", "generate", "make_step_fns", "sample_rows", "step_fns"]
 
 # ----------------------------------------------------------------------------- engine
 
@@ -75,22 +76,24 @@ class StepOutput(NamedTuple):
 
 
 class Engine:
-    """Slot-based engine over one :class:`ServeModel` (see the module doc for the contract).
+    """Slot-based engine over one model, Read-ME or dense (see the module doc for the contract).
 
     Times are measured wall clock. The first call of each compiled shape runs once untimed
     (``warm_start``; the calls are idempotent), so step times exclude compilation.
     """
 
-    def __init__(self, model: ServeModel, cfg: EngineConfig = EngineConfig(), *, warm_start: bool = True):
+    def __init__(self, model: ServedModel, cfg: EngineConfig = EngineConfig(), *, warm_start: bool = True):
+        params, self.backbone_cfg = backbone_of(model)
+        model.validate()
         self.model = model
         self.cfg = cfg
         self.warm_start = warm_start
         self.buckets = cfg.buckets()
         self.max_prompt_len = min(self.buckets[-1], cfg.max_len - 1)
-        self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn)
+        self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl)
         self._present = model.is_moe and cfg.moe_ffn == "present"
-        self.params = jax.device_put(model.params)  # once: host (numpy) params would be copied every call
-        self.rparams = jax.device_put(model.router_params)
+        self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
+        self.rparams = jax.device_put(model.router_params) if model.is_moe else None
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
         self.reset()
@@ -99,7 +102,7 @@ class Engine:
     def reset(self) -> None:
         """Empty every slot and forget every request (compiled functions are kept)."""
         m, c = self.model, self.cfg
-        self.cache = decoder.init_cache(m.cfg, c.n_slots, c.max_len)
+        self.cache = decoder.init_cache(self.backbone_cfg, c.n_slots, c.max_len)
         self.rcache = decoder.init_cache(m.router_cfg, c.n_slots, c.max_len) if m.is_moe else None
         self._reqs: dict[int, _ReqState] = {}
         self._slot_owner: dict[int, int] = {}
@@ -107,17 +110,17 @@ class Engine:
 
     def output(self, rid: int) -> list[int]:
         """Tokens generated so far for ``rid``."""
-        return list(self._get(rid).tokens)
+        return list(self._request_state(rid).tokens)
 
     def routes(self, rid: int) -> np.ndarray:
         """Routes of the prompt and of every generated token so far (the last one included)."""
-        st = self._get(rid)
+        st = self._request_state(rid)
         return np.concatenate([st.prompt_routes, np.asarray(st.routes, np.int32)]).astype(np.int32)
 
     def outputs(self) -> dict[int, list[int]]:
         return {rid: list(s.tokens) for rid, s in self._reqs.items()}
 
-    def _get(self, rid: int) -> _ReqState:
+    def _request_state(self, rid: int) -> _ReqState:
         if rid not in self._reqs:
             raise RequestError(f"engine: unknown request id {rid}")
         return self._reqs[rid]
@@ -140,7 +143,7 @@ class Engine:
         if ids.size > self.max_prompt_len:
             raise RequestError(f"{where}: prompt has {ids.size} tokens > max prompt length {self.max_prompt_len} "
                                f"(engine max_len={self.cfg.max_len}, largest prefill bucket {self.buckets[-1]})")
-        V = self.model.cfg.vocab_size
+        V = self.backbone_cfg.vocab_size
         bad = np.flatnonzero((ids < 0) | (ids >= V))
         if bad.size:
             raise RequestError(f"{where}: prompt token id {int(ids[bad[0]])} at index {int(bad[0])} is out of the "
@@ -236,7 +239,7 @@ class Engine:
             st.route = route
             out_route[st.rid] = route
 
-    def _call(self, fn, key, args: tuple, greedy: bool, **static) -> tuple[np.ndarray, np.ndarray, float]:
+    def _run_compiled(self, fn, key, args: tuple, greedy: bool, **static) -> tuple[np.ndarray, np.ndarray, float]:
         """Run a donating step function on the engine's caches: ``(tokens, routes, timed seconds)``.
 
         The first use of a shape is warmed untimed; that is safe because a call is idempotent
@@ -284,7 +287,7 @@ class Engine:
                 lens[b], slots[b], seeds[b], temps[b], tops[b] = P, slot, st.seed, st.temperature, st.top_p
             present = self._present_experts(rts)
             prep = time.perf_counter() - t0
-            nxt, nroute, call_s = self._call(self._prefill, ("prefill", B, T, present.size),
+            nxt, nroute, call_s = self._run_compiled(self._prefill, ("prefill", B, T, present.size),
                                              (slots, tok, rts, present, lens, seeds, temps, tops),
                                              bool((temps <= 0).all()))
             total += prep + call_s
@@ -320,7 +323,7 @@ class Engine:
         present = self._present_experts(rts)
         W = self.cfg.window(int(pos[:len(items)].max()))
         prep = time.perf_counter() - t0
-        nxt, nroute, call_s = self._call(self._decode, ("decode", B, present.size, W),
+        nxt, nroute, call_s = self._run_compiled(self._decode, ("decode", B, present.size, W),
                                          (slots, tok, rts, present, pos, seeds, counters, temps, tops),
                                          bool((temps <= 0).all()), window=W)
         for b, st in enumerate(states):
@@ -360,7 +363,7 @@ class Engine:
         present = self._present_experts(rts)
         args = (slots, z, rts, present, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32))
         W = self.cfg.window(position)
-        out = np.array([self._call(self._decode, ("decode", B, present.size, W), args, True, window=W)[2]
+        out = np.array([self._run_compiled(self._decode, ("decode", B, present.size, W), args, True, window=W)[2]
                         for _ in range(repeats)])
         self.reset()
         return out
@@ -409,8 +412,6 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
              sampling_params: SamplingParams | None = None, *, policy: str = "fcfs",
              token_budget: int | None = None) -> list[list[int]]:
     """Generate for several prompts through a scheduler (all arriving at time 0); returns the outputs."""
-    from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
-
     engine.reset()
     n = len(prompts)
     mx = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [int(max_new_tokens)] * n
@@ -425,3 +426,14 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
         out = engine.step(batch)
         sched.on_step_done(batch, out.next_routes, 0.0)
     return [engine.output(i) for i in range(n)]
+
+
+def complete(model: ServedModel, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_id: int | None = None,
+             sampling_params: SamplingParams | None = None) -> list[int]:
+    """One prompt's continuation (greedy by default) on a one-slot engine sized to it; the new token ids."""
+    n = len(prompt_ids)
+    if n < 1 or max_new_tokens < 1:
+        raise RequestError(f"complete: needs a non-empty prompt and max_new_tokens >= 1, got {n} and {max_new_tokens}")
+    cfg = EngineConfig(n_slots=1, max_len=n + max_new_tokens + 1, prefill_buckets=(n,), row_buckets=(1,),
+                       eos_id=eos_id)
+    return generate(Engine(model, cfg, warm_start=False), [list(prompt_ids)], max_new_tokens, sampling_params)[0]

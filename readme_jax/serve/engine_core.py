@@ -1,7 +1,8 @@
-"""The engine's model and configs, and its jitted step functions (pure; ``serve/engine.py`` drives them).
+"""The engine's configs and its jitted step functions (pure; ``serve/engine.py`` drives them).
 
-``make_step_fns(model, moe_ffn)`` builds ``(route_prompt, prefill, decode)``; ``step_fns`` caches
-them per model, so engines over one ServeModel share compilations. Shapes and semantics are
+The engine serves a :class:`ReadMEModel` or a :class:`DenseModel` (its A/B twin).
+``make_step_fns(model, moe_ffn, impl)`` builds ``(route_prompt, prefill, decode)``; ``step_fns``
+caches them per model object, so engines over one model share compilations. Shapes and semantics are
 described in ``serve/engine.py``'s module doc.
 """
 
@@ -10,84 +11,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.config import ModelConfig
+from readme_jax.config import Impl, ModelConfig, check_choices
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder, sampling
-from readme_jax.model.moe import routed_ffn, shared_ffn
+from readme_jax.model.moe import present_experts_ffn, routed_ffn
+from readme_jax.model.readme_model import DenseModel, ReadMEModel
 from readme_jax.model.router import route_ids, router_logits
-from readme_jax.ops.expert_ffn import expert_ffn
 
-# ----------------------------------------------------------------------------- model and config
+# ----------------------------------------------------------------------------- config
+
+ServedModel = ReadMEModel | DenseModel  # Read-ME (router + MoE backbone) or its dense twin (n_experts = 1)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ServeModel:
-    """What the engine serves. Read-ME: ``router_*`` set, backbone FFN ``wg: [L,E,D,F_e]``.
-    Dense: no router, ``wg: [L,D,F]``, ``n_experts = 1`` (every route is 0)."""
-
-    cfg: ModelConfig
-    params: dict
-    n_experts: int = 1
-    router_cfg: ModelConfig | None = None
-    router_params: dict | None = None
-    router_ffn: Callable = decoder.dense_ffn
-    impl: str = "xla"
-    name: str = "model"
-
-    def __post_init__(self):
-        wg = self.params.get("layers", {}).get("wg") if isinstance(self.params, Mapping) else None
-        if wg is None:
-            raise ConfigError(f"ServeModel {self.name!r}: params need layers.wg (decoder params layout)")
-        L = self.cfg.n_layers
-        if self.is_moe:
-            if self.router_cfg is None:
-                raise ConfigError(f"ServeModel {self.name!r}: router_params given without router_cfg")
-            if wg.ndim != 4 or wg.shape[:2] != (L, self.n_experts) or wg.shape[2] != self.cfg.d_model:
-                raise ConfigError(f"ServeModel {self.name!r}: MoE layers.wg must be [L={L}, E={self.n_experts}, "
-                                  f"D={self.cfg.d_model}, F_e], got {tuple(wg.shape)}")
-            head = self.router_params.get("head")
-            if head is None or tuple(head.shape) != (self.router_cfg.d_model, self.n_experts):
-                raise ConfigError(f"ServeModel {self.name!r}: router head must be [{self.router_cfg.d_model}, "
-                                  f"{self.n_experts}], got {None if head is None else tuple(head.shape)}")
-            if self.router_cfg.vocab_size != self.cfg.vocab_size:
-                raise ConfigError(f"ServeModel {self.name!r}: router vocab {self.router_cfg.vocab_size} != "
-                                  f"backbone vocab {self.cfg.vocab_size}")
-        else:
-            if self.n_experts != 1:
-                raise ConfigError(f"ServeModel {self.name!r}: a dense model has n_experts=1, got {self.n_experts}")
-            if wg.ndim != 3 or tuple(wg.shape) != (L, self.cfg.d_model, self.cfg.ffn_dim):
-                raise ConfigError(f"ServeModel {self.name!r}: dense layers.wg must be [L, D, F] = "
-                                  f"{(L, self.cfg.d_model, self.cfg.ffn_dim)}, got {tuple(wg.shape)}")
-
-    @property
-    def is_moe(self) -> bool:
-        return self.router_params is not None
-
-    @classmethod
-    def from_readme(cls, router, backbone, name: str = "readme") -> "ServeModel":
-        """From nnx modules: a ``Router`` and a ``MoEBackbone``."""
-        if router.n_experts != backbone.n_experts:
-            raise ConfigError(f"router has {router.n_experts} experts, backbone {backbone.n_experts}")
-        return cls(backbone.cfg, backbone.arrays(), backbone.n_experts, router.cfg, router.arrays(),
-                   router.ffn_fn(), backbone.impl, name)
-
-    @classmethod
-    def from_dense(cls, model, name: str = "dense") -> "ServeModel":
-        """From a dense nnx ``Llama``."""
-        return cls(model.cfg, model.arrays(), 1, name=name)
-
-    def expert_bytes(self) -> int:
-        """Bytes of one whole expert (its wg, wu, wd slices in every layer); the full FFN when dense."""
-        lay = self.params["layers"]
-        total = sum(int(np.prod(lay[k].shape)) * jnp.dtype(lay[k].dtype).itemsize for k in ("wg", "wu", "wd"))
-        return total // self.n_experts  # the split layout's shared part is read by every step, not per expert
-
+def backbone_of(model: ServedModel) -> tuple[dict, ModelConfig]:
+    """``(params, config)`` of the decoder that makes the tokens."""
+    if isinstance(model, ReadMEModel):
+        return model.backbone_params, model.backbone_cfg
+    if isinstance(model, DenseModel):
+        return model.params, model.cfg
+    raise ConfigError(f"the engine serves a ReadMEModel or a DenseModel, got {type(model).__name__}")
 
 
 MOE_FFNS = ("present", "expert_ffn")
@@ -105,6 +52,7 @@ class EngineConfig:
     row_buckets: tuple[int, ...] | None = None  # rows per call; None: 1, 2, 4, ... n_slots
     eos_id: int | None = None
     moe_ffn: str = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
+    impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
     decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
 
     def __post_init__(self):
@@ -128,6 +76,7 @@ class EngineConfig:
                               f"got {self.decode_windows}")
         if self.moe_ffn not in MOE_FFNS:
             raise ConfigError(f"engine.moe_ffn must be one of {MOE_FFNS}, got {self.moe_ffn!r}")
+        check_choices(self, "engine.")
         if self.eos_id is not None and self.eos_id < 0:
             raise ConfigError(f"engine.eos_id must be >= 0 or null, got {self.eos_id}")
 
@@ -201,60 +150,41 @@ def _put_prefix(cache: decoder.KVCache, sub: decoder.KVCache, slots_B) -> decode
                            cache.v.at[:, slots_B, :T].set(sub.v, mode="drop"))
 
 
-def present_experts_ffn(lp: dict, h_BTD, ctx):
-    """Read-ME FFN over the experts PRESENT in the call: ``ctx = (route_BT, present_K)``.
-
-    ``present_K`` lists the distinct expert ids of the call (K static, known on the host). For
-    each, one ``expert_ffn`` over that expert's weights alone (a dynamic slice of the layer's
-    stack) runs on every row and keeps its own rows; rows routed to -1 (padding) get 0. Only
-    K experts' weights are read. On XLA:CPU this beats the tile loop of ``expert_ffn(impl='xla')``
-    inside the layer scan by several times at decode batch sizes (docs/SERVING.md); the price is
-    K x the FFN compute, small for decode batches.
-    """
-    route_BT, present_K = ctx
-    B, T, D = h_BTD.shape
-    x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
-    y = jnp.zeros((B * T, D), jnp.float32)
-    for k in range(present_K.shape[0]):
-        e = present_K[k]
-        w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
-        y = y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
-    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
-
-
-def _ffn_and_ctx(model: ServeModel, moe_ffn: str):
+def _ffn_and_ctx(model: ServedModel, moe_ffn: str, impl: str):
     """``(ffn, ctx_fn(route_BT, present_K))`` for ``decoder.forward``."""
     if not model.is_moe:
         return decoder.dense_ffn, lambda r, p: None
     if moe_ffn == "present":
         return present_experts_ffn, lambda r, p: (r, p)
-    return routed_ffn(model.impl), lambda r, p: r
+    return routed_ffn(impl), lambda r, p: r
 
 
-_STEP_FNS: "weakref.WeakKeyDictionary[ServeModel, dict]" = weakref.WeakKeyDictionary()
+_STEP_FNS: "weakref.WeakKeyDictionary[ServedModel, dict]" = weakref.WeakKeyDictionary()
 
 
-def step_fns(model: ServeModel, moe_ffn: str = "present") -> tuple:
-    """The model's jitted functions, built once per (ServeModel, moe_ffn): engines share compilations."""
+def step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla") -> tuple:
+    """The model's jitted functions, built once per (model object, moe_ffn, impl): engines share compilations."""
     per = _STEP_FNS.setdefault(model, {})
-    if moe_ffn not in per:
-        per[moe_ffn] = make_step_fns(model, moe_ffn)
-    return per[moe_ffn]
+    if (moe_ffn, impl) not in per:
+        per[moe_ffn, impl] = make_step_fns(model, moe_ffn, impl)
+    return per[moe_ffn, impl]
 
 
-def make_step_fns(model: ServeModel, moe_ffn: str = "present"):
+def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla"):
     """``(route_prompt, prefill, decode)`` jitted functions of ``model`` (params passed in, not baked)."""
-    cfg, rcfg, rffn, moe = model.cfg, model.router_cfg, model.router_ffn, model.is_moe
-    ffn, ctx = _ffn_and_ctx(model, moe_ffn)
+    _, cfg = backbone_of(model)
+    moe = model.is_moe
+    rcfg, mlp = (model.router_cfg, model.router_mlp) if moe else (None, "swiglu")
+    ffn, ctx = _ffn_and_ctx(model, moe_ffn, impl)
 
     def route_prompt(rparams, tokens_BT):
-        rl, _ = router_logits(rparams, rcfg, tokens_BT, None, None, rffn)
+        rl, _ = router_logits(rparams, rcfg, tokens_BT, None, None, mlp=mlp)
         return route_ids(rl)
 
     def route_new(rparams, rcache, slots_B, tok_B, pos_B, window):
         """Router on each sampled token at its position (router cache rows gathered, column written)."""
         sub = _gather_rows(rcache, slots_B, window)
-        rl, sub = router_logits(rparams, rcfg, tok_B[:, None], pos_B[:, None], sub, rffn)
+        rl, sub = router_logits(rparams, rcfg, tok_B[:, None], pos_B[:, None], sub, mlp=mlp)
         return route_ids(rl)[:, 0], _put_column(rcache, sub, slots_B, pos_B)
 
     def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, greedy):
@@ -282,7 +212,7 @@ def make_step_fns(model: ServeModel, moe_ffn: str = "present"):
         t1 = jnp.arange(T + 1, dtype=jnp.int32)[None]
         rpos = jnp.where(t1 <= lens_B[:, None], t1, T + 1)
         rsub = decoder.init_cache(rcfg, B, T + 1)
-        rl, rsub = router_logits(rparams, rcfg, rt, rpos, rsub, rffn)
+        rl, rsub = router_logits(rparams, rcfg, rt, rpos, rsub, mlp=mlp)
         nroute = route_ids(jnp.take_along_axis(rl, lens_B[:, None, None], axis=1))[:, 0]
         return nxt, nroute, cache, _put_prefix(rcache, rsub, slots_B)
 

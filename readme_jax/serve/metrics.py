@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from readme_jax.errors import ReadmeError
+from readme_jax.figures import new_figure
 from readme_jax.serve.cache_policy import CACHE_POLICIES, simulate_cache
 from readme_jax.serve.requests import Request, Status
 
@@ -102,21 +103,12 @@ def hit_ratio_table(step_sets: Sequence, capacities: Sequence[int], policies: Se
 # ----------------------------------------------------------------------------- plots
 
 
-def _figure(ncols: int = 1, width: float = 4.0, height: float = 3.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_normalized_latency_hist(per_policy: Mapping[str, np.ndarray], path: str | Path, *, bins: int = 30,
                                  title: str = "normalized latency") -> Path:
     """One histogram per policy (seconds per output token), p95 marked."""
     if not per_policy:
         raise ReadmeError("plot_normalized_latency_hist: no policies given")
-    fig = _figure(len(per_policy))
+    fig = new_figure(len(per_policy))
     axes = fig.subplots(1, len(per_policy), squeeze=False)[0]
     for ax, (name, x) in zip(axes, per_policy.items()):
         x = np.asarray(x, np.float64)
@@ -138,7 +130,7 @@ def plot_normalized_latency_hist(per_policy: Mapping[str, np.ndarray], path: str
 def plot_hit_ratio_vs_capacity(table: Mapping[str, Mapping[int, float]], path: str | Path, *,
                                title: str = "expert cache hit ratio") -> Path:
     """Hit ratio vs capacity, one line per policy (a :func:`hit_ratio_table`)."""
-    fig = _figure(1, 4.5, 3.2)
+    fig = new_figure(1, 4.5, 3.2)
     ax = fig.subplots()
     for name, row in table.items():
         caps = sorted(row)
@@ -158,7 +150,7 @@ def plot_unique_experts(per_policy: Mapping[str, Sequence[int]], path: str | Pat
     """Distribution of unique experts per batch for each policy (box plot, mean marked)."""
     if not per_policy:
         raise ReadmeError("plot_unique_experts: no policies given")
-    fig = _figure(1, 1.2 * len(per_policy) + 2.0, 3.2)
+    fig = new_figure(1, 1.2 * len(per_policy) + 2.0, 3.2)
     ax = fig.subplots()
     names = list(per_policy)
     data = [np.asarray(per_policy[n], np.float64) for n in names]

@@ -71,8 +71,6 @@ class SchedulerConfig:
 # Each takes the ready items sorted oldest first (ready_step, rid) and the remaining budget,
 # and returns the items to run, in order. Pure: no scheduler state.
 
-Select = Callable[[Sequence[WorkItem], int], list]
-
 
 def _first_fit(items, budget: int, chosen: list) -> int:
     used = 0

@@ -24,11 +24,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from readme_jax.config import ROUTER_TARGETS, MeshConfig, ModelConfig, TrainConfig
+from readme_jax.config import ROUTER_TARGETS, MeshConfig, TrainConfig
+from readme_jax.distributed.mesh import gather_tree, pad_experts, unpad_experts
 from readme_jax.errors import ConfigError, TrainingError
 from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, route_accuracy, routes_for
 from readme_jax.model.moe import routed_ffn
+from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.train import distill, schedule, steps
+from readme_jax.train.sharded_step import ShardedLMStep
 
 
 class TrainData(Protocol):
@@ -47,17 +50,10 @@ class TrainData(Protocol):
 
 
 @dataclasses.dataclass
-class ReadMEWeights:
-    router: dict
-    backbone: dict
-
-
-@dataclasses.dataclass
 class Trainer:
+    """Runs the rounds on a :class:`ReadMEModel`: ``run(model) -> trained model`` (same configs and layout)."""
+
     train_cfg: TrainConfig
-    backbone_cfg: ModelConfig
-    router_cfg: ModelConfig
-    router_ffn: Callable
     channel_index_LEF: np.ndarray  # which dense channel each expert column came from
     ffn_dim: int  # the dense FFN width (channel space of channel_index)
     data: TrainData
@@ -66,7 +62,7 @@ class Trainer:
     progress: bool = True
     eval_batch_size: int = 4
     log: Callable[[str], None] = print
-    on_stage_end: Callable[[int, str, "ReadMEWeights"], None] | None = None  # (stage, name, weights)
+    on_stage_end: Callable[[int, str, ReadMEModel], None] | None = None  # (stage, name, model)
     mesh_cfg: MeshConfig | None = None  # expert tuning data x expert parallel when several devices exist
     router_target: str = "domain"  # domain | distill | domain+distill (RouterConfig.target)
 
@@ -82,21 +78,11 @@ class Trainer:
         if self.router_target not in ROUTER_TARGETS:
             raise ConfigError(f"router target must be one of {ROUTER_TARGETS}, got {self.router_target!r}")
         self._router_tx = rtx
+        self._expert_tx = etx
         self._router_steps = {}  # loss kind -> compiled step (domain labels: "kl" = cross-entropy)
-        self._stage_info = {}
-        self._steps = {  # built once: every round reuses the compiled steps
-            "experts": (etx, steps.make_lm_step(self.backbone_cfg, routed_ffn(self.impl),
-                                                steps.router_route_fn(self.router_cfg, self.router_ffn), etx)),
-        }
+        self._expert_step = None  # built on the first expert stage: every round reuses it
         self._expert_pad = 1
-        if self.mesh_cfg is not None and jax.device_count() > 1:
-            from readme_jax.distributed.train import ShardedLMStep
-
-            sharded = ShardedLMStep.from_config(self.backbone_cfg, self.mesh_cfg, etx,
-                                                steps.router_route_fn(self.router_cfg, self.router_ffn),
-                                                impl=self.impl)
-            self._steps["experts"] = (etx, sharded)
-            self._expert_pad = int(sharded.mesh.shape["expert"])
+        self._stage_info = {}
         self._ckpt = ocp.CheckpointManager(
             (self.out_dir / "ckpt").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
@@ -106,8 +92,12 @@ class Trainer:
     def n_stages(self) -> int:
         return 2 * self.train_cfg.rounds
 
-    def run(self, weights: ReadMEWeights, stop_after_stages: int | None = None) -> ReadMEWeights:
-        """Run (or resume) all rounds; ``stop_after_stages`` simulates a kill (for tests)."""
+    def run(self, model: ReadMEModel, stop_after_stages: int | None = None) -> ReadMEModel:
+        """Run (or resume) all rounds from ``model``; ``stop_after_stages`` simulates a kill (for tests)."""
+        weights = model
+        if weights.n_experts != self.n_experts:
+            raise ConfigError(f"trainer has channel indices for {self.n_experts} experts, the model "
+                              f"{weights.n_experts}")
         done = self._ckpt.latest_step() or 0
         if done:
             weights = self._restore(done, weights)
@@ -124,8 +114,8 @@ class Trainer:
                 weights, step_metrics = self._expert_stage(round_idx, weights)
             name = f"round{round_idx}-{'router' if kind == 0 else 'experts'}"
             self._write_stage_summary(s, name, weights, step_metrics)
-            self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router,
-                                                               "backbone": weights.backbone}))
+            self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router_params,
+                                                               "backbone": weights.backbone_params}))
             self._ckpt.wait_until_finished()
             if self.on_stage_end is not None:
                 self.on_stage_end(s, name, weights)
@@ -140,7 +130,7 @@ class Trainer:
                 f"non-finite loss ({loss}) in {stage} at step {step}; stopped. The last good checkpoint "
                 f"(after stage {last}) is kept in {self.out_dir / 'ckpt'}")
 
-    def _router_stage(self, round_idx: int, w: ReadMEWeights):
+    def _router_stage(self, round_idx: int, w: ReadMEModel):
         tc, st = self.train_cfg, self.train_cfg.router
         micro = st.batch_size // st.grad_accum
         blocks, dom = self.data.router_set(round_idx, st.steps * st.batch_size)
@@ -149,8 +139,8 @@ class Trainer:
             self._stage_info = {"router_target": "domain"}
         else:
             targets, loss_kind = self._teacher_targets(round_idx, w, blocks, dom), tc.router_loss
-        tx, step_fn = self._router_tx, self._router_step(loss_kind)
-        params, opt_state = w.router, tx.init(w.router)
+        tx, step_fn = self._router_tx, self._router_step(w, loss_kind)
+        params, opt_state = w.router_params, tx.init(w.router_params)
         rows = []
         name = f"round {round_idx} router"
         n_micro = st.steps * st.grad_accum
@@ -161,32 +151,44 @@ class Trainer:
             m = {k: float(v) for k, v in m.items()}
             self._check(m["loss"], name, i)
             rows.append({"round": round_idx, "stage": "router", "micro_step": i, **m})
-        return ReadMEWeights(params, w.backbone), rows
+        return w.replace(router_params=params), rows
 
     def _uses_domain_labels(self, round_idx: int) -> bool:
         return self.router_target == "domain" or (self.router_target == "domain+distill" and round_idx == 0)
 
-    def _router_step(self, loss_kind: str):
+    def _router_step(self, model: ReadMEModel, loss_kind: str):
         if loss_kind not in self._router_steps:
-            self._router_steps[loss_kind] = steps.make_router_step(self.router_cfg, self.router_ffn,
-                                                                   self._router_tx, loss_kind)
+            self._router_steps[loss_kind] = steps.make_router_step(model, self._router_tx, loss_kind)
         return self._router_steps[loss_kind]
 
-    def _teacher_targets(self, round_idx, w: ReadMEWeights, blocks, dom):
+    def _expert_step_fn(self, model: ReadMEModel):
+        """The LM step of expert tuning (sharded over a mesh when several devices exist), built once."""
+        if self._expert_step is None:
+            route_fn = steps.router_route_fn(model)
+            if self.mesh_cfg is not None and jax.device_count() > 1:
+                self._expert_step = ShardedLMStep.from_config(model.backbone_cfg, self.mesh_cfg, self._expert_tx,
+                                                              route_fn, impl=self.impl)
+                self._expert_pad = int(self._expert_step.mesh.shape["expert"])
+            else:
+                self._expert_step = steps.make_lm_step(model.backbone_cfg, routed_ffn(self.impl), route_fn,
+                                                       self._expert_tx)
+        return self._expert_step
+
+    def _teacher_targets(self, round_idx, w: ReadMEModel, blocks, dom):
         """Target distributions ``[n, T, E]`` from one teacher pass per round; the target's signal
         (best-vs-second overlap gap) and its agreement with the domain label go to the stage summary."""
         tokens = blocks[:, :-1]
         if round_idx == 0:  # the experts were made per domain: route each block to its domain's expert
             route = np.broadcast_to(np.asarray(dom)[:, None] % self.n_experts, tokens.shape).astype(np.int32)
         else:
-            route = routes_for(w.router, self.router_cfg, self.router_ffn, blocks, self.eval_batch_size)
+            route = routes_for(w, blocks, self.eval_batch_size)
         out, overlaps = [], []
         bs = self.eval_batch_size
         for s in tqdm(range(0, len(tokens), bs), desc=f"round {round_idx} teacher", disable=not self.progress,
                       leave=False):
-            ov = distill.teacher_overlap(w.backbone, jnp.asarray(self.channel_index_LEF), self.expert_mask_LEF,
+            ov = distill.teacher_overlap(w.backbone_params, jnp.asarray(self.channel_index_LEF), self.expert_mask_LEF,
                                          jnp.asarray(tokens[s:s + bs]), jnp.asarray(route[s:s + bs]),
-                                         cfg=self.backbone_cfg, ffn_dim=self.ffn_dim, impl=self.impl)
+                                         cfg=w.backbone_cfg, ffn_dim=self.ffn_dim, impl=self.impl)
             overlaps.append(ov)
             out.append(distill.target_distribution(ov, self.train_cfg.target_temperature))
         ov = jnp.concatenate(overlaps)
@@ -195,13 +197,11 @@ class Trainer:
                             "teacher_domain_agreement": float(np.mean(np.asarray(jnp.argmax(ov, -1)) == label))}
         return jnp.concatenate(out)
 
-    def _expert_stage(self, round_idx: int, w: ReadMEWeights):
+    def _expert_stage(self, round_idx: int, w: ReadMEModel):
         tc, st = self.train_cfg, self.train_cfg.experts
-        trainable, frozen = steps.split_params(w.backbone, steps.frozen_keys(tc.train_embeddings))
-        tx, step_fn = self._steps["experts"]
+        trainable, frozen = steps.split_params(w.backbone_params, steps.frozen_keys(tc.train_embeddings))
+        tx, step_fn = self._expert_tx, self._expert_step_fn(w)
         if self._expert_pad > 1:  # experts sharded over the mesh: pad E to the expert axis, moments placed
-            from readme_jax.distributed.mesh import pad_experts
-
             trainable = step_fn.shard(pad_experts(trainable, self._expert_pad))
             opt_state = step_fn.init_opt_state(trainable)
         else:
@@ -212,7 +212,7 @@ class Trainer:
         for i in range(st.steps):
             batch = self.data.expert_batch(round_idx, i, st.batch_size)
             lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i)
-            trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, w.router,
+            trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, w.router_params,
                                                               batch, st.grad_accum, lr)
             for j, m in enumerate(ms):
                 self._check(m["loss"], name, i)
@@ -220,21 +220,18 @@ class Trainer:
             bar.update(st.grad_accum)
         bar.close()
         if self._expert_pad > 1:
-            from readme_jax.distributed.mesh import gather_tree, unpad_experts
-
             trainable = unpad_experts(gather_tree(trainable), self.n_experts)
-        return ReadMEWeights(w.router, steps.merge_params(trainable, frozen)), rows
+        return w.replace(backbone_params=steps.merge_params(trainable, frozen)), rows
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def evaluate(self, w: ReadMEWeights) -> dict:
+    def evaluate(self, w: ReadMEModel) -> dict:
         """Per-domain validation perplexity, router locality and expert load per domain."""
         val = self.data.val_blocks()
-        nll = readme_domain_nll(w.router, self.router_cfg, self.router_ffn, w.backbone, self.backbone_cfg,
-                                self.impl, val, self.eval_batch_size)
+        nll = readme_domain_nll(w, self.impl, val, self.eval_batch_size)
         loads, locs, acc = {}, {}, {}
         for d, b in val.items():
-            r = routes_for(w.router, self.router_cfg, self.router_ffn, b, self.eval_batch_size)
+            r = routes_for(w, b, self.eval_batch_size)
             loads[d] = expert_load(r, self.n_experts).tolist()
             locs[d] = locality(r)
             if d in self.data.domains:
@@ -243,7 +240,7 @@ class Trainer:
                 "locality": locs, "locality_mean": float(np.mean(list(locs.values()))),
                 "router_accuracy": acc, "router_accuracy_mean": float(np.mean(list(acc.values()))) if acc else None}
 
-    def _write_stage_summary(self, s: int, name: str, w: ReadMEWeights, rows: list):
+    def _write_stage_summary(self, s: int, name: str, w: ReadMEModel, rows: list):
         t0 = time.time()
         summary = {"stage": s, "name": name, **self.evaluate(w)}
         if name.endswith("router"):
@@ -263,10 +260,11 @@ class Trainer:
         self.log(f"[{name}] val ppl " + ", ".join(f"{d} {p:.2f}" for d, p in summary["val_ppl"].items())
                  + f" | locality {summary['locality_mean']:.3f}" + ("" if acc is None else f" | router acc {acc:.3f}"))
 
-    def _restore(self, step: int, like: ReadMEWeights) -> ReadMEWeights:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"router": like.router, "backbone": like.backbone})
+    def _restore(self, step: int, like: ReadMEModel) -> ReadMEModel:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"router": like.router_params,
+                                                                  "backbone": like.backbone_params})
         got = self._ckpt.restore(step, args=ocp.args.StandardRestore(abstract))
-        return ReadMEWeights(got["router"], got["backbone"])
+        return like.replace(router_params=got["router"], backbone_params=got["backbone"])
 
 
 def stage_summaries(out_dir: str | Path) -> list[dict]:

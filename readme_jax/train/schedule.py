@@ -8,7 +8,6 @@ on the host and passed into the jitted step, so all rounds share one compiled st
 
 from __future__ import annotations
 
-import math
 
 import optax
 
@@ -25,17 +24,6 @@ def stage_schedule(stage: StageConfig, round_idx: int, decay: float) -> optax.Sc
     if stage.warmup_steps:
         return optax.warmup_cosine_decay_schedule(0.0, peak, stage.warmup_steps, steps, end_value=0.0)
     return optax.cosine_decay_schedule(peak, steps, alpha=0.0)
-
-
-def expected_lr(stage: StageConfig, round_idx: int, decay: float, step: int) -> float:
-    """The schedule's formula written out (used by tests to check the optax schedule)."""
-    peak = round_peak_lr(stage.lr, round_idx, decay)
-    n = max(stage.steps, 1)
-    w = stage.warmup_steps
-    if w and step < w:
-        return peak * step / w
-    frac = min(max(step - w, 0) / max(n - w, 1), 1.0)
-    return peak * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def lr_at(stage: StageConfig, round_idx: int, decay: float, opt_step: int) -> float:

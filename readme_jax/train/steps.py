@@ -14,7 +14,8 @@ import optax
 
 from readme_jax.config import ModelConfig
 from readme_jax.model import decoder
-from readme_jax.model.router import router_logits
+from readme_jax.model.readme_model import ReadMEModel
+from readme_jax.model.router import route_ids, router_logits
 from readme_jax.train.distill import router_loss
 
 FROZEN_TOP_KEYS_NO_EMBED = ("embed", "lm_head")
@@ -36,13 +37,15 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
     return {**frozen, **trainable}
 
 
-def make_router_step(router_cfg: ModelConfig, router_ffn, tx: optax.GradientTransformation, loss_kind: str):
-    """``step(params, opt_state, tokens_BT, target_BTE, lr) -> (params, opt_state, metrics)``."""
+def make_router_step(model: ReadMEModel, tx: optax.GradientTransformation, loss_kind: str):
+    """``step(router_params, opt_state, tokens_BT, target_BTE, lr) -> (router_params, opt_state, metrics)``
+    for the router of ``model`` (its config and MLP kind; its params are the argument)."""
+    router_cfg, mlp = model.router_cfg, model.router_mlp  # static parts only: no arrays captured
 
     @jax.jit
     def step(params, opt_state, tokens_BT, target_BTE, lr):
         def loss_fn(p):
-            logits, _ = router_logits(p, router_cfg, tokens_BT, ffn=router_ffn)
+            logits, _ = router_logits(p, router_cfg, tokens_BT, mlp=mlp)
             return router_loss(logits, target_BTE, loss_kind), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -92,11 +95,12 @@ def accumulated_step(step_fn, trainable, frozen, opt_state, ctx_params, batch_BT
     return trainable, opt_state, ms
 
 
-def router_route_fn(router_cfg: ModelConfig, router_ffn):
-    """``(router_params, inputs_BT) -> route_BT`` for use as an LM step's ``ctx_fn``."""
+def router_route_fn(model: ReadMEModel):
+    """``(router_params, inputs_BT) -> route_BT`` with ``model``'s router, for use as an LM step's ``ctx_fn``."""
+
+    router_cfg, mlp = model.router_cfg, model.router_mlp  # static parts only: no arrays captured
 
     def fn(router_params, inputs_BT):
-        logits, _ = router_logits(router_params, router_cfg, inputs_BT, ffn=router_ffn)
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+        return route_ids(router_logits(router_params, router_cfg, inputs_BT, mlp=mlp)[0])
 
     return fn

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
-from readme_jax.eval.generate import greedy_generate
-from readme_jax.workflow.refactor import dense_block_nll, domain_ppl
-from readme_jax.workflow.workspace import Workspace, write_json
+from readme_jax.eval.perplexity import dense_block_nll, domain_ppl
+from readme_jax.jsonfile import write_json
+from readme_jax.model.readme_model import DenseModel
+from readme_jax.serve.engine import complete
+from readme_jax.workflow.workspace import Workspace
 
 
 def run_dense_eval(ws: Workspace) -> dict:
@@ -18,7 +20,7 @@ def run_dense_eval(ws: Workspace) -> dict:
     nll = dense_block_nll(model.arrays(), model.cfg, blocks, e.batch_size, ws.progress, "dense")
     ppl = domain_ppl(nll)
     ids = tok.encode(e.prompt)
-    new = greedy_generate(model.arrays(), model.cfg, ids, e.max_new_tokens, eos_id=tok.eos_id)
+    new = complete(DenseModel.from_module(model), ids, e.max_new_tokens, eos_id=tok.eos_id)
     out = {"ppl": ppl, "nll_blocks": {d: v.tolist() for d, v in nll.items()},
            "prompt": e.prompt, "completion": tok.decode(new),
            "eval": {"split": e.split, "seq_len": e.seq_len, "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}},

@@ -18,11 +18,12 @@ import numpy as np
 from readme_jax import config as config_mod
 from readme_jax.checkpoints import restore_params
 from readme_jax.config import ModelConfig
+from readme_jax.eval.perplexity import dense_block_nll, domain_ppl
 from readme_jax.eval.routing import expert_load, locality, readme_domain_block_nll, route_accuracy, routes_for
 from readme_jax.eval.spread import domain_ppl_ci, paired_difference
-from readme_jax.workflow.refactor import dense_block_nll, domain_ppl, load_moe
-from readme_jax.workflow.training import load_router, load_trained
-from readme_jax.workflow.workspace import Workspace, write_json
+from readme_jax.workflow.training import load_router_only, load_trained
+from readme_jax.jsonfile import write_json
+from readme_jax.workflow.workspace import Workspace
 
 COPIED_ROWS = {"dense": "dense", "pruned_dense": "pruned_dense", "readme_oracle_untrained": "moe_oracle"}
 CANDIDATE, REFERENCE = "readme_trained", "pruned_dense_tuned"
@@ -31,10 +32,10 @@ CANDIDATE, REFERENCE = "readme_trained", "pruned_dense_tuned"
 def run_final_eval(ws: Workspace) -> dict:
     t0 = time.time()
     blocks = ws.eval_blocks()
-    moe, cfg, meta, _ = load_moe(ws)
-    nll, routers = _row_nlls(ws, blocks, moe, cfg)
-    domains = meta["domains"]
-    routes = {d: routes_for(*routers["readme_trained"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
+    nll, models = _row_nlls(ws, blocks)
+    trained = models["readme_trained"]
+    domains = list(trained.layout.domains)
+    routes = {d: routes_for(trained, b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
     acc = router_accuracy(routes, domains)
     out = {"ppl": {**_rows_without_blocks(ws, nll), **{row: domain_ppl(v) for row, v in nll.items()}},
            "ppl_ci": {row: domain_ppl_ci(v) for row, v in nll.items()},
@@ -43,12 +44,12 @@ def run_final_eval(ws: Workspace) -> dict:
            "router_accuracy_per_domain": acc, "router_accuracy": _mean(acc),
            "locality": {d: locality(r) for d, r in routes.items()},
            "locality_mean": _mean({d: locality(r) for d, r in routes.items()}),
-           "expert_load": {d: expert_load(r, int(meta["n_experts"])).tolist() for d, r in routes.items()},
+           "expert_load": {d: expert_load(r, trained.n_experts).tolist() for d, r in routes.items()},
            "domains": domains,
            "eval": {"split": ws.cfg.eval.split, "seq_len": ws.cfg.eval.seq_len,
                     "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}}}
-    if "readme_router_only" in routers:
-        r0 = {d: routes_for(*routers["readme_router_only"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
+    if "readme_router_only" in models:
+        r0 = {d: routes_for(models["readme_router_only"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
         out["router_accuracy_per_domain_router_only"] = router_accuracy(r0, domains)
         out["router_accuracy_router_only"] = _mean(out["router_accuracy_per_domain_router_only"])
     write_json(ws.stage_dir("final_eval") / "table.json", out)
@@ -56,9 +57,9 @@ def run_final_eval(ws: Workspace) -> dict:
     return out
 
 
-def _row_nlls(ws: Workspace, blocks: dict, moe, cfg) -> tuple[dict, dict]:
-    """Per-block NLLs of every row (``row -> domain -> [N]``) and the routers evaluated, as
-    ``row -> (params, cfg, ffn)``; refactor_eval's rows are reused when it stored per-block NLLs."""
+def _row_nlls(ws: Workspace, blocks: dict) -> tuple[dict, dict]:
+    """Per-block NLLs of every row (``row -> domain -> [N]``) and the Read-ME models evaluated
+    (``row -> ReadMEModel``); refactor_eval's rows are reused when it stored per-block NLLs."""
     bs, impl = ws.cfg.eval.batch_size, ws.cfg.impl
     ref = ws.done_info("refactor_eval")
     nll = {row: ref["nll_blocks"][src] for row, src in COPIED_ROWS.items() if src in ref.get("nll_blocks", {})}
@@ -66,15 +67,11 @@ def _row_nlls(ws: Workspace, blocks: dict, moe, cfg) -> tuple[dict, dict]:
         pp, pmeta = restore_params(ws.out / "baseline" / "pruned_tuned")
         pcfg = config_mod.from_dict(ModelConfig, pmeta["model_config"])
         nll["pruned_dense_tuned"] = dense_block_nll(pp, pcfg, blocks, bs, ws.progress, "pruned tuned")
-    routers = {}
-    r0 = ws.out / "train" / "after_router0" / "router"
-    if r0.exists():
-        routers["readme_router_only"] = load_router(r0, cfg)
-        nll["readme_router_only"] = readme_domain_block_nll(*routers["readme_router_only"], moe, cfg, impl, blocks, bs)
-    rp, rcfg, rffn, bp, bcfg, _ = load_trained(ws)
-    routers["readme_trained"] = (rp, rcfg, rffn)
-    nll["readme_trained"] = readme_domain_block_nll(rp, rcfg, rffn, bp, bcfg, impl, blocks, bs)
-    return nll, routers
+    models = {"readme_router_only": load_router_only(ws), "readme_trained": load_trained(ws)}
+    models = {row: m for row, m in models.items() if m is not None}
+    for row, m in models.items():
+        nll[row] = readme_domain_block_nll(m, impl, blocks, bs)
+    return nll, models
 
 
 def _rows_without_blocks(ws: Workspace, nll: dict) -> dict:

@@ -4,7 +4,6 @@ dense of the same activated width), with every row's per-block NLLs (``nll_block
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -14,9 +13,10 @@ from readme_jax.checkpoints import restore_params, save_params
 from readme_jax.config import ModelConfig
 from readme_jax.convert import experts as ex
 from readme_jax.convert.calibrate import calibrate, save_stats
-from readme_jax.eval.perplexity import nll_fn_for, per_block_nll
+from readme_jax.eval.perplexity import dense_block_nll, domain_ppl
 from readme_jax.eval.routing import fixed_route_block_nll
-from readme_jax.workflow.workspace import Workspace, write_json
+from readme_jax.jsonfile import write_json
+from readme_jax.workflow.workspace import Workspace
 
 
 def run_refactor(ws: Workspace) -> dict:
@@ -70,18 +70,6 @@ def load_moe(ws: Workspace):
 def load_pruned(ws: Workspace):
     params, meta = restore_params(ws.out / "refactor" / "pruned")
     return params, config_mod.from_dict(ModelConfig, meta["model_config"])
-
-
-def dense_block_nll(params, cfg, blocks: dict, batch_size: int, progress: bool, label: str) -> dict:
-    """Per-block mean NLL (``[N]`` float64) per domain of a dense decoder."""
-    fn = nll_fn_for(params, cfg)
-    return {d: per_block_nll(fn, b, batch_size, desc=f"{label} {d}" if progress else None)
-            for d, b in blocks.items()}
-
-
-def domain_ppl(nll_blocks: dict) -> dict:
-    """Perplexity per domain from per-block NLLs (equal-length blocks: the block mean is the token mean)."""
-    return {d: math.exp(float(np.mean(v))) for d, v in nll_blocks.items()}
 
 
 def _dense_nll_blocks(ws: Workspace, blocks: dict, bs: int) -> dict:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from readme_jax.eval.spread import domain_ppl_ci
-from readme_jax.serve.metrics import _figure  # the package's one Agg figure helper (no pyplot state)
+from readme_jax.figures import new_figure
+from readme_jax.jsonfile import write_json
 from readme_jax.train.loop import stage_summaries
-from readme_jax.workflow.workspace import Workspace, write_json
+from readme_jax.workflow.workspace import Workspace
 
 PIPELINE_STAGES = ("dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "serve_bench")
 ROW_ALIASES = {"readme_final": "readme_trained", "pruned_tuned": "pruned_dense_tuned"}  # metrics.json names
@@ -32,7 +33,7 @@ def plot_ppl_bars(rows: dict, path: Path, title: str, ci: dict | None = None):
     """Grouped bars per domain, one per row, with the 95 % interval as error bars where known."""
     names = [r for r in rows if rows[r]]
     domains = list(next(iter(rows.values())).keys())
-    fig = _figure(1, max(7, len(domains) * 1.2), 4)
+    fig = new_figure(1, max(7, len(domains) * 1.2), 4)
     ax = fig.add_subplot()
     width = 0.8 / len(names)
     x = np.arange(len(domains))
@@ -58,7 +59,7 @@ def plot_training(train_dir: Path, out: Path, n_experts: int | None = None) -> l
     rows = []
     for p in sorted((train_dir / "metrics").glob("stage_[0-9]*.jsonl")):
         rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    fig = _figure(1, 10, 3.5)
+    fig = new_figure(1, 10, 3.5)
     for k, (stage, key) in enumerate((("router", "loss"), ("router", "agreement"), ("experts", "loss"))):
         ax = fig.add_subplot(1, 3, k + 1)
         r = [x for x in rows if x["stage"] == stage]
@@ -75,7 +76,7 @@ def plot_training(train_dir: Path, out: Path, n_experts: int | None = None) -> l
     fig.savefig(out / "training_curves.png")
     files.append("training_curves.png")
 
-    fig = _figure(1, 10, 3.5)
+    fig = new_figure(1, 10, 3.5)
     ax = fig.add_subplot(1, 2, 1)
     names = [s["name"] for s in summaries]
     for d in summaries[0]["val_ppl"]:
@@ -104,7 +105,7 @@ def plot_expert_load(load: dict, experts: list[str], path: Path):
     """Heatmap: rows are the eval domains, columns the experts named by the domain each was built for."""
     domains = list(load)
     m = np.asarray([load[d] for d in domains])
-    fig = _figure(1, max(5.0, 2.0 + 1.0 * m.shape[1]), max(3.5, 1.6 + 0.5 * len(domains)))
+    fig = new_figure(1, max(5.0, 2.0 + 1.0 * m.shape[1]), max(3.5, 1.6 + 0.5 * len(domains)))
     ax = fig.add_subplot()
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(m):
@@ -123,7 +124,7 @@ def plot_expert_load(load: dict, experts: list[str], path: Path):
 def plot_router_accuracy(acc: dict, path: Path, n_experts: int):
     """Bars of the fraction of tokens routed to their domain's expert, per router, with chance 1/E."""
     domains = list(next(iter(acc.values())))
-    fig = _figure(1, max(5, 1.2 * len(domains)), 3.5)
+    fig = new_figure(1, max(5, 1.2 * len(domains)), 3.5)
     ax = fig.add_subplot()
     width = 0.8 / len(acc)
     for i, (name, a) in enumerate(acc.items()):

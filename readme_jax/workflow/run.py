@@ -6,25 +6,22 @@ import time
 from typing import Callable
 
 from readme_jax.config import RunConfig
+from readme_jax.workflow.dense_eval import run_dense_eval
+from readme_jax.workflow.final_eval import run_final_eval
+from readme_jax.workflow.refactor import run_refactor, run_refactor_eval
+from readme_jax.workflow.report import run_report
+from readme_jax.workflow.serving import run_serve_bench_stage
+from readme_jax.workflow.training import run_baseline, run_train
 from readme_jax.workflow.workspace import Workspace
 
 
-def _stage_fns() -> dict[str, Callable[[Workspace], dict]]:
-    from readme_jax.workflow.dense_eval import run_dense_eval
-    from readme_jax.workflow.final_eval import run_final_eval
-    from readme_jax.workflow.refactor import run_refactor, run_refactor_eval
-    from readme_jax.workflow.report import run_report
-    from readme_jax.workflow.serving import run_serve_bench
-    from readme_jax.workflow.training import run_baseline, run_train
-
-    return {"dense_eval": run_dense_eval, "refactor": run_refactor, "refactor_eval": run_refactor_eval,
-            "train": run_train, "baseline": run_baseline, "final_eval": run_final_eval,
-            "serve_bench": run_serve_bench, "report": run_report}
+STAGE_FNS: dict[str, Callable[[Workspace], dict]] = {
+    "dense_eval": run_dense_eval, "refactor": run_refactor, "refactor_eval": run_refactor_eval, "train": run_train,
+    "baseline": run_baseline, "final_eval": run_final_eval, "serve_bench": run_serve_bench_stage, "report": run_report}
 
 
 def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print, force: tuple[str, ...] = ()) -> Workspace:
     ws = Workspace(cfg, progress=progress, log=log)
-    fns = _stage_fns()
     t_all = time.time()
     for name in cfg.stages:
         if ws.is_done(name) and name not in force:
@@ -32,7 +29,7 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = prin
             continue
         log(f"== {name}")
         t0 = time.time()
-        fns[name](ws)
+        STAGE_FNS[name](ws)
         log(f"== {name}: {time.time() - t0:.0f} s")
     log(f"all stages finished in {time.time() - t_all:.0f} s; report: {ws.out / 'report' / 'report.md'}")
     return ws

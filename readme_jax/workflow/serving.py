@@ -8,34 +8,34 @@ import time
 
 import yaml
 
+import dataclasses
+
+from readme_jax.model.readme_model import DenseModel
+from readme_jax.serve import bench
 from readme_jax.workflow.training import load_trained
-from readme_jax.workflow.workspace import Workspace, write_json
+from readme_jax.jsonfile import write_json
+from readme_jax.workflow.workspace import Workspace
 
 
-def bench_config(ws: Workspace):
-    from readme_jax.serve.bench import load_bench_config
-
+def bench_config(ws: Workspace) -> bench.BenchConfig:
+    """The run's ``serve:`` settings as a BenchConfig (written beside the results), with the run's impl."""
     path = ws.stage_dir("serve_bench") / "bench_config.yaml"
     path.write_text(yaml.safe_dump(dict(ws.cfg.serve)))
-    return load_bench_config(path)
+    return dataclasses.replace(bench.load_bench_config(path), impl=ws.cfg.impl)
 
 
-def run_serve_bench(ws: Workspace) -> dict:
-    from readme_jax.serve.bench import BenchModels, corpus_prompt_fn
-    from readme_jax.serve.bench import run_serve_bench as bench
-    from readme_jax.serve.engine_core import ServeModel
-
+def run_serve_bench_stage(ws: Workspace) -> dict:
     t0 = time.time()
     out = ws.stage_dir("serve_bench")
     cfg = bench_config(ws)
-    rp, rcfg, rffn, bp, bcfg, meta = load_trained(ws)
+    model = load_trained(ws)
     dense, tok = ws.dense
-    models = BenchModels(
-        moe=ServeModel(bcfg, bp, int(meta["n_experts"]), rcfg, rp, rffn, ws.cfg.impl, "readme"),
-        dense=ServeModel(dense.cfg, dense.arrays(), 1, name="dense"), tokenizer=tok,
-        description=f"trained Read-ME from {ws.cfg.model} ({meta['n_experts']} experts) vs its dense source")
-    prompt_fn, _ = corpus_prompt_fn(tok, meta["domains"], cfg.corpus_split, ws.sep_id, ws.cfg.data.cache_dir)
-    result = bench(models, cfg, out, prompt_fn=prompt_fn, progress=ws.progress, log=ws.log)
+    models = bench.BenchModels(
+        moe=model, dense=DenseModel.from_module(dense), tokenizer=tok,
+        description=f"trained Read-ME from {ws.cfg.model} ({model.n_experts} experts) vs its dense source")
+    prompt_fn, _ = bench.corpus_prompt_fn(tok, list(model.layout.domains), cfg.corpus_split, ws.sep_id,
+                                          ws.cfg.data.cache_dir)
+    result = bench.run_serve_bench(models, cfg, out, prompt_fn=prompt_fn, progress=ws.progress, log=ws.log)
     plots = [str(out / p) for p in result.get("plots", [])]  # names inside out (absolute paths stay as they are)
     summary = {"summary": headline(result), "plots": plots, "json": str(out / "serve_bench.json")}
     write_json(out / "summary.json", summary)

@@ -10,14 +10,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from readme_jax import config as config_mod
-from readme_jax.checkpoints import restore_params, save_params
+from readme_jax.checkpoints import save_params
+from readme_jax.checkpoints.orbax_io import read_meta
+from readme_jax.checkpoints.readme_io import load_readme, load_router, save_readme, save_router
 from readme_jax.config import ModelConfig, StageConfig
 from readme_jax.data import mixture_batches
 from readme_jax.errors import TrainingError
 from readme_jax.model import decoder
-from readme_jax.model.router import make_router, router_model_config, silu_bias_mlp
+from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
+from readme_jax.model.router import make_router
 from readme_jax.train import schedule, steps
-from readme_jax.train.loop import ReadMEWeights, Trainer
+from readme_jax.train.loop import Trainer
 from readme_jax.workflow.refactor import load_moe, load_pruned
 from readme_jax.workflow.workspace import Workspace, seed_of
 
@@ -61,24 +64,28 @@ def build_router(ws: Workspace, n_experts: int, backbone_cfg: ModelConfig, embed
                        backbone_cfg.max_seq_len, backbone_embed_VD=embed)
 
 
-def run_train(ws: Workspace) -> dict:
-    t0 = time.time()
+def initial_model(ws: Workspace) -> tuple[ReadMEModel, dict, np.ndarray]:
+    """``(model, moe meta, channel_index)``: the refactored experts with a fresh router."""
     moe, cfg, meta, ci = load_moe(ws)
     router = build_router(ws, meta["n_experts"], cfg, moe["embed"])
+    model = ReadMEModel(router.arrays(), moe, router.cfg, cfg, ExpertLayout.of(moe, meta["domains"]), router.mlp)
+    return model.validate("refactored Read-ME"), meta, ci
+
+
+def run_train(ws: Workspace) -> dict:
+    t0 = time.time()
+    model, meta, ci = initial_model(ws)
     d = ws.stage_dir("train")
-    router_meta = {"kind": "readme_router", "router_config": config_mod.to_dict(ws.cfg.router),
-                   "n_experts": meta["n_experts"]}
 
-    def keep_router_only(stage, name, w):  # the "router tuned, experts untouched" model of the results table
-        if stage == 0:
-            save_params(d / "after_router0" / "router", w.router, router_meta, overwrite=True)
+    def keep_router_only(stage, name, m: ReadMEModel):  # the "router tuned, experts untouched" row of the results
+        if stage == 0:  # the backbone is the refactored one (initial_model): only the router is saved
+            save_router(d / "after_router0" / "router", m, router_config=ws.cfg.router)
 
-    trainer = Trainer(ws.cfg.train, cfg, router.cfg, router.ffn_fn(), ci, meta["ffn_dim"],
-                      CorpusData(ws, meta["domains"]), d, impl=ws.cfg.impl, progress=ws.progress, log=ws.log,
-                      on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh, router_target=ws.cfg.router.target)
-    w = trainer.run(ReadMEWeights(router.arrays(), moe))
-    save_params(d / "final" / "router", w.router, router_meta, overwrite=True)
-    save_params(d / "final" / "backbone", w.backbone, {**meta, "trained": True}, overwrite=True)
+    trainer = Trainer(ws.cfg.train, ci, meta["ffn_dim"], CorpusData(ws, meta["domains"]), d, impl=ws.cfg.impl,
+                      progress=ws.progress, log=ws.log, on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh,
+                      router_target=ws.cfg.router.target)
+    trained = trainer.run(model)
+    save_readme(d / "final", trained, router_config=ws.cfg.router, backbone_meta={**meta, "trained": True})
     info = {"rounds": ws.cfg.train.rounds, "lm_tokens": lm_token_budget(ws), "router_tokens": router_token_budget(ws)}
     ws.mark_done("train", info, time.time() - t0)
     return info
@@ -94,21 +101,25 @@ def router_token_budget(ws: Workspace) -> int:
     return t.rounds * t.router.steps * t.router.batch_size * t.router.seq_len
 
 
-def load_router(path, backbone_cfg: ModelConfig):
-    """``(router_params, router_model_cfg, router_ffn)`` from a saved router checkpoint."""
-    rp, rmeta = restore_params(path)
-    rc = config_mod.from_dict(config_mod.RouterConfig, rmeta["router_config"])
-    rcfg = router_model_config(rc, backbone_cfg.vocab_size, backbone_cfg.max_seq_len)
-    return rp, rcfg, decoder.dense_ffn if rc.mlp == "swiglu" else silu_bias_mlp
+def load_trained(ws: Workspace) -> ReadMEModel:
+    """The trained Read-ME model of this run."""
+    return load_readme(ws.out / "train" / "final")
 
 
-def load_trained(ws: Workspace):
-    """``(router_params, router_cfg, router_ffn, backbone_params, backbone_cfg, meta)``."""
+def trained_meta(ws: Workspace) -> dict:
+    """The trained backbone's provenance (conversion keys) plus the router's ``router_config``."""
     d = ws.out / "train" / "final"
-    bp, bmeta = restore_params(d / "backbone")
-    bcfg = config_mod.from_dict(ModelConfig, bmeta["model_config"])
-    rp, rcfg, rffn = load_router(d / "router", bcfg)
-    return rp, rcfg, rffn, bp, bcfg, bmeta
+    return {**read_meta(d / "backbone"), "router_config": read_meta(d / "router").get("router_config")}
+
+
+def load_router_only(ws: Workspace) -> ReadMEModel | None:
+    """Round 0's router on the refactored (untrained) experts; None when the run has not saved it."""
+    path = ws.out / "train" / "after_router0" / "router"
+    if not path.exists():
+        return None
+    model, _, _ = initial_model(ws)
+    rp, rcfg, mlp = load_router(path, model.backbone_cfg)
+    return model.replace(router_params=rp, router_cfg=rcfg, router_mlp=mlp).validate(str(path))
 
 
 def run_baseline(ws: Workspace) -> dict:

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from flax import nnx
 
 from readme_jax import config as config_mod
-from readme_jax.config import RunConfig
+from readme_jax.checkpoints import embedded_gguf_path, load_model, save_hf, tokenizer_from_gguf
+from readme_jax.config import ModelConfig, RunConfig
+from readme_jax.data import prepare_domains, token_stream
 from readme_jax.errors import ConfigError, DataError
+from readme_jax.jsonfile import write_json
+from readme_jax.model.llama import Llama
 
 
 TINY_RANDOM = "tiny-random"
@@ -29,12 +34,6 @@ def make_tiny_random_model(path: Path, seed: int = 0) -> Path:
     runs every stage in minutes, for smoke tests, CI and notebooks. Its numbers mean nothing."""
     if (path / "config.json").is_file():
         return path
-    from flax import nnx
-
-    from readme_jax.checkpoints import embedded_gguf_path, save_hf, tokenizer_from_gguf
-    from readme_jax.config import ModelConfig
-    from readme_jax.model.llama import Llama
-
     tok = tokenizer_from_gguf(embedded_gguf_path())
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                       ffn_dim=128, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512)
@@ -85,17 +84,13 @@ class Workspace:
 
     def mark_done(self, name: str, info: dict, seconds: float):
         info = {**info, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = self.out / name / "done.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1, default=_json_default))
-        os.replace(tmp, self.out / name / "done.json")
+        write_json(self.out / name / "done.json", info)
 
     # ------------------------------------------------------------------ model and data
 
     @functools.cached_property
     def dense(self):
         """``(Llama, Tokenizer)`` of the dense source model."""
-        from readme_jax.checkpoints import load_model
-
         self.log(f"loading dense model {self.cfg.model!r}")
         if self.cfg.model == TINY_RANDOM:
             return load_model(make_tiny_random_model(self.out / "tiny_model", self.cfg.seed), self.cfg.dtype)
@@ -114,8 +109,6 @@ class Workspace:
 
     @functools.cached_property
     def domains(self) -> list[str]:
-        from readme_jax.data import prepare_domains
-
         d = self.cfg.data
         names = list(d.domains) or None
         report = prepare_domains(names, allow_apt=d.allow_apt, progress=self.progress, cache_dir=d.cache_dir)
@@ -132,8 +125,6 @@ class Workspace:
 
     def blocks(self, domain: str, split: str, seq_len: int, n: int, offset: int = 0) -> np.ndarray:
         """``[n, seq_len+1]`` int32 blocks of a split, in stream order (fewer if the split is short)."""
-        from readme_jax.data import token_stream
-
         stream = token_stream(domain, split, self.tokenizer, sep_id=self.sep_id, cache_dir=self.cfg.data.cache_dir,
                               progress=self.progress)
         have = (stream.shape[0] - 1) // seq_len - offset
@@ -150,21 +141,3 @@ class Workspace:
 
 def seed_of(*parts) -> int:
     return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)

@@ -4,7 +4,7 @@ The smoke test the ``launch/`` scripts run on a cluster (every process builds th
 from the seed, joins the job through :func:`initialize_from_env`, trains on the global mesh),
 and what ``tests/test_multiprocess.py`` compares with a single-device step::
 
-    python -m readme_jax.distributed.demo --out runs/ep_demo --expert 4 --steps 3 [--ckpt]
+    python -m readme_jax.train.sharded_demo --out runs/ep_demo --expert 4 --steps 3 [--ckpt]
 
 Process 0 writes ``result.json`` (losses, mesh, each device's expert-weight shard) and
 ``result.npz`` (the trained backbone, dummy experts removed).
@@ -16,7 +16,20 @@ import argparse
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from readme_jax.config import MeshConfig, RouterConfig, StageConfig, tiny_model_config
+from readme_jax.distributed.checkpoint import save_sharded
+from readme_jax.distributed.mesh import gather_tree, pad_experts, shard_batch, unpad_experts
+from readme_jax.distributed.multihost import initialize_from_env
+from readme_jax.model.moe import MoEBackbone
+from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
+from readme_jax.model.router import Router, router_model_config
+from readme_jax.train import schedule, steps
+from readme_jax.train.sharded_step import ShardedLMStep
 
 
 def _random_tree(shapes: dict, rng: np.random.Generator) -> dict:
@@ -36,28 +49,19 @@ def _random_tree(shapes: dict, rng: np.random.Generator) -> dict:
 
 
 def demo_problem(seed: int = 0, n_experts: int = 6, batch: int = 8, seq_len: int = 16) -> dict:
-    """Tiny random Read-ME (router + backbone, numpy) and one batch, identical on every process."""
-    from flax import nnx
-
-    from readme_jax.config import tiny_model_config
-    from readme_jax.model.moe import MoEBackbone
-    from readme_jax.model.router import Router, RouterConfig, router_model_config
-
+    """Tiny random Read-ME (``model``: router + backbone as numpy) and one batch, identical on every process."""
     cfg = tiny_model_config(n_layers=2, ffn_dim=48)
     rcfg = router_model_config(RouterConfig(width=16, n_heads=2, ffn_dim=16), cfg.vocab_size, cfg.max_seq_len)
     backbone = nnx.eval_shape(lambda: MoEBackbone(cfg, rngs=nnx.Rngs(0), n_experts=n_experts, expert_dim=16))
     router = nnx.eval_shape(lambda: Router(rcfg, rngs=nnx.Rngs(0), n_experts=n_experts))
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
-    return {"cfg": cfg, "router_cfg": rcfg, "router_ffn": router.ffn_fn(), "n_experts": n_experts,
-            "backbone": _random_tree(backbone.param_shapes(), rng), "router": _random_tree(router.param_shapes(), rng),
-            "blocks": blocks}
+    bb, rp = _random_tree(backbone.param_shapes(), rng), _random_tree(router.param_shapes(), rng)
+    model = ReadMEModel(rp, bb, rcfg, cfg, ExpertLayout.of(bb), router.mlp)
+    return {"cfg": cfg, "model": model, "n_experts": n_experts, "backbone": bb, "router": rp, "blocks": blocks}
 
 
 def demo_optimizer():
-    from readme_jax.config import StageConfig
-    from readme_jax.train import schedule
-
     return schedule.make_optimizer(StageConfig(steps=10, batch_size=8, lr=1e-3), weight_decay=0.01, clip_norm=1.0)
 
 
@@ -82,25 +86,14 @@ def main(argv=None) -> int:
                     help="each process feeds only its own rows of the batch (as a multi-host data loader would)")
     args = ap.parse_args(argv)
 
-    from readme_jax.distributed.multihost import initialize_from_env
-
-    info = initialize_from_env()  # before any other JAX call
-
-    import jax
-
-    from readme_jax.config import MeshConfig
-    from readme_jax.distributed.checkpoint import save_sharded
-    from readme_jax.distributed.mesh import gather_tree, pad_experts, shard_batch, unpad_experts
-    from readme_jax.distributed.train import ShardedLMStep
-    from readme_jax.train import steps
-
+    info = initialize_from_env()  # before any JAX computation (importing jax does not start a backend)
     out = Path(args.out)
     lead = jax.process_index() == 0
     mc = MeshConfig(data=args.data, expert=args.expert, model=args.model, ffn_comm=args.comm,
                     capacity_factor=args.capacity_factor)
     prob = demo_problem(args.seed, args.experts, args.batch, args.seq_len)
     step = ShardedLMStep.from_config(prob["cfg"], mc, demo_optimizer(),
-                                     steps.router_route_fn(prob["router_cfg"], prob["router_ffn"]))
+                                     steps.router_route_fn(prob["model"]))
     mesh = step.mesh
     trainable, frozen = steps.split_params(pad_experts(prob["backbone"], mesh.shape["expert"]),
                                            steps.FROZEN_TOP_KEYS_NO_EMBED)
@@ -140,12 +133,8 @@ def main(argv=None) -> int:
 
 def gather_shard_shapes(local: dict) -> dict:
     """Every process's ``{device id: shard shape}`` merged (process 0 gets them all)."""
-    import jax
-
     if jax.process_count() == 1:
         return local
-    from jax.experimental import multihost_utils
-
     blob = json.dumps(local).encode().ljust(4096, b" ")
     arr = np.frombuffer(blob, np.uint8)
     all_ = multihost_utils.process_allgather(arr)

@@ -23,6 +23,8 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from readme_jax.checkpoints.gguf import gguf_field as _field
+from readme_jax.checkpoints.gguf import open_gguf
 from readme_jax.errors import CheckpointError, ShapeError
 
 # llama.cpp token types (tokenizer.ggml.token_type)
@@ -138,7 +140,6 @@ def _pre_tokenizer(pre: str | None, where: str):
 
 def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     """Build the byte-level BPE tokenizer stored in a GGUF file's metadata."""
-    from readme_jax.checkpoints.gguf import gguf_field as _field, open_gguf
 
     reader, where = open_gguf(path_or_reader)
     kind = _field(reader, "tokenizer.ggml.model", where)
