@@ -13,7 +13,8 @@ from readme_jax.serve.scheduler import (SCHEDULER_POLICIES, Scheduler, Scheduler
                                         select_expert_aware)
 from readme_jax.serve.simulate import CostModel, simulate
 from readme_jax.serve.transfer import StoreConfig
-from readme_jax.serve.workload import PRESETS, generate_workload
+from readme_jax.config import WORKLOAD_PRESETS as PRESETS
+from readme_jax.serve.workload import generate_workload
 
 
 def req(rid, routes, max_new=3, arrival=0.0):

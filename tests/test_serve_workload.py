@@ -15,9 +15,9 @@ from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacit
 from readme_jax.serve.requests import Request, Status
 from readme_jax.serve.scheduler import SchedulerConfig
 from readme_jax.serve.simulate import CostModel, run_policies
-from readme_jax.serve.workload import (LMSYS_PROMPT_MEAN_TOKENS, LMSYS_RESPONSE_MEAN_TOKENS, PRESETS,
-                                       WorkloadConfig, expected_length, expert_popularity, generate_workload,
-                                       sample_lengths, solve_mu)
+from readme_jax.config import LMSYS_PROMPT_MEAN_TOKENS, LMSYS_RESPONSE_MEAN_TOKENS, WorkloadConfig
+from readme_jax.config import WORKLOAD_PRESETS as PRESETS
+from readme_jax.serve.workload import expected_length, expert_popularity, generate_workload, sample_lengths, solve_mu
 
 # ----------------------------------------------------------------------------- lengths
 

@@ -58,7 +58,7 @@ def save_router(path, model: ReadMEModel, *, router_config: RouterConfig | None 
     return save_params(path, model.router_params, meta, overwrite=True)
 
 
-def router_from_meta(router_params: dict, meta: dict, backbone_cfg: ModelConfig, where) -> tuple[ModelConfig, str]:
+def router_from_meta(meta: dict, backbone_cfg: ModelConfig, where) -> tuple[ModelConfig, str]:
     """``(router decoder config, mlp kind)`` from a router checkpoint's meta (new or older keys)."""
     try:
         if "router_model_config" in meta:
@@ -75,8 +75,8 @@ def router_from_meta(router_params: dict, meta: dict, backbone_cfg: ModelConfig,
 def load_router(path, backbone_cfg: ModelConfig) -> tuple[dict, ModelConfig, str]:
     """``(router params, router decoder config, mlp kind)`` of a saved router (e.g. ``after_router0/router``)."""
     params, meta = restore_params(path)
-    rcfg, mlp = router_from_meta(params, meta, backbone_cfg, path)
-    return params, rcfg, mlp
+    router_cfg, mlp = router_from_meta(meta, backbone_cfg, path)
+    return params, router_cfg, mlp
 
 
 def load_backbone(path) -> tuple[dict, ModelConfig, dict]:
@@ -92,9 +92,10 @@ def load_backbone(path) -> tuple[dict, ModelConfig, dict]:
 
 
 def _load_pair(d: Path) -> ReadMEModel:
-    bp, bcfg, bmeta = load_backbone(d / "backbone")
-    rp, rcfg, mlp = load_router(d / "router", bcfg)
-    return ReadMEModel(rp, bp, rcfg, bcfg, ExpertLayout.of(bp, bmeta.get("domains", ())), mlp).validate(str(d))
+    backbone_params, backbone_cfg, meta = load_backbone(d / "backbone")
+    router_params, router_cfg, mlp = load_router(d / "router", backbone_cfg)
+    layout = ExpertLayout.of(backbone_params, meta.get("domains", ()))
+    return ReadMEModel(router_params, backbone_params, router_cfg, backbone_cfg, layout, mlp).validate(str(d))
 
 
 # ----------------------------------------------------------------------------- export
@@ -168,12 +169,13 @@ def _load_export(d: Path) -> ReadMEModel:
         raise CheckpointError(f"{d}: {EXPORT_TENSORS} is missing")
     tensors = load_file(str(d / EXPORT_TENSORS))
     try:
-        bcfg = config_mod.from_dict(ModelConfig, info["model_config"], prefix="model_config.")
+        backbone_cfg = config_mod.from_dict(ModelConfig, info["model_config"], prefix="model_config.")
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{d / EXPORT_INFO}: bad or missing model_config ({e})") from None
-    bp, rp = unflatten(tensors, "backbone"), unflatten(tensors, "router")
-    rcfg, mlp = router_from_meta(rp, info, bcfg, d / EXPORT_INFO)
-    return ReadMEModel(rp, bp, rcfg, bcfg, ExpertLayout.of(bp, info.get("domains", ())), mlp).validate(str(d))
+    backbone_params, router_params = unflatten(tensors, "backbone"), unflatten(tensors, "router")
+    router_cfg, mlp = router_from_meta(info, backbone_cfg, d / EXPORT_INFO)
+    layout = ExpertLayout.of(backbone_params, info.get("domains", ()))
+    return ReadMEModel(router_params, backbone_params, router_cfg, backbone_cfg, layout, mlp).validate(str(d))
 
 
 # ----------------------------------------------------------------------------- one door

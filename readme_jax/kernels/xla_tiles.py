@@ -104,8 +104,8 @@ def xla_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, strategy: str = "auto", t
     - ``"tiles"``: ``xla_ffn_tiles`` -- cost follows the tokens and the touched experts only.
     - ``"ragged"``: ``xla_ffn_ragged`` -- native grouped matmul on TPU; elsewhere XLA lowers
       ragged_dot densely over all E groups (about E dense FFNs).
-    - ``"auto"``: ``"ragged"`` on TPU, ``"tiles"`` otherwise (on a 2-core CPU, tiles beat ragged
-      by about 5-80x for T in 1..4096, E=8: docs/KERNELS.md).
+    - ``"auto"``: ``"ragged"`` on TPU, ``"tiles"`` otherwise (why, with measurements: docs/KERNELS.md;
+      ``python -m readme_jax.bench.expert_ffn`` remeasures).
     """
     if strategy not in XLA_STRATEGIES:
         raise ShapeError(f"expert_ffn: xla strategy must be one of {XLA_STRATEGIES}, got {strategy!r}")

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from readme_jax.config import IMPLS
 from readme_jax.errors import ShapeError
 from readme_jax.kernels.expert_ffn_pallas import pallas_ffn
 from readme_jax.kernels.xla_tiles import compute_dtype, xla_ffn
 
-IMPLS = ("reference", "xla", "pallas")
 
 
 # --------------------------------------------------------------------------- validation

@@ -39,8 +39,7 @@ from readme_jax.checkpoints import embedded_gguf_path, load_model
 from readme_jax.checkpoints.orbax_io import read_meta, restore_params, save_params
 from readme_jax.checkpoints.readme_io import load_readme, save_readme
 from readme_jax.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
-from readme_jax.config import (Impl, ModelConfig, RouterConfig, deep_merge, from_dict, parse_overrides, read_yaml,
-                               tiny_model_config, to_dict)
+from readme_jax.config import ModelConfig, RouterConfig, ServeBenchConfig, from_dict, load, tiny_model_config, to_dict
 from readme_jax.convert.experts import expert_width, moe_arrays_from_dense
 from readme_jax.data import available_domains, token_stream
 from readme_jax.errors import CheckpointError, ConfigError, DataError
@@ -50,84 +49,20 @@ from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
 from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
 from readme_jax.model.router import make_router
-from readme_jax.serve.cache_policy import CACHE_POLICIES
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams
 from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity,
                                       plot_normalized_latency_hist, plot_unique_experts, request_metrics, summarize)
 from readme_jax.serve.requests import Status
-from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
+from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 from readme_jax.serve.simulate import CostModel, simulate
 from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
-from readme_jax.serve.workload import PRESETS, WorkloadConfig, generate_workload
+from readme_jax.serve.workload import generate_workload
 
 
-# the cpu preset, prompts capped at 256 x length_scale 0.125 = 32 tokens (the budget), arrivals at 4/s: enough load
-# on a 2-core CPU that ready work exceeds the budget, so the policies' choices matter
-BENCH_WORKLOAD = dataclasses.replace(PRESETS["cpu"], prompt_max=256, rate_per_s=4.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    """serve-bench settings; load with :func:`load_bench_config` (``workload.*`` keys override
-    :data:`BENCH_WORKLOAD`, the ``cpu`` preset with prompts capped at 32 tokens = the token budget)."""
-
-    workload: WorkloadConfig = BENCH_WORKLOAD
-    policies: tuple[str, ...] = SCHEDULER_POLICIES
-    token_budget: int = 32  # tokens per step, every policy (a prefill is never split: longer prompts rejected)
-    n_slots: int = 64  # > token_budget: decodes compete for the budget
-    max_queue: int = 256
-    max_wait_steps: int | None = 16
-    max_len: int = 192
-    prefill_buckets: tuple[int, ...] | None = None
-    row_buckets: tuple[int, ...] | None = None
-    decode_windows: tuple[int, ...] | None = (64, 128)
-    moe_ffn: str = "present"
-    impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
-    stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
-    temperature: float = 0.0
-    capacities: tuple[int, ...] = (2, 3, 4, 5)
-    cache_policies: tuple[str, ...] = CACHE_POLICIES
-    lookahead_steps: int = 8
-    link_bandwidth_bytes_per_s: float = 16e9  # SIMULATED link (about PCIe 4.0 x16)
-    link_latency_s: float = 0.0
-    latency_prompt_len: int = 16
-    latency_tokens: int = 32
-    latency_repeats: int = 3
-    sweep_rows: int = 8  # batch of the decode-time vs present-experts sweep
-    sweep_repeats: int = 10
-    domains: tuple[str, ...] | None = None  # None: every prepared domain
-    corpus_split: str = "test"
-    corpus_sep_id: int | None = 0  # document separator of the cached streams (SmolLM2 <|endoftext|>)
-    seed: int = 0
-
-    def __post_init__(self):
-        bad = [p for p in self.policies if p not in SCHEDULER_POLICIES]
-        if bad or not self.policies:
-            raise ConfigError(f"bench.policies must be a non-empty subset of {SCHEDULER_POLICIES}, got {self.policies}")
-        bad = [p for p in self.cache_policies if p not in CACHE_POLICIES]
-        if bad:
-            raise ConfigError(f"bench.cache_policies must be among {CACHE_POLICIES}, got {self.cache_policies}")
-        if any(c < 1 for c in self.capacities):
-            raise ConfigError(f"bench.capacities must be >= 1, got {self.capacities}")
-        for name in ("latency_prompt_len", "latency_tokens", "latency_repeats", "sweep_rows", "sweep_repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"bench.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.link_bandwidth_bytes_per_s > 0:
-            raise ConfigError(f"bench.link_bandwidth_bytes_per_s must be > 0, got {self.link_bandwidth_bytes_per_s}")
-
-
-def load_bench_config(path=None, overrides=()) -> BenchConfig:
-    """BenchConfig from an optional YAML file and ``key=value`` overrides; ``workload.*`` keys
-    override :data:`BENCH_WORKLOAD`, not the WorkloadConfig defaults."""
-    data = deep_merge(read_yaml(path) if path is not None else {}, parse_overrides(overrides))
-    wl = data.get("workload", {})
-    if not isinstance(wl, dict):
-        raise ConfigError(f"bench.workload must be a mapping of WorkloadConfig keys, got {wl!r}")
-    data["workload"] = deep_merge(to_dict(BENCH_WORKLOAD), wl)
-    try:
-        return from_dict(BenchConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{e}{f' (in {path})' if path is not None else ''}") from None
+def load_bench_config(path=None, overrides=()) -> ServeBenchConfig:
+    """ServeBenchConfig from an optional YAML file and ``key=value`` overrides (``workload.*`` keys fill
+    in from :data:`readme_jax.config.BENCH_WORKLOAD`)."""
+    return load(ServeBenchConfig, path, overrides)
 
 
 @dataclasses.dataclass
@@ -296,7 +231,7 @@ def replay_store(steps, capacity: int, policy: str, expert_bytes: int, bandwidth
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def run_serve_bench(models: BenchModels, cfg: BenchConfig, out_dir, *, prompt_fn: Callable | None = None,
+def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prompt_fn: Callable | None = None,
                     progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run everything (module doc) and write ``serve_bench.json`` and PNG plots into ``out_dir``."""
     out = Path(out_dir)
@@ -401,7 +336,7 @@ def _expert_sweep(engine: Engine, dense_engine: Engine | None, rows: int, pos: i
     return {k: 1e3 * float(np.median(v)) for k, v in t.items()}, (1e3 * float(np.median(td)) if td else None)
 
 
-def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg: BenchConfig) -> dict:
+def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg: ServeBenchConfig) -> dict:
     prompt = prompt_fn(cfg.latency_prompt_len, cfg.seed + 12345)
     n = min(cfg.latency_tokens, cfg.max_len - prompt.size - 1)
     times: dict[str, list] = {"moe": [], "dense": []}
@@ -421,7 +356,7 @@ def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg
     return out
 
 
-def _calibrated_runs(specs, routes: dict, runs: dict, cfg: BenchConfig, E: int) -> dict:
+def _calibrated_runs(specs, routes: dict, runs: dict, cfg: ServeBenchConfig, E: int) -> dict:
     """The policies again, model-free and deterministic: the real router's routes (recorded by the
     engine) and a step-time model ``a + b*tokens + c*experts`` fitted to every measured engine step.
 
@@ -518,7 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'tiny' (random), 'smollm-timing' (SmolLM2 + random experts, untrained router) or a "
                              "directory written by save_bench_models (default: tiny)")
     parser.add_argument("--out", default="serve_bench_out", help="output directory (JSON + PNG)")
-    parser.add_argument("--config", default=None, help="YAML file of BenchConfig keys")
+    parser.add_argument("--config", default=None, help="YAML file of ServeBenchConfig keys")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workload.n_requests=32")
 

@@ -24,9 +24,9 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from readme_jax.config import CACHE_POLICIES
 from readme_jax.errors import ConfigError, ReadmeError
 
-CACHE_POLICIES = ("belady", "lru", "fifo", "random")
 
 
 class Access(NamedTuple):

@@ -40,12 +40,12 @@ import numpy as np
 
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
-from readme_jax.serve.engine_core import (MOE_FFNS, EngineConfig, SamplingParams, ServedModel, backbone_of,
+from readme_jax.serve.engine_core import (EngineConfig, SamplingParams, ServedModel, backbone_of,
                                           make_step_fns, sample_rows, step_fns)
 from readme_jax.serve.requests import Batch, Kind, Request
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["MOE_FFNS", "Engine", "EngineConfig", "EngineRunner", "SamplingParams", "ServedModel", "StepOutput",
+__all__ = ["Engine", "EngineConfig", "EngineRunner", "SamplingParams", "ServedModel", "StepOutput",
            "complete", "generate", "make_step_fns", "sample_rows", "step_fns"]
 
 # ----------------------------------------------------------------------------- engine

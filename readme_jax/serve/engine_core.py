@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.config import Impl, ModelConfig, check_choices
+from readme_jax.config import Impl, ModelConfig, MoeFfn, check_choices
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder, sampling
 from readme_jax.model.moe import present_experts_ffn, routed_ffn
@@ -37,7 +37,6 @@ def backbone_of(model: ServedModel) -> tuple[dict, ModelConfig]:
     raise ConfigError(f"the engine serves a ReadMEModel or a DenseModel, got {type(model).__name__}")
 
 
-MOE_FFNS = ("present", "expert_ffn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,7 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] | None = None
     row_buckets: tuple[int, ...] | None = None  # rows per call; None: 1, 2, 4, ... n_slots
     eos_id: int | None = None
-    moe_ffn: str = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
+    moe_ffn: MoeFfn = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
     impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
     decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
 
@@ -74,8 +73,6 @@ class EngineConfig:
                                                    for w in self.decode_windows):
             raise ConfigError(f"engine.decode_windows must be integers in [2, max_len={self.max_len}], "
                               f"got {self.decode_windows}")
-        if self.moe_ffn not in MOE_FFNS:
-            raise ConfigError(f"engine.moe_ffn must be one of {MOE_FFNS}, got {self.moe_ffn!r}")
         check_choices(self, "engine.")
         if self.eos_id is not None and self.eos_id < 0:
             raise ConfigError(f"engine.eos_id must be >= 0 or null, got {self.eos_id}")
@@ -174,17 +171,17 @@ def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla
     """``(route_prompt, prefill, decode)`` jitted functions of ``model`` (params passed in, not baked)."""
     _, cfg = backbone_of(model)
     moe = model.is_moe
-    rcfg, mlp = (model.router_cfg, model.router_mlp) if moe else (None, "swiglu")
+    router_cfg, mlp = (model.router_cfg, model.router_mlp) if moe else (None, "swiglu")
     ffn, ctx = _ffn_and_ctx(model, moe_ffn, impl)
 
     def route_prompt(rparams, tokens_BT):
-        rl, _ = router_logits(rparams, rcfg, tokens_BT, None, None, mlp=mlp)
+        rl, _ = router_logits(rparams, router_cfg, tokens_BT, None, None, mlp=mlp)
         return route_ids(rl)
 
     def route_new(rparams, rcache, slots_B, tok_B, pos_B, window):
         """Router on each sampled token at its position (router cache rows gathered, column written)."""
         sub = _gather_rows(rcache, slots_B, window)
-        rl, sub = router_logits(rparams, rcfg, tok_B[:, None], pos_B[:, None], sub, mlp=mlp)
+        rl, sub = router_logits(rparams, router_cfg, tok_B[:, None], pos_B[:, None], sub, mlp=mlp)
         return route_ids(rl)[:, 0], _put_column(rcache, sub, slots_B, pos_B)
 
     def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, greedy):
@@ -211,8 +208,8 @@ def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla
         rt = rt.at[jnp.arange(B), lens_B].set(nxt)
         t1 = jnp.arange(T + 1, dtype=jnp.int32)[None]
         rpos = jnp.where(t1 <= lens_B[:, None], t1, T + 1)
-        rsub = decoder.init_cache(rcfg, B, T + 1)
-        rl, rsub = router_logits(rparams, rcfg, rt, rpos, rsub, mlp=mlp)
+        rsub = decoder.init_cache(router_cfg, B, T + 1)
+        rl, rsub = router_logits(rparams, router_cfg, rt, rpos, rsub, mlp=mlp)
         nroute = route_ids(jnp.take_along_axis(rl, lens_B[:, None, None], axis=1))[:, 0]
         return nxt, nroute, cache, _put_prefix(rcache, rsub, slots_B)
 

@@ -14,9 +14,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from readme_jax.config import CACHE_POLICIES
 from readme_jax.errors import ReadmeError
 from readme_jax.figures import new_figure
-from readme_jax.serve.cache_policy import CACHE_POLICIES, simulate_cache
+from readme_jax.serve.cache_policy import simulate_cache
 from readme_jax.serve.requests import Request, Status
 
 

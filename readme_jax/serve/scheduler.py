@@ -40,10 +40,10 @@ import dataclasses
 import heapq
 from typing import Callable, Mapping, Sequence
 
+from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.serve.requests import Batch, BatchItem, Kind, Request, Status, WorkItem
 
-SCHEDULER_POLICIES = ("expert_aware", "decode_first", "prefill_first", "fcfs")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,11 @@ from typing import Mapping, Protocol, Sequence
 
 from tqdm import tqdm
 
+from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ConfigError, DataError, ReadmeError, RequestError
 from readme_jax.serve.cache_policy import ExpertCache
 from readme_jax.serve.requests import Batch, Request
-from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
+from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
 from readme_jax.serve.workload import RequestSpec
 

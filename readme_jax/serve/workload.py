@@ -24,73 +24,9 @@ from typing import Callable
 
 import numpy as np
 
+from readme_jax.config import WorkloadConfig
 from readme_jax.errors import ConfigError, DataError
 from readme_jax.serve.requests import Request
-
-# Recalled from arXiv 2309.11998 Table 1 (LMSYS-Chat-1M); NOT verified in this project.
-LMSYS_PROMPT_MEAN_TOKENS = 69.5
-LMSYS_RESPONSE_MEAN_TOKENS = 214.5
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkloadConfig:
-    n_requests: int = 500
-    rate_per_s: float = 1.0  # Poisson arrival rate
-    prompt_mean: float = LMSYS_PROMPT_MEAN_TOKENS  # recalled-unverified, see module doc
-    output_mean: float = LMSYS_RESPONSE_MEAN_TOKENS  # recalled-unverified, see module doc
-    prompt_sigma: float = 1.0  # lognormal shape: our assumption, not from the paper
-    output_sigma: float = 1.0
-    prompt_min: int = 1
-    prompt_max: int = 1024
-    output_min: int = 1
-    output_max: int = 1024
-    length_scale: float = 1.0  # multiplies means and maxima (min stays)
-    seed: int = 0
-    # synthetic routes (model-free simulation only)
-    n_experts: int = 8
-    expert_zipf: float = 1.0  # home-expert popularity ~ rank^-expert_zipf
-    route_stay: float = 0.71  # cf. Read-ME: 2921 of 4096 tokens keep the previous token's expert
-    route_home: float = 0.6
-
-    def __post_init__(self):
-        if self.n_requests < 0:
-            raise ConfigError(f"workload.n_requests must be >= 0, got {self.n_requests}")
-        if not self.rate_per_s > 0:
-            raise ConfigError(f"workload.rate_per_s must be > 0, got {self.rate_per_s}")
-        if not self.length_scale > 0:
-            raise ConfigError(f"workload.length_scale must be > 0, got {self.length_scale}")
-        for p in ("prompt", "output"):
-            lo, hi = self.bounds(p)
-            mean = getattr(self, f"{p}_mean") * self.length_scale
-            if lo < 1 or hi < lo:
-                raise ConfigError(f"workload.{p}_min/{p}_max must satisfy 1 <= min <= max after length_scale, "
-                                  f"got {lo}..{hi}")
-            if not (lo < mean < hi):
-                raise ConfigError(f"workload.{p}_mean * length_scale = {mean:g} must lie strictly between "
-                                  f"{p}_min={lo} and scaled {p}_max={hi}")
-            if not getattr(self, f"{p}_sigma") > 0:
-                raise ConfigError(f"workload.{p}_sigma must be > 0, got {getattr(self, f'{p}_sigma')}")
-        if self.n_experts < 1:
-            raise ConfigError(f"workload.n_experts must be >= 1, got {self.n_experts}")
-        for name in ("route_stay", "route_home"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"workload.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.expert_zipf < 0:
-            raise ConfigError(f"workload.expert_zipf must be >= 0, got {self.expert_zipf}")
-
-    def bounds(self, which: str) -> tuple[int, int]:
-        lo = getattr(self, f"{which}_min")
-        hi = max(lo, int(round(getattr(self, f"{which}_max") * self.length_scale)))
-        return lo, hi
-
-
-PRESETS: dict[str, WorkloadConfig] = {
-    # full-size lengths (GPU-class engine)
-    "arena": WorkloadConfig(),
-    # 1/8 lengths and few requests for the 2-core CPU (means 8.7 / 26.8 tokens)
-    "cpu": WorkloadConfig(n_requests=64, rate_per_s=2.0, length_scale=0.125),
-}
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RequestSpec:

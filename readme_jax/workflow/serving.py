@@ -1,6 +1,6 @@
 """Stage `serve_bench`: the serving benchmark (readme_jax.serve.bench) on the trained Read-ME model,
 with the dense source model for the batch-1 latency comparison, prompts from the test split of the
-same domains. ``serve:`` in the run config holds BenchConfig keys (unknown keys are errors)."""
+same domains. ``serve:`` in the run config is a ServeBenchConfig (readme_jax/config/serve.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import yaml
 
 import dataclasses
 
+from readme_jax.config import ServeBenchConfig, to_dict
 from readme_jax.model.readme_model import DenseModel
 from readme_jax.serve import bench
 from readme_jax.workflow.training import load_trained
@@ -17,11 +18,11 @@ from readme_jax.jsonfile import write_json
 from readme_jax.workflow.workspace import Workspace
 
 
-def bench_config(ws: Workspace) -> bench.BenchConfig:
-    """The run's ``serve:`` settings as a BenchConfig (written beside the results), with the run's impl."""
-    path = ws.stage_dir("serve_bench") / "bench_config.yaml"
-    path.write_text(yaml.safe_dump(dict(ws.cfg.serve)))
-    return dataclasses.replace(bench.load_bench_config(path), impl=ws.cfg.impl)
+def bench_config(ws: Workspace) -> ServeBenchConfig:
+    """The run's ``serve:`` settings with the run's impl (written beside the results as YAML)."""
+    cfg = dataclasses.replace(ws.cfg.serve, impl=ws.cfg.impl)
+    (ws.stage_dir("serve_bench") / "bench_config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    return cfg
 
 
 def run_serve_bench_stage(ws: Workspace) -> dict:

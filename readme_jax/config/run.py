@@ -1,0 +1,80 @@
+"""The main job's config (`readme-jax run`): data, conversion, evaluation, serving and the stages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from readme_jax.config.choices import ExpertLayoutKind, Impl, RunDtype, Split, check_choices
+from readme_jax.config.model import RouterConfig
+from readme_jax.config.serve import ServeBenchConfig
+from readme_jax.config.train import MeshConfig, TrainConfig
+from readme_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    domains: tuple[str, ...] = ()  # empty: every domain available on this machine (one expert each)
+    allow_apt: bool = True  # fetch the Debian text packages (bible, dictionary) with apt-get download
+    cache_dir: str | None = None  # default $READMEJAX_CACHE or ~/.cache/readme-jax/domains
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Calibration and expert extraction (paper: 16 sequences x 4096 tokens per domain, r = 0.5)."""
+
+    r: float = 0.5
+    calib_samples: int = 16
+    calib_seq_len: int = 4096
+    batch_size: int = 1
+    # split: shared channels stored once [L, D, P] + expert-specific [L, E, D, R] (docs/CONVERT.md);
+    # fixed: every expert holds all its channels, shared ones copied (they drift apart in training).
+    layout: ExpertLayoutKind = "split"
+
+    def __post_init__(self):
+        if not (isinstance(self.r, (int, float)) and 0 < self.r <= 1):
+            raise ConfigError(f"convert.r must be in (0, 1], got {self.r!r}")
+        if self.calib_samples < 1 or self.calib_seq_len < 2 or self.batch_size < 1:
+            raise ConfigError("convert.calib_samples, convert.batch_size must be >= 1 and calib_seq_len >= 2")
+        check_choices(self, "convert.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    seq_len: int = 512
+    blocks_per_domain: int = 8
+    batch_size: int = 4
+    split: Split = "test"
+    prompt: str = "The capital of France is"
+    max_new_tokens: int = 16
+
+    def __post_init__(self):
+        if self.seq_len < 1 or self.blocks_per_domain < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("eval.seq_len, eval.blocks_per_domain, eval.batch_size, eval.max_new_tokens must be >= 1")
+        check_choices(self, "eval.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `readme-jax run` does, from the dense checkpoint to the report."""
+
+    model: str = "embedded"  # 'embedded' (SmolLM2-135M GGUF), a .gguf file, or a Hugging Face directory
+    dtype: RunDtype = "float32"
+    impl: Impl = "xla"  # expert_ffn implementation
+    output_dir: str = "runs/default"
+    seed: int = 0
+    stages: tuple[str, ...] = ("dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval",
+                               "serve_bench", "report")
+    data: DataConfig = DataConfig()
+    convert: ConvertConfig = ConvertConfig()
+    router: RouterConfig = RouterConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeBenchConfig = ServeBenchConfig()  # the serve_bench stage (config/serve.py)
+    mesh: MeshConfig | None = None  # expert-parallel expert tuning over all devices (docs/DISTRIBUTED.md)
+
+    def __post_init__(self):
+        known = RunConfig.__dataclass_fields__["stages"].default
+        bad = [s for s in self.stages if s not in known]
+        if bad:
+            raise ConfigError(f"stages: unknown stage(s) {bad}; valid: {list(known)}")
+        check_choices(self, "")

@@ -1,0 +1,88 @@
+"""readme_jax.load: the Read-ME model back from the orbax pair, a run folder and the export, bit for bit."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import readme_jax
+from readme_jax.checkpoints.orbax_io import read_meta, save_params
+from readme_jax.checkpoints.readme_io import load_readme, save_export, save_readme
+from readme_jax.config import RouterConfig, tiny_model_config, to_dict
+from readme_jax.errors import CheckpointError
+from readme_jax.model.moe import MoEBackbone
+from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
+from readme_jax.model.router import make_router
+
+E = 3
+
+
+def _model(seed: int, mlp: str = "swiglu") -> ReadMEModel:
+    cfg = tiny_model_config()
+    backbone = MoEBackbone(cfg, rngs=nnx.Rngs(seed), n_experts=E, expert_dim=16, shared_dim=8)
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, mlp=mlp, seed=seed), E, cfg.vocab_size,
+                         cfg.max_seq_len, backbone_embed_VD=backbone.embed[...])
+    return ReadMEModel.from_modules(router, backbone, domains=("a", "b", "c"))
+
+
+def _same(a: ReadMEModel, b: ReadMEModel):
+    assert (a.router_cfg, a.backbone_cfg, a.layout, a.router_mlp) == (b.router_cfg, b.backbone_cfg, b.layout,
+                                                                      b.router_mlp)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, a.backbone_cfg.vocab_size, (2, 9)), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(a(tok).logits), np.asarray(b(tok).logits))
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "silu_bias"])
+def test_orbax_pair_and_run_folder_round_trip(tmp_path, mlp):
+    m = _model(int(np.random.randint(1 << 20)), mlp)
+    assert m.layout == ExpertLayout(E, 16, 8, ("a", "b", "c")) and m.layout.kind == "split"
+    save_readme(tmp_path / "run" / "train" / "final", m, router_config=RouterConfig(mlp=mlp),
+                backbone_meta={"source": "tiny"})
+    _same(m, readme_jax.load(tmp_path / "run" / "train" / "final"))
+    _same(m, readme_jax.load(tmp_path / "run"))  # a run folder: its train/final
+    meta = read_meta(tmp_path / "run" / "train" / "final" / "backbone")
+    assert meta["source"] == "tiny" and meta["layout"] == "split" and meta["domains"] == ["a", "b", "c"]
+
+
+def test_router_saved_with_only_its_router_config_still_loads(tmp_path):
+    """Run folders written before the model type hold ``router_config`` alone in the router's meta."""
+    m = _model(3)
+    save_readme(tmp_path, m)
+    save_params(tmp_path / "router", m.router_params,
+                {"kind": "readme_router", "n_experts": E,
+                 "router_config": to_dict(RouterConfig(width=16, n_heads=2, ffn_dim=16))}, overwrite=True)
+    _same(m, load_readme(tmp_path))
+
+
+def test_export_round_trip_and_format(tmp_path):
+    m = _model(int(np.random.randint(1 << 20)))
+    extra = {"experts.channel_index": np.arange(2 * E * 16, dtype=np.int32).reshape(2, E, 16)}
+    save_export(tmp_path / "x", m, extra_tensors=extra, info={"r": 0.5})
+    _same(m, readme_jax.load(tmp_path / "x"))
+    info = json.loads((tmp_path / "x" / "readme_moe.json").read_text())
+    assert info["format"] == "readme-jax-moe" and info["version"] == 1 and info["expert_layout"] == "split"
+    assert info["layout"]["backbone.layers.shared_wg"] == [2, 32, 8] and info["r"] == 0.5
+    assert info["layout"]["experts.channel_index"] == [2, E, 16]
+
+
+def test_load_says_what_it_expected(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        readme_jax.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="expected a run folder"):
+        readme_jax.load(tmp_path / "empty")
+    m = _model(4)
+    save_export(tmp_path / "x", m)
+    doc = json.loads((tmp_path / "x" / "readme_moe.json").read_text())
+    (tmp_path / "x" / "readme_moe.json").write_text(json.dumps({**doc, "version": 9}))
+    with pytest.raises(CheckpointError, match="version 1"):
+        readme_jax.load(tmp_path / "x")
+    (tmp_path / "x" / "readme_moe.json").write_text(json.dumps({**doc, "n_experts": 2, "domains": ["a", "b"]}))
+    with pytest.raises(Exception, match="2 domains for 3 experts"):
+        readme_jax.load(tmp_path / "x")
