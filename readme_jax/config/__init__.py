@@ -14,14 +14,14 @@ from readme_jax.config.loading import deep_merge, from_dict, load, parse_overrid
 from readme_jax.config.model import ModelConfig, RouterConfig, tiny_model_config
 from readme_jax.config.run import ConvertConfig, DataConfig, EvalConfig, RunConfig
 from readme_jax.config.serve import (BENCH_WORKLOAD, LMSYS_PROMPT_MEAN_TOKENS, LMSYS_RESPONSE_MEAN_TOKENS,
-                                     WORKLOAD_PRESETS, ServeBenchConfig, WorkloadConfig)
+                                     WORKLOAD_PRESETS, EngineConfig, SamplingParams, ServeBenchConfig, WorkloadConfig)
 from readme_jax.config.train import MeshConfig, StageConfig, TrainConfig
 from readme_jax.errors import ConfigError
 
 __all__ = ["BENCH_WORKLOAD", "CACHE_POLICIES", "EXPERT_LAYOUTS", "IMPLS", "LMSYS_PROMPT_MEAN_TOKENS",
            "LMSYS_RESPONSE_MEAN_TOKENS", "MESH_FFN_COMMS", "MOE_FFNS", "ROUTER_TARGETS", "SCHEDULER_POLICIES",
            "WORKLOAD_PRESETS", "CachePolicy", "ConfigError", "ConvertConfig", "DataConfig", "Dtype", "EmbedInit",
-           "EvalConfig", "ExpertLayoutKind", "FfnComm", "Impl", "MeshConfig", "ModelConfig", "MoeFfn", "RouterConfig",
-           "RouterLoss", "RouterMlp", "RouterTarget", "RunConfig", "RunDtype", "SchedulerPolicy", "ScoreScale",
+           "EngineConfig", "EvalConfig", "ExpertLayoutKind", "FfnComm", "Impl", "MeshConfig", "ModelConfig", "MoeFfn", "RouterConfig",
+           "RouterLoss", "RouterMlp", "RouterTarget", "RunConfig", "RunDtype", "SamplingParams", "SchedulerPolicy", "ScoreScale",
            "ServeBenchConfig", "Split", "StageConfig", "TrainConfig", "WorkloadConfig", "check_choices", "choices",
            "deep_merge", "from_dict", "load", "parse_overrides", "read_yaml", "tiny_model_config", "to_dict"]

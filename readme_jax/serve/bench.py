@@ -250,43 +250,13 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
                         row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn, impl=cfg.impl,
                         decode_windows=cfg.decode_windows)
     engine = Engine(moe, ecfg)
-    sp = SamplingParams(temperature=cfg.temperature)
     policies, outputs, step_sets, routes = {}, {}, {}, {}
     for policy in cfg.policies:
-        scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
-                               max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
-        runner = EngineRunner(engine, sp)
-        t0 = time.perf_counter()
-        res = simulate(specs, Scheduler(scfg), runner=runner, record_future=True,
-                       lookahead_steps=cfg.lookahead_steps, progress=progress)
-        wall = time.perf_counter() - t0
+        policies[policy], step_sets[policy] = _run_policy(engine, specs, policy, cfg, progress, log)
         outputs[policy] = engine.outputs()
         if not routes:  # the real router's routes of every prompt and generated token (first run)
-            routes = {r.rid: engine.routes(r.rid) for r in res.requests if r.status is Status.FINISHED}
-        step_sets[policy] = res
-        s = summarize(res.requests, res.steps, res.makespan_s)
-        s.pop("transfer_stall_s_total_simulated", None)  # no store in these runs
-        s["n_invalid"] = len(res.invalid)
-        s["invalid"] = {str(k): v for k, v in res.invalid.items()}
-        s["reject_reasons"] = sorted({r.reject_reason for r in res.requests if r.status is Status.REJECTED})
-        rs = runner.steps
-        s["measured_compute_s"] = float(sum(st.compute_s for st in res.steps))
-        s["measured_prefill_s"] = float(sum(r["prefill_s"] for r in rs))
-        s["measured_decode_s"] = float(sum(r["decode_s"] for r in rs))
-        s["measured_arrival_routing_s"] = float(sum(r["router_arrival_s"] for r in rs))
-        dec = [r["decode_s"] for r in rs if r["n_decode"] and not r["n_prefill"]]
-        s["decode_only_step_ms_mean"] = 1e3 * float(np.mean(dec)) if dec else float("nan")
-        s["wall_s"] = wall
-        s["hit_ratio"] = hit_ratio_table([st.experts for st in res.steps], cfg.capacities, cfg.cache_policies,
-                                         futures=[st.future for st in res.steps], seed=cfg.seed)
-        s["prefetch_simulated"] = {
-            str(c): {mode: replay_store(res.steps, c, "belady", moe.expert_bytes(), cfg.link_bandwidth_bytes_per_s,
-                                        cfg.link_latency_s, mode == "prefetch")
-                     for mode in ("on_demand", "prefetch")} for c in cfg.capacities if c < E}
-        policies[policy] = s
-        log(f"[serve-bench] {policy}: latency mean {s['latency_mean_s']:.3f}s p95 {s['latency_p95_s']:.3f}s, "
-            f"unique experts/batch {s.get('unique_experts_per_batch_mean', float('nan')):.2f}, "
-            f"finished {s['n_finished']}/{len(specs)} ({wall:.1f}s wall)")
+            routes = {r.rid: engine.routes(r.rid) for r in step_sets[policy].requests
+                      if r.status is Status.FINISHED}
     calibrated = _calibrated_runs(specs, routes, step_sets, cfg, E)
     for p, s in calibrated["policies"].items():
         log(f"[serve-bench] calibrated {p}: latency mean {s['latency_mean_s']:.3f}s p95 {s['latency_p95_s']:.3f}s, "
@@ -320,6 +290,42 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
     write_json(out / "serve_bench.json", result)
     log(f"[serve-bench] wrote {out / 'serve_bench.json'} and {len(result['plots'])} plots")
     return result
+
+
+def _run_policy(engine: Engine, specs, policy: str, cfg: ServeBenchConfig, progress: bool, log) -> tuple[dict, Any]:
+    """One scheduler policy on the real engine over the workload: ``(summary, simulation result)``;
+    the summary holds latencies, measured compute, hit ratios and the simulated prefetch replay."""
+    E = engine.model.n_experts
+    scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
+                           max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
+    runner = EngineRunner(engine, SamplingParams(temperature=cfg.temperature))
+    t0 = time.perf_counter()
+    res = simulate(specs, Scheduler(scfg), runner=runner, record_future=True,
+                   lookahead_steps=cfg.lookahead_steps, progress=progress)
+    wall = time.perf_counter() - t0
+    s = summarize(res.requests, res.steps, res.makespan_s)
+    s.pop("transfer_stall_s_total_simulated", None)  # no store in these runs
+    s["n_invalid"] = len(res.invalid)
+    s["invalid"] = {str(k): v for k, v in res.invalid.items()}
+    s["reject_reasons"] = sorted({r.reject_reason for r in res.requests if r.status is Status.REJECTED})
+    rs = runner.steps
+    s["measured_compute_s"] = float(sum(st.compute_s for st in res.steps))
+    s["measured_prefill_s"] = float(sum(r["prefill_s"] for r in rs))
+    s["measured_decode_s"] = float(sum(r["decode_s"] for r in rs))
+    s["measured_arrival_routing_s"] = float(sum(r["router_arrival_s"] for r in rs))
+    dec = [r["decode_s"] for r in rs if r["n_decode"] and not r["n_prefill"]]
+    s["decode_only_step_ms_mean"] = 1e3 * float(np.mean(dec)) if dec else float("nan")
+    s["wall_s"] = wall
+    s["hit_ratio"] = hit_ratio_table([st.experts for st in res.steps], cfg.capacities, cfg.cache_policies,
+                                     futures=[st.future for st in res.steps], seed=cfg.seed)
+    s["prefetch_simulated"] = {
+        str(c): {mode: replay_store(res.steps, c, "belady", engine.model.expert_bytes(),
+                                    cfg.link_bandwidth_bytes_per_s, cfg.link_latency_s, mode == "prefetch")
+                 for mode in ("on_demand", "prefetch")} for c in cfg.capacities if c < E}
+    log(f"[serve-bench] {policy}: latency mean {s['latency_mean_s']:.3f}s p95 {s['latency_p95_s']:.3f}s, "
+        f"unique experts/batch {s.get('unique_experts_per_batch_mean', float('nan')):.2f}, "
+        f"finished {s['n_finished']}/{len(specs)} ({wall:.1f}s wall)")
+    return s, res
 
 
 def _expert_sweep(engine: Engine, dense_engine: Engine | None, rows: int, pos: int, repeats: int):

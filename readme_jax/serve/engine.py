@@ -38,10 +38,10 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from readme_jax.config import EngineConfig, SamplingParams
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
-from readme_jax.serve.engine_core import (EngineConfig, SamplingParams, ServedModel, backbone_of,
-                                          make_step_fns, sample_rows, step_fns)
+from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
 from readme_jax.serve.requests import Batch, Kind, Request
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 

@@ -1,4 +1,4 @@
-"""The engine's configs and its jitted step functions (pure; ``serve/engine.py`` drives them).
+"""The engine's jitted step functions (pure; ``serve/engine.py`` drives them; configs in config/serve.py).
 
 The engine serves a :class:`ReadMEModel` or a :class:`DenseModel` (its A/B twin).
 ``make_step_fns(model, moe_ffn, impl)`` builds ``(route_prompt, prefill, decode)``; ``step_fns``
@@ -8,22 +8,20 @@ described in ``serve/engine.py``'s module doc.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.config import Impl, ModelConfig, MoeFfn, check_choices
+from readme_jax.config import ModelConfig
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder, sampling
 from readme_jax.model.moe import present_experts_ffn, routed_ffn
 from readme_jax.model.readme_model import DenseModel, ReadMEModel
 from readme_jax.model.router import route_ids, router_logits
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- the model served
 
 ServedModel = ReadMEModel | DenseModel  # Read-ME (router + MoE backbone) or its dense twin (n_experts = 1)
 
@@ -37,78 +35,6 @@ def backbone_of(model: ServedModel) -> tuple[dict, ModelConfig]:
     raise ConfigError(f"the engine serves a ReadMEModel or a DenseModel, got {type(model).__name__}")
 
 
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """KV slots and compile buckets. A request needs ``prompt_len + max_new_tokens <= max_len``
-    and ``prompt_len <= max(prefill_buckets)``; ``prefill_buckets`` None: 8, 16, 32, ... up to
-    ``max_len - 1``."""
-
-    n_slots: int = 8
-    max_len: int = 256
-    prefill_buckets: tuple[int, ...] | None = None
-    row_buckets: tuple[int, ...] | None = None  # rows per call; None: 1, 2, 4, ... n_slots
-    eos_id: int | None = None
-    moe_ffn: MoeFfn = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
-    impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
-    decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
-
-    def __post_init__(self):
-        if self.n_slots < 1:
-            raise ConfigError(f"engine.n_slots must be >= 1, got {self.n_slots}")
-        if self.max_len < 2:
-            raise ConfigError(f"engine.max_len must be >= 2, got {self.max_len}")
-        if self.prefill_buckets is not None:
-            b = tuple(self.prefill_buckets)
-            if not b or any(int(x) != x or not 1 <= x <= self.max_len - 1 for x in b):
-                raise ConfigError(f"engine.prefill_buckets must be integers in [1, max_len-1={self.max_len - 1}], "
-                                  f"got {b}")
-        if self.row_buckets is not None:
-            r = tuple(self.row_buckets)
-            if not r or any(int(x) != x or not 1 <= x <= self.n_slots for x in r) or max(r) != self.n_slots:
-                raise ConfigError(f"engine.row_buckets must be integers in [1, n_slots={self.n_slots}] including "
-                                  f"n_slots, got {r}")
-        if self.decode_windows is not None and any(int(w) != w or not 2 <= w <= self.max_len
-                                                   for w in self.decode_windows):
-            raise ConfigError(f"engine.decode_windows must be integers in [2, max_len={self.max_len}], "
-                              f"got {self.decode_windows}")
-        check_choices(self, "engine.")
-        if self.eos_id is not None and self.eos_id < 0:
-            raise ConfigError(f"engine.eos_id must be >= 0 or null, got {self.eos_id}")
-
-    def buckets(self) -> tuple[int, ...]:
-        if self.prefill_buckets is not None:
-            return tuple(sorted({int(x) for x in self.prefill_buckets}))
-        out, b = [], 8
-        while b < self.max_len - 1:
-            out.append(b)
-            b *= 2
-        out.append(self.max_len - 1)
-        return tuple(sorted(set(out)))
-
-    def window(self, max_pos: int) -> int:
-        """Cache positions a decode reads when its rows sit at positions <= ``max_pos`` (the router
-        writes ``max_pos + 1``): the smallest decode window > ``max_pos + 1``, else ``max_len``."""
-        for w in sorted(self.decode_windows or ()):
-            if w >= max_pos + 2:
-                return int(w)
-        return self.max_len
-
-    def rows(self, n: int) -> int:
-        """Rows a call with ``n`` items runs (the smallest row bucket >= n)."""
-        if self.row_buckets is None:
-            return min(self.n_slots, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-        return min(b for b in self.row_buckets if b >= n)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """``temperature`` 0 = greedy; ``top_p`` in (0, 1]; ``seed`` None = the request id."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 # ----------------------------------------------------------------------------- jitted math
