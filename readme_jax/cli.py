@@ -14,7 +14,10 @@ from pathlib import Path
 
 from readme_jax import config as config_mod
 from readme_jax.data import prepare_domains
+from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ReadmeError
+from readme_jax.serve.http import serve
+from readme_jax.serve.llm import LLM
 from readme_jax.workflow.export import export_workspace
 from readme_jax.workflow.run import run
 from readme_jax.workflow.workspace import Workspace
@@ -87,12 +90,36 @@ def cmd_export(args):
     print(f"exported to {path}")
 
 
+def cmd_generate(args):
+    llm = LLM.open(args.path, dense=args.dense, n_slots=1, max_len=args.max_len)
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, stop=args.stop or None)
+    if args.chat:
+        deltas = llm.chat_stream([{"role": "user", "content": args.prompt}], **options)
+    else:
+        deltas = llm.stream(args.prompt, **options)
+    for delta in deltas:
+        print(delta, end="", flush=True)
+    print()
+
+
+def cmd_serve(args):
+    serve(args.path, host=args.host, port=args.port, dense=args.dense, policy=args.policy, n_slots=args.slots,
+          max_len=args.max_len, max_queue=args.max_queue)
+
+
 def cmd_data(args):
     rep = prepare_domains(args.domains or None, allow_apt=not args.no_apt)
     for n, m in rep.available.items():
         print(f"{n:12s} {m.get('n_docs', '?'):>8} docs {m.get('n_chars', '?'):>12} chars")
     for n, why in rep.missing.items():
         print(f"{n:12s} MISSING: {why}")
+
+
+def _model_args(p: argparse.ArgumentParser):
+    p.add_argument("path", help="a run folder (its trained Read-ME model), its train/final, or an export")
+    p.add_argument("--dense", action="store_true", help="the run's dense source model instead (A/B)")
+    p.add_argument("--max-len", type=int, default=512, help="prompt + generated tokens per request")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, help="folder to write")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("generate", help="stream one completion of a trained model to the terminal")
+    _model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (streaming) for a trained model")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--policy", default="expert_aware", choices=SCHEDULER_POLICIES, help="batching policy")
+    p.add_argument("--slots", type=int, default=8, help="KV slots (requests decoding at once)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("data", help="fetch and cache the offline text domains")
     p.add_argument("domains", nargs="*")
     p.add_argument("--no-apt", action="store_true")

@@ -64,3 +64,18 @@ def test_sampler_distribution_and_nucleus_exclusion():
     freq = np.bincount(np.asarray(draw), minlength=4) / 4000
     assert freq[2] == 0 and freq[3] == 0
     np.testing.assert_allclose(freq[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.035)
+
+
+def test_sampler_top_k_keeps_the_k_most_likely():
+    logits = jnp.log(jnp.asarray([[0.05, 0.3, 0.15, 0.5]], jnp.float32))
+    keys = jax.random.split(jax.random.key(int(np.random.randint(1 << 30))), 4000)
+    draw = jax.vmap(lambda k: sample(logits, k, jnp.ones(1), jnp.ones(1), jnp.full(1, 2))[0])(keys)
+    freq = np.bincount(np.asarray(draw), minlength=4) / 4000
+    assert freq[0] == 0 and freq[2] == 0
+    np.testing.assert_allclose(freq[[3, 1]], [0.5 / 0.8, 0.3 / 0.8], atol=0.035)
+    one = jax.vmap(lambda k: sample(logits, k, jnp.ones(1), jnp.ones(1), jnp.full(1, 1))[0])(keys)
+    assert (np.asarray(one) == 3).all()
+    # top_k 0 = no limit: the very same draws as without top_k
+    a = jax.vmap(lambda k: sample(logits, k, jnp.ones(1), jnp.ones(1), jnp.zeros(1, jnp.int32))[0])(keys)
+    b = jax.vmap(lambda k: sample(logits, k, jnp.ones(1), jnp.ones(1))[0])(keys)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -71,11 +71,21 @@ def test_rejections_carry_reasons():
     assert not s.add(long)
     assert long.status is Status.REJECTED
     assert long.reject_reason == "prompt has 5 tokens > scheduler.token_budget=4 (a prefill is never split)"
-    assert s.add(req(1, [0]))
-    full = req(2, [0])
+    assert s.add(req(1, [0]))  # takes the free slot at the next step: does not count as waiting
+    assert s.add(req(2, [0]))  # waits
+    full = req(3, [0])
     assert not s.add(full)
-    assert full.reject_reason == "queue full: 1 requests waiting (scheduler.max_queue=1)"
-    assert [r.rid for r in s.rejected] == [0, 2]
+    assert full.reject_reason == "queue full: 1 requests waiting for a slot (scheduler.max_queue=1)"
+    assert [r.rid for r in s.rejected] == [0, 3]
+
+
+def test_a_burst_fills_free_slots_before_the_queue():
+    """8 arrivals at once with 4 free slots and max_queue=2: 4 get slots, 2 wait, 2 are refused."""
+    s = Scheduler(SchedulerConfig(token_budget=8, max_queue=2, n_slots=4))
+    accepted = [s.add(req(i, [0])) for i in range(8)]
+    assert accepted == [True] * 6 + [False] * 2
+    s.next_batch()
+    assert s.n_running == 4 and s.n_waiting == 2
 
 
 # ----------------------------------------------------------------------------- policies by hand

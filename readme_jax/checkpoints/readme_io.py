@@ -22,7 +22,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from readme_jax import config as config_mod
+from readme_jax.checkpoints.embedded import embedded_gguf_path
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
+from readme_jax.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.config import ModelConfig, RouterConfig
 from readme_jax.errors import CheckpointError, ConfigError
 from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
@@ -32,6 +34,7 @@ EXPORT_FORMAT = "readme-jax-moe"
 EXPORT_VERSION = 1
 EXPORT_TENSORS = "readme_moe.safetensors"
 EXPORT_INFO = "readme_moe.json"
+TINY_RANDOM_SOURCE = "tiny-random"  # RunConfig.model value of the random smoke-test model (workflow/workspace.py)
 
 
 # ----------------------------------------------------------------------------- orbax pair
@@ -176,6 +179,49 @@ def _load_export(d: Path) -> ReadMEModel:
     router_cfg, mlp = router_from_meta(info, backbone_cfg, d / EXPORT_INFO)
     layout = ExpertLayout.of(backbone_params, info.get("domains", ()))
     return ReadMEModel(router_params, backbone_params, router_cfg, backbone_cfg, layout, mlp).validate(str(d))
+
+
+# ----------------------------------------------------------------------------- tokenizers and dense twins
+
+
+def run_source(path) -> tuple[Path, str] | None:
+    """``(run folder, its ``model`` setting)`` when ``path`` is a run folder or inside one (train/final)."""
+    p = Path(path).absolute()
+    for d in (p, p.parent, p.parent.parent):
+        if (d / "config.json").is_file() and (d / "train").is_dir():
+            try:
+                return d, str(json.loads((d / "config.json").read_text()).get("model", "embedded"))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{d / 'config.json'}: invalid JSON ({e})") from None
+    return None
+
+
+def dense_source(path) -> str | Path:
+    """Where the dense model of a run (or a dense checkpoint path itself) lives, for ``load_model``."""
+    run = run_source(path)
+    if run is None:
+        return path
+    d, model = run
+    if model == TINY_RANDOM_SOURCE:
+        return d / "tiny_model"
+    return "embedded" if model in ("embedded", "") else model
+
+
+def load_tokenizer_for(path) -> Tokenizer:
+    """The tokenizer that goes with a Read-ME model folder: the export's ``tokenizer.json``, or the run's
+    source model's (the embedded GGUF, a .gguf file, or an HF directory)."""
+    p = Path(path)
+    if (p / "tokenizer.json").is_file():
+        return tokenizer_from_hf(p)
+    src = dense_source(p)
+    if src == "embedded":
+        return tokenizer_from_gguf(embedded_gguf_path())
+    src = Path(src)
+    if src.suffix == ".gguf" and src.is_file():
+        return tokenizer_from_gguf(src)
+    if (src / "tokenizer.json").is_file():
+        return tokenizer_from_hf(src)
+    raise CheckpointError(f"no tokenizer for {p}: no tokenizer.json there and its source {src} has none")
 
 
 # ----------------------------------------------------------------------------- one door

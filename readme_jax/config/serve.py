@@ -205,8 +205,9 @@ class EngineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """``temperature`` 0 = greedy; ``top_p`` in (0, 1]; ``seed`` None = the request id."""
+    """``temperature`` 0 = greedy; ``top_p`` in (0, 1]; ``top_k`` 0 = no limit; ``seed`` None = the request id."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0

@@ -63,6 +63,7 @@ class _ReqState:
     prompt_routes: np.ndarray
     routes: list  # routes[k]: the router's expert for tokens[k]
     slot: int | None = None
+    top_k: int = 0
     pos: int = 0  # next backbone position (= tokens in the backbone cache)
     route: int | None = None  # route of tokens[-1]
     done: bool = False
@@ -117,6 +118,13 @@ class Engine:
         st = self._request_state(rid)
         return np.concatenate([st.prompt_routes, np.asarray(st.routes, np.int32)]).astype(np.int32)
 
+    def release(self, rid: int) -> None:
+        """Forget request ``rid`` (finished or cancelled): its slot is free for the next prefill, its
+        state is dropped (a long-running server would otherwise keep every request's tokens)."""
+        st = self._reqs.pop(int(rid), None)
+        if st is not None and st.slot is not None and self._slot_owner.get(st.slot) == st.rid:
+            del self._slot_owner[st.slot]
+
     def outputs(self) -> dict[int, list[int]]:
         return {rid: list(s.tokens) for rid, s in self._reqs.items()}
 
@@ -159,6 +167,8 @@ class Engine:
             raise RequestError(f"{where}: temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise RequestError(f"{where}: top_p must be in (0, 1], got {p!r}")
+        if isinstance(sp.top_k, bool) or not isinstance(sp.top_k, (int, np.integer)) or sp.top_k < 0:
+            raise RequestError(f"{where}: top_k must be an integer >= 0 (0 = no limit), got {sp.top_k!r}")
         if sp.seed is not None and (isinstance(sp.seed, bool) or not isinstance(sp.seed, (int, np.integer))
                                     or not 0 <= sp.seed < 2**31):
             raise RequestError(f"{where}: sampling seed must be an integer in [0, 2**31) or None, got {sp.seed!r}")
@@ -189,7 +199,7 @@ class Engine:
         req = Request(int(rid), float(arrival_s), routes, int(max_new_tokens), prompt_ids=ids)
         seed = int(rid) % 2**31 if sp.seed is None else int(sp.seed)
         self._reqs[int(rid)] = _ReqState(int(rid), ids, int(max_new_tokens), float(sp.temperature), float(sp.top_p),
-                                         seed, [], routes, [])
+                                         seed, [], routes, [], top_k=int(sp.top_k))
         return req
 
     def _bucket(self, n: int) -> int:
@@ -280,15 +290,17 @@ class Engine:
             seeds = np.zeros((B,), np.int32)
             temps = np.zeros((B,), np.float32)
             tops = np.ones((B,), np.float32)
+            top_ks = np.zeros((B,), np.int32)
             for b, (req, st, slot) in enumerate(group):
                 P = st.prompt.size
                 tok[b, :P] = st.prompt
                 rts[b, :P] = req.prompt_routes
                 lens[b], slots[b], seeds[b], temps[b], tops[b] = P, slot, st.seed, st.temperature, st.top_p
+                top_ks[b] = st.top_k
             present = self._present_experts(rts)
             prep = time.perf_counter() - t0
             nxt, nroute, call_s = self._run_compiled(self._prefill, ("prefill", B, T, present.size),
-                                             (slots, tok, rts, present, lens, seeds, temps, tops),
+                                             (slots, tok, rts, present, lens, seeds, temps, tops, top_ks),
                                              bool((temps <= 0).all()))
             total += prep + call_s
             for b, (req, st, slot) in enumerate(group):
@@ -308,6 +320,7 @@ class Engine:
         counters = np.zeros((B,), np.int32)
         temps = np.zeros((B,), np.float32)
         tops = np.ones((B,), np.float32)
+        top_ks = np.zeros((B,), np.int32)
         states = []
         for b, (req, slot) in enumerate(items):
             st = self._state(req)
@@ -319,12 +332,13 @@ class Engine:
                                   f"token, the engine routed it to {st.route}")
             slots[b], tok[b], rts[b], pos[b] = slot, st.tokens[-1], st.route, st.pos
             seeds[b], counters[b], temps[b], tops[b] = st.seed, len(st.tokens), st.temperature, st.top_p
+            top_ks[b] = st.top_k
             states.append(st)
         present = self._present_experts(rts)
         W = self.cfg.window(int(pos[:len(items)].max()))
         prep = time.perf_counter() - t0
         nxt, nroute, call_s = self._run_compiled(self._decode, ("decode", B, present.size, W),
-                                         (slots, tok, rts, present, pos, seeds, counters, temps, tops),
+                                         (slots, tok, rts, present, pos, seeds, counters, temps, tops, top_ks),
                                          bool((temps <= 0).all()), window=W)
         for b, st in enumerate(states):
             st.pos += 1
@@ -361,7 +375,7 @@ class Engine:
         pos[:n] = position
         z = np.zeros((B,), np.int32)
         present = self._present_experts(rts)
-        args = (slots, z, rts, present, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32))
+        args = (slots, z, rts, present, pos, z, z, np.zeros((B,), np.float32), np.ones((B,), np.float32), z)
         W = self.cfg.window(position)
         out = np.array([self._run_compiled(self._decode, ("decode", B, present.size, W), args, True, window=W)[2]
                         for _ in range(repeats)])

@@ -40,14 +40,14 @@ def backbone_of(model: ServedModel) -> tuple[dict, ModelConfig]:
 # ----------------------------------------------------------------------------- jitted math
 
 
-def sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B):
+def sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B):
     """One token per row; row b uses key ``fold_in(key(seeds[b]), counters[b])`` (batch-invariant)."""
     greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
     def stochastic():
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counters_B)
-        one = lambda lg, k, t, p: sampling.sample(lg[None], k, t[None], p[None])[0]  # noqa: E731
-        return jax.vmap(one)(logits_BV, keys, temps_B, top_ps_B)
+        one = lambda lg, k, t, p, tk: sampling.sample(lg[None], k, t[None], p[None], tk[None])[0]  # noqa: E731
+        return jax.vmap(one)(logits_BV, keys, temps_B, top_ps_B, top_ks_B)
 
     return jax.lax.cond(jnp.all(temps_B <= 0), lambda: greedy, stochastic)
 
@@ -110,13 +110,13 @@ def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla
         rl, sub = router_logits(rparams, router_cfg, tok_B[:, None], pos_B[:, None], sub, mlp=mlp)
         return route_ids(rl)[:, 0], _put_column(rcache, sub, slots_B, pos_B)
 
-    def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, greedy):
+    def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy):
         if greedy:  # a separate compiled variant: all-greedy batches skip the sampler
             return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B)
+        return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B)
 
     def prefill(params, rparams, cache, rcache, slots_B, tokens_BT, routes_BT, present_K, lens_B, seeds_B, temps_B,
-                top_ps_B, greedy):
+                top_ps_B, top_ks_B, greedy):
         B, T = tokens_BT.shape
         t = jnp.arange(T, dtype=jnp.int32)[None]
         pos = jnp.where(t < lens_B[:, None], t, T)  # padding -> position T: dropped from the bucket cache
@@ -125,7 +125,7 @@ def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla
                                     logits=False)
         last = jnp.take_along_axis(h, (lens_B - 1)[:, None, None], axis=1)[:, 0]
         logits = decoder.logits_of_hidden(params, cfg, last)
-        nxt = pick(logits, seeds_B, jnp.zeros_like(seeds_B), temps_B, top_ps_B, greedy)
+        nxt = pick(logits, seeds_B, jnp.zeros_like(seeds_B), temps_B, top_ps_B, top_ks_B, greedy)
         cache = _put_prefix(cache, sub, slots_B)
         if not moe:
             return nxt, jnp.zeros_like(nxt), cache, rcache
@@ -140,12 +140,12 @@ def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla
         return nxt, nroute, cache, _put_prefix(rcache, rsub, slots_B)
 
     def decode(params, rparams, cache, rcache, slots_B, tokens_B, routes_B, present_K, pos_B, seeds_B, counters_B,
-               temps_B, top_ps_B, greedy, window):
+               temps_B, top_ps_B, top_ks_B, greedy, window):
         sub = _gather_rows(cache, slots_B, window)  # attend over positions < window only
         h, sub, _ = decoder.forward(params, cfg, tokens_B[:, None], pos_B[:, None], sub, ffn=ffn,
                                     ffn_ctx=ctx(routes_B[:, None], present_K), logits=False)
         logits = decoder.logits_of_hidden(params, cfg, h[:, 0])
-        nxt = pick(logits, seeds_B, counters_B, temps_B, top_ps_B, greedy)
+        nxt = pick(logits, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy)
         cache = _put_column(cache, sub, slots_B, pos_B)
         if not moe:
             return nxt, jnp.zeros_like(nxt), cache, rcache

@@ -32,6 +32,7 @@ class Status(str, enum.Enum):
     RUNNING = "running"  # prefilled; decoding
     FINISHED = "finished"
     REJECTED = "rejected"  # never served; ``reject_reason`` says why
+    CANCELLED = "cancelled"  # aborted by its client (slot freed, nothing more generated)
 
 
 @dataclasses.dataclass(eq=False)

@@ -162,6 +162,7 @@ class Scheduler:
         self._in_flight: Batch | None = None
         self.finished: list[Request] = []
         self.rejected: list[Request] = []
+        self.cancelled: list[Request] = []
 
     # --- queries
     @property
@@ -193,8 +194,9 @@ class Scheduler:
         if request.prompt_len > self.cfg.token_budget:
             reason = (f"prompt has {request.prompt_len} tokens > scheduler.token_budget={self.cfg.token_budget} "
                       f"(a prefill is never split)")
-        elif len(self._waiting) >= self.cfg.max_queue:
-            reason = f"queue full: {len(self._waiting)} requests waiting (scheduler.max_queue={self.cfg.max_queue})"
+        elif len(self._waiting) - len(self._free_slots) >= self.cfg.max_queue:  # the free slots take some
+            n = len(self._waiting) - len(self._free_slots)
+            reason = f"queue full: {n} requests waiting for a slot (scheduler.max_queue={self.cfg.max_queue})"
         if reason is not None:
             request.status = Status.REJECTED
             request.reject_reason = reason
@@ -274,6 +276,24 @@ class Scheduler:
             req.next_route = route
             self._pending[req.rid] = WorkItem.decode(req, route, self.step)
         return done
+
+    def abort(self, rid: int) -> Request | None:
+        """Cancel a waiting or running request between steps (its slot is freed); None if unknown or done."""
+        if self._in_flight is not None and any(it.rid == rid for it in self._in_flight.items):
+            raise ReadmeError(f"abort: request {rid} is in the batch in flight; abort between steps")
+        req = self._running.pop(rid, None)
+        if req is not None:
+            self._pending.pop(rid, None)
+            heapq.heappush(self._free_slots, req.slot)
+        else:
+            req = next((r for r in self._waiting if r.rid == rid), None)
+            if req is None:
+                return None
+            self._waiting.remove(req)
+        req.status = Status.CANCELLED
+        req.next_route = None
+        self.cancelled.append(req)
+        return req
 
     def lookahead(self, n_steps: int, budget: int | None = None) -> list[frozenset]:
         """Expert sets of the next ``n_steps`` batches this policy would form from KNOWN work.

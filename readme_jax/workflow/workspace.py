@@ -19,6 +19,7 @@ from flax import nnx
 
 from readme_jax import config as config_mod
 from readme_jax.checkpoints import embedded_gguf_path, load_model, save_hf, tokenizer_from_gguf
+from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import ModelConfig, RunConfig
 from readme_jax.data import prepare_domains, token_stream
 from readme_jax.errors import ConfigError, DataError
@@ -26,7 +27,6 @@ from readme_jax.jsonfile import write_json
 from readme_jax.model.llama import Llama
 
 
-TINY_RANDOM = "tiny-random"
 
 
 def make_tiny_random_model(path: Path, seed: int = 0) -> Path:
@@ -66,7 +66,7 @@ class Workspace:
 
     def _check_model_source(self):
         m = self.cfg.model
-        if m not in ("embedded", "", TINY_RANDOM) and not Path(m).exists():
+        if m not in ("embedded", "", TINY_RANDOM_SOURCE) and not Path(m).exists():
             raise ConfigError(f"model: path {m!r} does not exist (expected 'embedded', a .gguf file or an HF directory)")
 
     # ------------------------------------------------------------------ stages
@@ -92,7 +92,7 @@ class Workspace:
     def dense(self):
         """``(Llama, Tokenizer)`` of the dense source model."""
         self.log(f"loading dense model {self.cfg.model!r}")
-        if self.cfg.model == TINY_RANDOM:
+        if self.cfg.model == TINY_RANDOM_SOURCE:
             return load_model(make_tiny_random_model(self.out / "tiny_model", self.cfg.seed), self.cfg.dtype)
         return load_model(None if self.cfg.model in ("embedded", "") else self.cfg.model, self.cfg.dtype)
 
