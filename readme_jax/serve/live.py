@@ -72,8 +72,13 @@ class LiveEngine:
                  max_queue: int = 64, max_wait_steps: int | None = 16, metrics: LiveMetrics | None = None):
         self.engine = engine
         budget = token_budget or max(engine.max_prompt_len, engine.cfg.n_slots)
+        self.max_queue = int(max_queue)
+        if self.max_queue < 0:
+            raise RequestError(f"max_queue must be >= 0, got {max_queue}")
+        # submit() is the one admission gate (it answers QueueFull at once); the scheduler, which sees
+        # requests only later, must not refuse what submit accepted, so its own queue limit is open
         self.scheduler = Scheduler(SchedulerConfig(policy=policy, token_budget=budget, n_slots=engine.cfg.n_slots,
-                                                   max_queue=max_queue, max_wait_steps=max_wait_steps,
+                                                   max_queue=2**31 - 1, max_wait_steps=max_wait_steps,
                                                    n_experts=engine.model.n_experts))
         self.metrics = metrics or LiveMetrics()
         self._rids = itertools.count()
@@ -110,10 +115,10 @@ class LiveEngine:
             ids = self.engine.check_request(rid, prompt_ids, max_tokens, sampling)
             if ids.size > self.scheduler.cfg.token_budget:
                 raise RequestError(f"prompt has {ids.size} tokens > token budget {self.scheduler.cfg.token_budget}")
-            if self.n_waiting >= self.scheduler.cfg.max_queue:
+            if self.n_waiting >= self.max_queue:
                 self.metrics.rejected("queue_full")
-                raise QueueFull(f"queue full: {self.n_waiting} requests waiting (max_queue="
-                                f"{self.scheduler.cfg.max_queue}); retry later")
+                raise QueueFull(f"queue full: {self.n_waiting} requests waiting for a slot (max_queue="
+                                f"{self.max_queue}); retry later")
             h = Handle(rid, int(ids.size), int(max_tokens), time.perf_counter())
             self._handles[rid] = (h, sampling, ids)
             self._n_inbox += 1
