@@ -29,10 +29,16 @@ class ConvertConfig:
     # split: shared channels stored once [L, D, P] + expert-specific [L, E, D, R] (docs/CONVERT.md);
     # fixed: every expert holds all its channels, shared ones copied (they drift apart in training).
     layout: ExpertLayoutKind = "split"
+    # fraction of each expert's width taken from the layer's top channels over ALL domains (shared by
+    # every expert) before each domain adds its own top channels; 0 = shared part is only what every
+    # domain picks on its own (docs/CONVERT.md "Shared fraction")
+    shared_fraction: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.r, (int, float)) and 0 < self.r <= 1):
             raise ConfigError(f"convert.r must be in (0, 1], got {self.r!r}")
+        if not (isinstance(self.shared_fraction, (int, float)) and 0 <= self.shared_fraction < 1):
+            raise ConfigError(f"convert.shared_fraction must be in [0, 1), got {self.shared_fraction!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2 or self.batch_size < 1:
             raise ConfigError("convert.calib_samples, convert.batch_size must be >= 1 and calib_seq_len >= 2")
         check_choices(self, "convert.")

@@ -52,8 +52,15 @@ def top_channels(score_XF: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def select_channels(stats_mean_NLF: np.ndarray, r: float) -> np.ndarray:
+def select_channels(stats_mean_NLF: np.ndarray, r: float, pooled_LF: np.ndarray | None = None,
+                    shared_fraction: float = 0.0) -> np.ndarray:
     """Per domain and layer, keep exactly ``expert_width(F, r)`` channels: ``bool[N, L, F]``.
+
+    ``shared_fraction`` = 0: each domain keeps its own top channels; the shared (permanent) part is
+    whatever all domains happen to pick. ``shared_fraction`` = s > 0: every domain first keeps the
+    ``round(s * width)`` channels with the largest pooled statistic (all domains' tokens), then fills
+    the rest of its width with its own top channels among the others, so the shared part holds at
+    least that many channels, each trained on every token.
 
     Ranking is a stable sort on (-score, channel index), so the result is deterministic.
     """
@@ -65,7 +72,21 @@ def select_channels(stats_mean_NLF: np.ndarray, r: float) -> np.ndarray:
     if not np.isfinite(s).all():
         raise ShapeError("select_channels: stats contain inf/nan at (domain, layer) "
                          f"{sorted({(int(a), int(b)) for a, b, _ in np.argwhere(~np.isfinite(s))})[:5]}")
-    return top_channels(s, expert_width(s.shape[-1], r))
+    width = expert_width(s.shape[-1], r)
+    if not 0 <= shared_fraction < 1:
+        raise ConfigError(f"select_channels: shared_fraction must lie in [0, 1), got {shared_fraction!r}")
+    n_forced = int(math.floor(shared_fraction * width + 0.5))
+    if n_forced == 0:
+        return top_channels(s, width)
+    if pooled_LF is None:
+        raise ShapeError("select_channels: shared_fraction > 0 needs the pooled statistic pooled_LF")
+    p = np.asarray(pooled_LF, np.float64)
+    if p.shape != s.shape[1:] or not np.isfinite(p).all():
+        raise ShapeError(f"select_channels: pooled stats must be finite [n_layers, ffn_dim] = {s.shape[1:]}, "
+                         f"got shape {p.shape}")
+    forced_LF = top_channels(p, n_forced)
+    rest = np.where(forced_LF[None], -np.inf, np.asarray(s, np.float64))
+    return forced_LF[None] | top_channels(rest, width - n_forced)
 
 
 def permanent_channels(masks_NLF: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ def run_refactor(ws: Workspace) -> dict:
     stats = calibrate(dense, model.cfg, batches, model_id=cfg.model, partial_dir=d / "calib_partial",
                       progress=ws.progress)
     save_stats(d / "stats.npz", stats)
-    masks = ex.select_channels(stats.mean(), cc.r)
+    masks = ex.select_channels(stats.mean(), cc.r, stats.pooled_mean(), cc.shared_fraction)
     moe, meta = ex.moe_arrays_from_dense(dense, masks, domains=list(stats.domains), r=cc.r, layout=cc.layout)
     np.savez(d / "experts.npz", masks=masks, channel_index=meta["channel_index"], permanent=meta["permanent"],
              shared_index=meta.get("shared_index", np.zeros((len(masks[0]), 0), np.int32)))
