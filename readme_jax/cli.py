@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from readme_jax import config as config_mod
@@ -19,7 +21,7 @@ from readme_jax.errors import ReadmeError
 from readme_jax.serve.http import serve
 from readme_jax.serve.llm import LLM
 from readme_jax.workflow.export import export_workspace
-from readme_jax.workflow.run import run
+from readme_jax.workflow.run import STAGE_FNS, run
 from readme_jax.workflow.workspace import Workspace
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -51,13 +53,18 @@ def load_run_config(args, stages: tuple[str, ...] | None = None) -> config_mod.R
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--config", default=None, help=f"YAML file or preset name in configs/ (default {DEFAULT_PRESET})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--recompute", action="store_true",
+                   help="redo finished stages made with other settings (default: refuse, naming the changed keys)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.rounds=2 output_dir=runs/x")
 
 
 def _run_stages(args, stages):
     cfg = load_run_config(args, stages)
     force = tuple(s for s in (getattr(args, "force", "") or "").split(",") if s)
-    return run(cfg, progress=not args.no_progress, force=force)
+    bad = [s for s in force if s not in STAGE_FNS]
+    if bad:
+        raise config_mod.ConfigError(f"--force: unknown stage(s) {bad}; valid: {list(STAGE_FNS)}")
+    return run(cfg, progress=not args.no_progress, force=force, recompute=args.recompute)
 
 
 def cmd_run(args):
@@ -123,7 +130,8 @@ def _model_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="readme-jax", description="Read-ME (router-decoupled MoE) on JAX")
+    ap = argparse.ArgumentParser(prog="readme-jax", description="Read-ME (router-decoupled MoE) on JAX. "
+                                 "Errors print one line; add --debug anywhere for the traceback.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="the whole pipeline: dense eval, refactor, train, evaluate, serve-bench, report")
     _common(p)
@@ -174,13 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit 0 on success; 2 with one line on a user or environment error (``--debug``: the
+    traceback too); 130 on Ctrl-C (a rerun of the same command resumes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except ReadmeError as e:
-        print(f"readme-jax: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("readme-jax: interrupted; rerunning the same command resumes", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # skip interpreter teardown: XLA and orbax threads may still run (it segfaulted)
+    except (ReadmeError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"readme-jax: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, ReadmeError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or type(e).__name__}{where} (run again with --debug for the traceback)"
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

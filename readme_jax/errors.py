@@ -32,3 +32,7 @@ class RequestError(ReadmeError):
 
 class TrainingError(ReadmeError):
     """Training cannot continue (non-finite loss, bad schedule)."""
+
+
+class NumericsError(ReadmeError):
+    """Weights or results hold NaN/Inf (a corrupt checkpoint, a diverged run)."""

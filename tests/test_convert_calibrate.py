@@ -243,3 +243,22 @@ def test_stats_dataclass_mean():
     s = CalibrationStats(("a", "b"), np.arange(12, dtype=np.float64).reshape(2, 2, 3), np.array([2, 4]), {})
     np.testing.assert_allclose(s.mean()[1], np.arange(6, 12).reshape(2, 3) / 4)
     np.testing.assert_allclose(s.pooled_mean(), (np.arange(6).reshape(2, 3) + np.arange(6, 12).reshape(2, 3)) / 6)
+
+
+def test_partial_from_other_inputs_is_recomputed(model, tmp_path):
+    """A saved domain is reused only for the same calibration inputs (settings that made the batches)."""
+    cfg, arrays = model
+    rng = np.random.default_rng(8)
+    short = {"a": [_tokens(rng, cfg, 1, 4)]}
+    longer = {"a": [_tokens(rng, cfg, 2, 8)]}
+    first = calibrate(arrays, cfg, short, model_id="m", partial_dir=tmp_path, progress=False,
+                      inputs={"calib_seq_len": 4})
+    again = calibrate(arrays, cfg, longer, model_id="m", partial_dir=tmp_path, progress=False,
+                      inputs={"calib_seq_len": 4})  # same inputs claimed: the partial is reused
+    np.testing.assert_array_equal(again.sums_NLF, first.sums_NLF)
+    fresh = calibrate(arrays, cfg, longer, model_id="m", progress=False)
+    changed = calibrate(arrays, cfg, longer, model_id="m", partial_dir=tmp_path, progress=False,
+                        inputs={"calib_seq_len": 8})
+    np.testing.assert_array_equal(changed.tokens_N, fresh.tokens_N)
+    np.testing.assert_allclose(changed.sums_NLF, fresh.sums_NLF, rtol=1e-12)
+    assert not np.array_equal(changed.tokens_N, first.tokens_N)

@@ -19,7 +19,7 @@ PKG = "readme_jax"
 
 # lower layers never import higher ones (a module may import its own layer and anything below)
 LAYERS = [
-    {"errors", "jsonfile", "figures"}, {"config"}, {"kernels"}, {"ops"}, {"model"}, {"checkpoints"}, {"data"}, {"convert"},
+    {"errors", "jsonfile", "figures", "fsutil"}, {"config"}, {"kernels"}, {"ops"}, {"model"}, {"checkpoints"}, {"data"}, {"convert"},
     {"distributed"}, {"eval"}, {"train"}, {"serve"}, {"bench"}, {"workflow"}, {"cli", "__main__"},
 ]
 

@@ -10,13 +10,13 @@ Layout of a directory written by :func:`save_params`::
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from readme_jax.errors import CheckpointError
+from readme_jax.fsutil import atomic_dir
 
 PARAMS_DIR = "params"
 META_FILE = "meta.json"
@@ -28,23 +28,25 @@ def is_orbax_dir(path) -> bool:
 
 
 def save_params(path, arrays: dict, meta: dict, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write ``arrays`` with orbax and ``meta`` as JSON (and the tokenizer when given)."""
+    """Write ``arrays`` with orbax and ``meta`` as JSON (and the tokenizer when given).
+
+    The folder is written whole or not at all: into a sibling temp folder, renamed into place at the
+    end (a kill mid-write leaves the old folder, or none, never a half-written one).
+    """
     d = Path(path).absolute()
-    if (d / PARAMS_DIR).exists():
-        if not overwrite:
-            raise CheckpointError(f"{d / PARAMS_DIR} already exists; pass overwrite=True to replace it")
-        shutil.rmtree(d / PARAMS_DIR)
+    if d.exists() and (not d.is_dir() or any(d.iterdir())) and not overwrite:
+        raise CheckpointError(f"{d} already exists; pass overwrite=True to replace it")
     try:
-        meta_text = json.dumps(meta, indent=2, sort_keys=True)
-    except TypeError as e:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"meta for {d} is not JSON-serializable: {e}") from None
-    d.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(d / PARAMS_DIR, arrays)
-    ckptr.wait_until_finished()
-    (d / META_FILE).write_text(meta_text)
-    if tokenizer is not None:
-        tokenizer.save_hf(d)
+    with atomic_dir(d, overwrite=True) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / PARAMS_DIR, arrays)
+        ckptr.wait_until_finished()
+        (tmp / META_FILE).write_text(meta_text)
+        if tokenizer is not None:
+            tokenizer.save_hf(tmp)
     return d
 
 

@@ -72,7 +72,7 @@ def _domain_prov(prov: dict, name: str) -> dict:
 
 
 def _assemble(domains, sums_NLF, tokens_N, base_prov: dict, per_domain: dict) -> CalibrationStats:
-    prov = {k: base_prov[k] for k in ("model_id", "model_config", "statistic")}
+    prov = {k: base_prov[k] for k in ("model_id", "model_config", "statistic", "inputs") if k in base_prov}
     prov["domains"] = list(domains)
     for k in ("tokens", "samples", "seq_lens"):
         prov[k] = {n: per_domain[n][k] for n in domains}
@@ -182,12 +182,13 @@ def _partial_path(partial_dir: Path, name: str) -> Path:
 
 def calibrate(model_arrays: dict, cfg: ModelConfig, batches_by_domain: Mapping[str, Iterable], *,
               model_id: str = "unknown", partial_dir: str | Path | None = None,
-              progress: bool = True) -> CalibrationStats:
+              progress: bool = True, inputs: dict | None = None) -> CalibrationStats:
     """Run the dense model over each domain's batches and collect channel statistics.
 
     ``model_arrays`` is the dense ``decoder.forward`` param dict. With ``partial_dir``, each
     finished domain is saved there and a rerun loads it instead of iterating its batches
-    (the saved model_id and model config must match). Domains keep the mapping's order.
+    (the saved model_id and model config must match). ``inputs`` (JSON-able: the settings that
+    made the batches) is recorded; a saved domain made from other ``inputs`` is recomputed. Domains keep the mapping's order.
     Raises DataError for a domain without counted tokens.
     """
     if not batches_by_domain:
@@ -198,6 +199,7 @@ def calibrate(model_arrays: dict, cfg: ModelConfig, batches_by_domain: Mapping[s
     _check_params(model_arrays, cfg)
     params = jax.tree.map(jnp.asarray, model_arrays)  # to device once, outside the batch loop
     base = {"model_id": model_id, "model_config": to_dict(cfg), "statistic": STATISTIC}
+    inputs = json.loads(json.dumps(inputs if inputs is not None else {}, default=list))
     pdir = Path(partial_dir) if partial_dir is not None else None
     if pdir is not None:
         pdir.mkdir(parents=True, exist_ok=True)
@@ -206,14 +208,14 @@ def calibrate(model_arrays: dict, cfg: ModelConfig, batches_by_domain: Mapping[s
     sums, toks, per_domain = [], [], {}
     for name in names:
         part = _partial_path(pdir, name) if pdir is not None else None
-        if part is not None and part.exists():
-            done = load_stats(part)
+        done = load_stats(part) if part is not None and part.exists() else None
+        if done is not None and done.provenance.get("inputs") == inputs:
             _check_resumed(done, part, name, base)
             s, t, info = done.sums_NLF[0], int(done.tokens_N[0]), _domain_prov(done.provenance, name)
-        else:
+        else:  # none yet, or made from other inputs (calibration settings, data): recompute
             s, t, info = _run_domain(params, cfg, name, batches_by_domain[name], progress)
             if part is not None:
-                save_stats(part, _assemble((name,), s[None], [t], base, {name: info}))
+                save_stats(part, _assemble((name,), s[None], [t], {**base, "inputs": inputs}, {name: info}))
         sums.append(s)
         toks.append(t)
         per_domain[name] = info

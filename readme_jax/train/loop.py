@@ -114,11 +114,11 @@ class Trainer:
                 weights, step_metrics = self._expert_stage(round_idx, weights)
             name = f"round{round_idx}-{'router' if kind == 0 else 'experts'}"
             self._write_stage_summary(s, name, weights, step_metrics)
+            if self.on_stage_end is not None:  # before the checkpoint: a kill in it redoes the stage
+                self.on_stage_end(s, name, weights)
             self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router_params,
                                                                "backbone": weights.backbone_params}))
             self._ckpt.wait_until_finished()
-            if self.on_stage_end is not None:
-                self.on_stage_end(s, name, weights)
         return weights
 
     # ------------------------------------------------------------------ stages

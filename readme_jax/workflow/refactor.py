@@ -31,8 +31,10 @@ def run_refactor(ws: Workspace) -> dict:
     for name in ws.domains:
         blocks = ws.blocks(name, "train", cc.calib_seq_len, cc.calib_samples)[:, :-1]
         batches[name] = [blocks[i:i + cc.batch_size] for i in range(0, len(blocks), cc.batch_size)]
+    inputs = {"calib_samples": cc.calib_samples, "calib_seq_len": cc.calib_seq_len, "batch_size": cc.batch_size,
+              "data": config_mod.to_dict(cfg.data), "dtype": cfg.dtype}
     stats = calibrate(dense, model.cfg, batches, model_id=cfg.model, partial_dir=d / "calib_partial",
-                      progress=ws.progress)
+                      progress=ws.progress, inputs=inputs)
     save_stats(d / "stats.npz", stats)
     masks = ex.select_channels(stats.mean(), cc.r, stats.pooled_mean(), cc.shared_fraction)
     moe, meta = ex.moe_arrays_from_dense(dense, masks, domains=list(stats.domains), r=cc.r, layout=cc.layout)

@@ -20,16 +20,28 @@ STAGE_FNS: dict[str, Callable[[Workspace], dict]] = {
     "baseline": run_baseline, "final_eval": run_final_eval, "serve_bench": run_serve_bench_stage, "report": run_report}
 
 
-def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print, force: tuple[str, ...] = ()) -> Workspace:
-    ws = Workspace(cfg, progress=progress, log=log)
-    t_all = time.time()
-    for name in cfg.stages:
-        if ws.is_done(name) and name not in force:
-            log(f"== {name}: done already ({ws.out / name / 'done.json'}), skipped")
-            continue
-        log(f"== {name}")
-        t0 = time.time()
-        STAGE_FNS[name](ws)
-        log(f"== {name}: {time.time() - t0:.0f} s")
-    log(f"all stages finished in {time.time() - t_all:.0f} s; report: {ws.out / 'report' / 'report.md'}")
+def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print, force: tuple[str, ...] = (),
+        recompute: bool = False) -> Workspace:
+    """Run ``cfg.stages`` in order, skipping finished ones whose fingerprint matches this config.
+
+    Before any work: the output folder is locked (a second run on it is refused) and checked
+    (``Workspace.prepare``): a finished stage made with other settings is refused, naming the
+    changed keys, unless ``recompute`` (then it and the stages after it are redone). ``force``
+    redoes the named stages even when they are up to date.
+    """
+    ws = Workspace(cfg, progress=progress, log=log).prepare(recompute=recompute)
+    try:
+        t_all = time.time()
+        for name in cfg.stages:
+            if ws.is_done(name) and name not in force:
+                log(f"== {name}: done already ({ws.out / name / 'done.json'}), skipped")
+                continue
+            log(f"== {name}")
+            (ws.out / name / "done.json").unlink(missing_ok=True)  # a kill mid-stage must not leave it "done"
+            t0 = time.time()
+            STAGE_FNS[name](ws)
+            log(f"== {name}: {time.time() - t0:.0f} s")
+        log(f"all stages finished in {time.time() - t_all:.0f} s; report: {ws.out / 'report' / 'report.md'}")
+    finally:
+        ws.release()
     return ws

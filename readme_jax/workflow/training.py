@@ -52,7 +52,7 @@ class CorpusData:
 
     def val_blocks(self):
         e = self.ws.cfg.eval
-        n = max(1, min(e.blocks_per_domain, 2))  # after every stage: keep it cheap
+        n = 2  # after every stage: keep it cheap (fixed: the stage's record must not depend on eval.blocks_per_domain)
         return {d: self.ws.blocks(d, "validation", e.seq_len, n) for d in self.domains}
 
 
@@ -117,9 +117,9 @@ def load_router_only(ws: Workspace) -> ReadMEModel | None:
     path = ws.out / "train" / "after_router0" / "router"
     if not path.exists():
         return None
-    model, _, _ = initial_model(ws)
-    rp, rcfg, mlp = load_router(path, model.backbone_cfg)
-    return model.replace(router_params=rp, router_cfg=rcfg, router_mlp=mlp).validate(str(path))
+    moe, cfg, meta, _ = load_moe(ws)
+    rp, rcfg, mlp = load_router(path, cfg)
+    return ReadMEModel(rp, moe, rcfg, cfg, ExpertLayout.of(moe, meta["domains"]), mlp).validate(str(path))
 
 
 def run_baseline(ws: Workspace) -> dict:

@@ -22,9 +22,11 @@ from readme_jax.checkpoints import embedded_gguf_path, load_model, save_hf, toke
 from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import ModelConfig, RunConfig
 from readme_jax.data import prepare_domains, token_stream
-from readme_jax.errors import ConfigError, DataError
-from readme_jax.jsonfile import write_json
+from readme_jax.errors import ConfigError, DataError, NumericsError
+from readme_jax.fsutil import DirLock, atomic_dir, check_no_escaping_links
+from readme_jax.jsonfile import read_json, write_json
 from readme_jax.model.llama import Llama
+from readme_jax.workflow import stages
 
 
 
@@ -37,9 +39,8 @@ def make_tiny_random_model(path: Path, seed: int = 0) -> Path:
     tok = tokenizer_from_gguf(embedded_gguf_path())
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                       ffn_dim=128, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512)
-    tmp = path.with_name(path.name + ".tmp")
-    save_hf(tmp, cfg, Llama(cfg, rngs=nnx.Rngs(seed)).arrays(), tokenizer=tok)
-    os.replace(tmp, path)
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_hf(tmp, cfg, Llama(cfg, rngs=nnx.Rngs(seed)).arrays(), tokenizer=tok)
     return path
 
 
@@ -56,18 +57,72 @@ def check_output_dir(path: Path) -> Path:
 
 
 class Workspace:
+    """One run's output folder. Opening one writes nothing; :meth:`prepare` (called by ``run``) takes
+    the folder's lock, checks that every finished stage was made with this config (fingerprints,
+    workflow/stages.py) and only then records the config in ``config.json``."""
+
     def __init__(self, cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.progress = progress
         self.log = log
-        self.out = check_output_dir(Path(cfg.output_dir))
+        self.out = Path(cfg.output_dir)
         self._check_model_source()
-        (self.out / "config.json").write_text(json.dumps(config_mod.to_dict(cfg), indent=1, default=list))
+        self._lock: DirLock | None = None
+        self._source: dict | None = None
 
     def _check_model_source(self):
         m = self.cfg.model
         if m not in ("embedded", "", TINY_RANDOM_SOURCE) and not Path(m).exists():
             raise ConfigError(f"model: path {m!r} does not exist (expected 'embedded', a .gguf file or an HF directory)")
+
+    # ------------------------------------------------------------------ before any work
+
+    def prepare(self, recompute: bool = False) -> "Workspace":
+        """Lock the folder, check reuse (refuse or, with ``recompute``, invalidate stale stages),
+        then write ``config.json``. Raises ConfigError before any stage runs."""
+        check_output_dir(self.out)
+        check_no_escaping_links(self.out)
+        self._lock = DirLock(self.out).acquire()
+        try:
+            stale = self.stale_stages()
+            if stale and not recompute:
+                lines = "; ".join(f"{s} ({', '.join(why[:4])}{' ...' if len(why) > 4 else ''})"
+                                  for s, why in stale.items())
+                raise ConfigError(f"{self.out} holds stages made with other settings: {lines}. Use another "
+                                  "output_dir, or pass --recompute to redo them and every stage after them")
+            for name in stale:
+                self.log(f"recomputing {name}: {', '.join(stale[name])}")
+                (self.out / name / "done.json").unlink(missing_ok=True)
+            write_json(self.out / "config.json", config_mod.to_dict(self.cfg))
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def stale_stages(self) -> dict[str, list[str]]:
+        """``{stage: [why, ...]}`` for every finished stage this config may not reuse."""
+        out = {}
+        for name in stages.STAGE_ORDER:
+            info = self._read_done(name)
+            if info is None:
+                continue
+            current = self.settings(name)
+            if info.get("fingerprint") != stages.fingerprint(current):
+                if "settings" not in info:
+                    out[name] = ["no fingerprint (made by an older readme-jax)"]
+                else:
+                    out[name] = stages.changed_keys(info["settings"], current) or ["fingerprint differs"]
+        return out
+
+    def settings(self, stage: str) -> dict:
+        if self._source is None:
+            self._source = stages.source_identity(self.cfg)
+        return stages.stage_settings(self.cfg, stage, self._source)
 
     # ------------------------------------------------------------------ stages
 
@@ -76,15 +131,43 @@ class Workspace:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def _read_done(self, name: str) -> dict | None:
+        """The stage's done.json if it is valid JSON and its artifacts are all there, else None
+        (the stage then counts as not done and is recomputed; the reason is logged)."""
+        path = self.out / name / "done.json"
+        if not path.is_file():
+            return None
+        try:
+            info = read_json(path)
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            self.log(f"{path}: unreadable ({e}); the stage will be recomputed")
+            return None
+        missing = [a for a in stages.STAGE_ARTIFACTS.get(name, ()) if not (self.out / name / a).exists()]
+        if missing:
+            self.log(f"{path}: its outputs {missing} are missing; the stage will be recomputed")
+            return None
+        return info
+
     def is_done(self, name: str) -> bool:
-        return (self.out / name / "done.json").is_file()
+        return self._read_done(name) is not None
 
     def done_info(self, name: str) -> dict:
-        return json.loads((self.out / name / "done.json").read_text())
+        info = self._read_done(name)
+        if info is None:
+            raise ConfigError(f"{self.out / name}: stage {name!r} has not finished (run `readme-jax run` first)")
+        return info
 
     def mark_done(self, name: str, info: dict, seconds: float):
-        info = {**info, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_json(self.out / name / "done.json", info)
+        settings = self.settings(name)
+        info = {**info, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "fingerprint": stages.fingerprint(settings), "settings": settings}
+        try:
+            write_json(self.out / name / "done.json", info, strict=True)
+        except ValueError as e:
+            raise NumericsError(f"stage {name} produced {e}: the model or its data is broken (NaN/Inf); "
+                                "the stage is not marked done") from None
 
     # ------------------------------------------------------------------ model and data
 
