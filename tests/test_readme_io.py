@@ -86,3 +86,21 @@ def test_load_says_what_it_expected(tmp_path):
     (tmp_path / "x" / "readme_moe.json").write_text(json.dumps({**doc, "n_experts": 2, "domains": ["a", "b"]}))
     with pytest.raises(Exception, match="2 domains for 3 experts"):
         readme_jax.load(tmp_path / "x")
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path):
+    """Export and orbax pair alike: a corrupt tensor fails the load with file, tensor name and counts."""
+    m = _model(5)
+    layers = dict(m.backbone_params["layers"])
+    layers["wg"] = layers["wg"].at[1, 2, :4, 0].set(jnp.nan).at[0, 0, 0, 0].set(jnp.inf)  # [L=2, E=3, D=32, R=16]
+    bad = m.replace(backbone_params={**m.backbone_params, "layers": layers})
+    extra = {"experts.channel_index": np.full((2, E, 16), -1, np.int32)}  # integer tensors are not checked
+    save_export(tmp_path / "x", bad, extra_tensors=extra)
+    with pytest.raises(CheckpointError, match=r"readme_moe.safetensors: tensor 'backbone.layers.wg' has 4 NaN / 1 Inf "
+                                              r"values \(of 3072\); the checkpoint is corrupt$"):
+        readme_jax.load(tmp_path / "x")
+    head = m.router_params["head"]
+    save_readme(tmp_path / "run" / "train" / "final", m.replace(router_params={**m.router_params,
+                                                                              "head": head.at[0, 0].set(jnp.nan)}))
+    with pytest.raises(CheckpointError, match=r"final/router: tensor 'head' has 1 NaN / 0 Inf values"):
+        readme_jax.load(tmp_path / "run")

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from readme_jax import config as config_mod
 from readme_jax.checkpoints.embedded import embedded_gguf_path
+from readme_jax.checkpoints.finite import check_finite, check_finite_tree
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
 from readme_jax.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.config import ModelConfig, RouterConfig
@@ -78,6 +79,7 @@ def router_from_meta(meta: dict, backbone_cfg: ModelConfig, where) -> tuple[Mode
 def load_router(path, backbone_cfg: ModelConfig) -> tuple[dict, ModelConfig, str]:
     """``(router params, router decoder config, mlp kind)`` of a saved router (e.g. ``after_router0/router``)."""
     params, meta = restore_params(path)
+    check_finite_tree(params, path)
     router_cfg, mlp = router_from_meta(meta, backbone_cfg, path)
     return params, router_cfg, mlp
 
@@ -85,6 +87,7 @@ def load_router(path, backbone_cfg: ModelConfig) -> tuple[dict, ModelConfig, str
 def load_backbone(path) -> tuple[dict, ModelConfig, dict]:
     """``(params, config, meta)`` of a saved MoE backbone."""
     params, meta = restore_params(path)
+    check_finite_tree(params, path)
     if "model_config" not in meta:
         raise CheckpointError(f"{Path(path) / 'meta.json'}: missing key 'model_config'")
     try:
@@ -171,6 +174,8 @@ def _load_export(d: Path) -> ReadMEModel:
     if not (d / EXPORT_TENSORS).is_file():
         raise CheckpointError(f"{d}: {EXPORT_TENSORS} is missing")
     tensors = load_file(str(d / EXPORT_TENSORS))
+    for name, a in tensors.items():
+        check_finite(a, name, d / EXPORT_TENSORS)
     try:
         backbone_cfg = config_mod.from_dict(ModelConfig, info["model_config"], prefix="model_config.")
     except (KeyError, ConfigError) as e:
