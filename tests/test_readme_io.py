@@ -104,3 +104,64 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path):
                                                                               "head": head.at[0, 0].set(jnp.nan)}))
     with pytest.raises(CheckpointError, match=r"final/router: tensor 'head' has 1 NaN / 0 Inf values"):
         readme_jax.load(tmp_path / "run")
+
+
+def _siblings(d):
+    """Hidden temp/aside folders left beside ``d``."""
+    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}."))
+
+
+def test_export_target_is_refused_or_replaced_atomically(tmp_path, monkeypatch):
+    m = _model(6)
+    x = tmp_path / "x"
+    x.mkdir()
+    save_export(x, m)  # an empty folder is fine
+    with pytest.raises(CheckpointError, match=r"export target .*/x exists and is not empty \(2 entries\); "
+                                              r"pass overwrite=True \(CLI: --overwrite\) to replace it$"):
+        save_export(x, m)
+    (x / "keep.txt").write_text("old")
+    m2 = _model(7)
+    save_export(x, m2, overwrite=True)  # the old folder is replaced as a whole
+    assert not (x / "keep.txt").exists() and not _siblings(x)
+    _same(m2, readme_jax.load(x))
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(CheckpointError, match=r"export target .*/f is a file; expected a folder"):
+        save_export(tmp_path / "f", m, overwrite=True)
+    with pytest.raises(CheckpointError, match=r"export target .*/f/sub: cannot create a folder in .*/f "):
+        save_export(tmp_path / "f" / "sub", m)
+    assert (tmp_path / "f").read_text() == "a file"
+
+    # a failure while writing (disk full) leaves the old export whole, and no temp folder behind
+    from readme_jax.checkpoints import readme_io
+
+    def full_disk(tensors, path, *a, **k):
+        open(path, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(readme_io, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"export to .*/x failed while writing \(No space left on device\); "
+                                              r".*/x was left as it was$"):
+        save_export(x, m, overwrite=True)
+    assert not _siblings(x)
+    _same(m2, readme_jax.load(x))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_export(tmp_path / "new", m)
+    assert not (tmp_path / "new").exists() and not _siblings(tmp_path / "new")
+    monkeypatch.undo()
+
+    # the new folder cannot be moved in after the old one went aside: the old one is put back
+    from readme_jax.checkpoints import atomic
+
+    real_replace = atomic.os.replace
+
+    def failing_replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match=r"cannot move the new folder into place \(Input/output error\)"):
+        save_export(x, m, overwrite=True)
+    monkeypatch.undo()
+    assert not _siblings(x)
+    _same(m2, readme_jax.load(x))
