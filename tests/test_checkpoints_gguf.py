@@ -175,6 +175,34 @@ def test_errors(tmp_path, gguf_writer, llama_arrays):
         load_gguf(p)
 
 
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, gguf_writer, llama_arrays):
+    """A corrupt value fails the load, naming the file and tensor with counts: in F32 data, in a Q8_0
+    block whose scale is NaN (dequantized), and a float32 value that overflows a float16 load."""
+    cfg = CFG_UNTIED
+    arrays = llama_arrays(cfg, seed=8)
+    good = gguf_tensors(cfg, arrays)
+    w = good["blk.1.ffn_up.weight"][0].copy()  # [F=64, D=32]
+    w[0, :3], w[5, 7] = np.nan, np.inf
+    p = gguf_writer(tmp_path / "nan.gguf", metadata=llama_md(cfg),
+                    tensors=dict(good, **{"blk.1.ffn_up.weight": (w, Q.F32)}))
+    with pytest.raises(CheckpointError, match=r"nan.gguf: tensor 'blk.1.ffn_up.weight' has 3 NaN / 1 Inf values "
+                                              r"\(of 2048\); the checkpoint is corrupt$"):
+        load_gguf(p)
+    q = gguf_writer(tmp_path / "q8.gguf", metadata=llama_md(cfg),
+                    tensors=dict(good, **{"blk.0.ffn_gate.weight": (good["blk.0.ffn_gate.weight"][0], Q.Q8_0)}))
+    raw = bytearray(q.read_bytes())  # a Q8_0 block = f16 scale + 32 int8: set the first block's scale to NaN
+    t = next(t for t in gguf.GGUFReader(q).tensors if t.name == "blk.0.ffn_gate.weight")
+    raw[t.data_offset:t.data_offset + 2] = np.array([np.nan], np.float16).tobytes()
+    q.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"q8.gguf: tensor 'blk.0.ffn_gate.weight' has 32 NaN / 0 Inf values"):
+        load_gguf(q)
+    big = dict(good, **{"output_norm.weight": (np.full((cfg.d_model,), 1e6, np.float32), Q.F32)})
+    p = gguf_writer(tmp_path / "big.gguf", metadata=llama_md(cfg), tensors=big)
+    load_gguf(p)  # fine in float32
+    with pytest.raises(CheckpointError, match=r"tensor 'output_norm.weight' has 0 NaN / 32 Inf .* overflow float16"):
+        load_gguf(p, "float16")
+
+
 def test_unsupported_quant_type(tmp_path, llama_arrays):
     """A Q4_K tensor (no numpy quantizer in gguf, so raw bytes) is refused, naming tensor and type."""
     cfg = tiny_model_config(d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256, n_layers=1,

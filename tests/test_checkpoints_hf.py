@@ -152,6 +152,42 @@ def test_errors_tensors(make_hf_dir):
         load_hf(d)
 
 
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(make_hf_dir, byte_tokenizer, tmp_path):
+    """A corrupt tensor fails the load (load_hf and load_model) before any model is built: file, tensor
+    name, NaN and Inf counts; bf16 shards too; a float32 value beyond float16 fails a float16 load."""
+    d, cfg, arrays = make_hf_dir()
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"][:3, 0] = np.nan  # [F=48, D=32]
+    save_file(t, d / "model.safetensors")
+    msg = (r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' has 3 NaN / 0 Inf values "
+           r"\(of 1536\); the checkpoint is corrupt$")
+    with pytest.raises(CheckpointError, match=msg):
+        load_hf(d)
+    with pytest.raises(CheckpointError, match=msg):
+        load_model(d)
+    d, _, _ = make_hf_dir(tiny_model_config(param_dtype="bfloat16"), max_shard_bytes=20_000)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"]["model.norm.weight"]
+    t = load_file(shard)
+    t["model.norm.weight"][[1, 4]] = [np.inf, -np.inf]
+    save_file(t, shard)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor 'model.norm.weight' has 0 NaN / 2 Inf values"):
+        load_hf(d)
+    d, _, _ = make_hf_dir()
+    t = load_file(d / "model.safetensors")
+    t["model.embed_tokens.weight"][7, :5] = 1e6
+    save_file(t, d / "model.safetensors")
+    assert load_hf(d)[1]["embed"][7, 0] == 1e6
+    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has 0 NaN / 5 Inf .* overflow float16"):
+        load_hf(d, dtype="float16")
+    # our own orbax format, through load_model
+    bad = {**arrays, "layers": {**arrays["layers"], "wd": arrays["layers"]["wd"].copy()}}
+    bad["layers"]["wd"][1, 2, 3] = np.nan
+    save_params(tmp_path / "orbax_nan", bad, {"kind": "llama", "model_config": {}})
+    with pytest.raises(CheckpointError, match=r"orbax_nan: tensor 'layers.wd' has 1 NaN / 0 Inf values \(of 3072\)"):
+        load_model(tmp_path / "orbax_nan")
+
+
 # ----------------------------------------------------------------------------- orbax + load_model
 
 

@@ -68,3 +68,52 @@ def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
         load(RunConfig, None, ["serve.nope=1"])
     with pytest.raises(ConfigError, match=r"serve.policies\[0\] must be one of"):
         load(RunConfig, None, ["serve.policies=[sjf]"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("serve.temperature=-1", "serve.temperature must be >= 0, got -1"),
+    ("serve.temperature=.nan", "serve.temperature must be a finite number >= 0, got nan"),
+    ("serve.token_budget=0", "serve.token_budget must be >= 1, got 0"),
+    ("serve.n_slots=0", "serve.n_slots must be >= 1, got 0"),
+    ("serve.max_queue=-1", "serve.max_queue must be >= 0, got -1"),
+    ("serve.max_wait_steps=-2", "serve.max_wait_steps must be >= 0 or null, got -2"),
+    ("serve.max_len=1", "serve.max_len must be >= 2, got 1"),
+    ("serve.prefill_buckets=[0]", r"serve.prefill_buckets must be integers in \[1, max_len-1=191\], got \(0,\)"),
+    ("serve.row_buckets=[1, 2]", r"serve.row_buckets must be integers in \[1, n_slots=64\] including n_slots"),
+    ("serve.decode_windows=[1]", r"serve.decode_windows must be integers in \[2, max_len=192\]"),
+    ("serve.capacities=[2, 0]", r"serve.capacities must be integers >= 1, got \(2, 0\)"),
+    ("serve.lookahead_steps=-1", "serve.lookahead_steps must be >= 0, got -1"),
+    ("serve.link_bandwidth_bytes_per_s=0", "serve.link_bandwidth_bytes_per_s must be > 0, got 0.0"),
+    ("serve.link_latency_s=-0.5", "serve.link_latency_s must be >= 0, got -0.5"),
+    ("serve.latency_prompt_len=191", r"serve.latency_prompt_len must be an integer in \[1, 190\]"),
+    ("serve.sweep_repeats=0", "serve.sweep_repeats must be >= 1, got 0"),
+    ("serve.corpus_sep_id=-1", "serve.corpus_sep_id must be >= 0 or null, got -1"),
+    ("serve.seed=-1", "serve.seed must be >= 0, got -1"),
+    ("serve.moe_ffn=all", r"serve.moe_ffn must be one of \['present', 'expert_ffn'\], got 'all'"),
+    ("serve.workload.n_requests=0", "serve.workload.n_requests must be >= 1, got 0"),
+    ("serve.workload.rate_per_s=-3", "serve.workload.rate_per_s must be > 0, got -3.0"),
+    ("serve.workload.route_stay=1.5", r"serve.workload.route_stay must be in \[0, 1\], got 1.5"),
+    ("serve.workload.prompt_sigma=0", "serve.workload.prompt_sigma must be > 0, got 0.0"),
+    ("serve.workload.n_experts=0", "serve.workload.n_experts must be >= 1, got 0"),
+    ("serve.workload.expert_zipf=-1", "serve.workload.expert_zipf must be >= 0, got -1.0"),
+    ("serve.workload.seed=-4", "serve.workload.seed must be >= 0, got -4"),
+])
+def test_every_serve_key_is_validated_at_load(override, message):
+    """A bad ``serve.*`` value fails ``config.load`` (before any work), one line naming the key."""
+    from readme_jax.config import RunConfig, load
+
+    with pytest.raises(ConfigError, match=message) as e:
+        load(RunConfig, None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_engine_config_checks_its_keys():
+    from readme_jax.config import EngineConfig
+
+    assert EngineConfig(max_len=64, decode_windows=()).window(10) == 64  # empty windows: full length
+    with pytest.raises(ConfigError, match="engine.eos_id must be >= 0 or null, got -1"):
+        EngineConfig(eos_id=-1)
+    with pytest.raises(ConfigError, match=r"engine.max_len must be an integer >= 2, got 16.5"):
+        EngineConfig(max_len=16.5)
+    with pytest.raises(ConfigError, match=r"engine.prefill_buckets must be integers in \[1, max_len-1=255\]"):
+        EngineConfig(prefill_buckets=())

@@ -86,3 +86,82 @@ def test_load_says_what_it_expected(tmp_path):
     (tmp_path / "x" / "readme_moe.json").write_text(json.dumps({**doc, "n_experts": 2, "domains": ["a", "b"]}))
     with pytest.raises(Exception, match="2 domains for 3 experts"):
         readme_jax.load(tmp_path / "x")
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path):
+    """Export and orbax pair alike: a corrupt tensor fails the load with file, tensor name and counts."""
+    m = _model(5)
+    layers = dict(m.backbone_params["layers"])
+    layers["wg"] = layers["wg"].at[1, 2, :4, 0].set(jnp.nan).at[0, 0, 0, 0].set(jnp.inf)  # [L=2, E=3, D=32, R=16]
+    bad = m.replace(backbone_params={**m.backbone_params, "layers": layers})
+    extra = {"experts.channel_index": np.full((2, E, 16), -1, np.int32)}  # integer tensors are not checked
+    save_export(tmp_path / "x", bad, extra_tensors=extra)
+    with pytest.raises(CheckpointError, match=r"readme_moe.safetensors: tensor 'backbone.layers.wg' has 4 NaN / 1 Inf "
+                                              r"values \(of 3072\); the checkpoint is corrupt$"):
+        readme_jax.load(tmp_path / "x")
+    head = m.router_params["head"]
+    save_readme(tmp_path / "run" / "train" / "final", m.replace(router_params={**m.router_params,
+                                                                              "head": head.at[0, 0].set(jnp.nan)}))
+    with pytest.raises(CheckpointError, match=r"final/router: tensor 'head' has 1 NaN / 0 Inf values"):
+        readme_jax.load(tmp_path / "run")
+
+
+def _siblings(d):
+    """Hidden temp/aside folders left beside ``d``."""
+    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}."))
+
+
+def test_export_target_is_refused_or_replaced_atomically(tmp_path, monkeypatch):
+    m = _model(6)
+    x = tmp_path / "x"
+    x.mkdir()
+    save_export(x, m)  # an empty folder is fine
+    with pytest.raises(CheckpointError, match=r"export target .*/x exists and is not empty \(2 entries\); "
+                                              r"pass overwrite=True \(CLI: --overwrite\) to replace it$"):
+        save_export(x, m)
+    (x / "keep.txt").write_text("old")
+    m2 = _model(7)
+    save_export(x, m2, overwrite=True)  # the old folder is replaced as a whole
+    assert not (x / "keep.txt").exists() and not _siblings(x)
+    _same(m2, readme_jax.load(x))
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(CheckpointError, match=r"export target .*/f is a file; expected a folder"):
+        save_export(tmp_path / "f", m, overwrite=True)
+    with pytest.raises(CheckpointError, match=r"export target .*/f/sub: cannot create a folder in .*/f "):
+        save_export(tmp_path / "f" / "sub", m)
+    assert (tmp_path / "f").read_text() == "a file"
+
+    # a failure while writing (disk full) leaves the old export whole, and no temp folder behind
+    from readme_jax.checkpoints import readme_io
+
+    def full_disk(tensors, path, *a, **k):
+        open(path, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(readme_io, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"export to .*/x failed while writing \(No space left on device\); "
+                                              r".*/x was left as it was$"):
+        save_export(x, m, overwrite=True)
+    assert not _siblings(x)
+    _same(m2, readme_jax.load(x))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_export(tmp_path / "new", m)
+    assert not (tmp_path / "new").exists() and not _siblings(tmp_path / "new")
+    monkeypatch.undo()
+
+    # the new folder cannot be moved in after the old one went aside: the old one is put back
+    from readme_jax.checkpoints import atomic
+
+    real_replace = atomic.os.replace
+
+    def failing_replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match=r"cannot move the new folder into place \(Input/output error\)"):
+        save_export(x, m, overwrite=True)
+    monkeypatch.undo()
+    assert not _siblings(x)
+    _same(m2, readme_jax.load(x))

@@ -232,6 +232,26 @@ def test_invalid_requests_do_not_disturb_the_others(models, moe_engine, referenc
         assert moe_engine.output(s.rid) == reference("moe", s.prompt_ids, 4)[0]
 
 
+def test_trailing_invalid_request_keeps_every_result(moe_engine, reference):
+    """The last arrival is too long for the engine: recorded as rejected with the engine's reason, the
+    others' outputs intact; bad sampling parameters make every request rejected, and the run still returns."""
+    prompts = _prompts(8, 3)
+    specs = _specs(prompts, [3] * 3, np.arange(3) * 0.01)
+    too_long = RequestSpec(50, 1.0, 20, 2, None, None, np.arange(20, dtype=np.int32))
+    cfg = SchedulerConfig(policy="fcfs", token_budget=16, n_slots=4, max_queue=10, n_experts=E)
+    res = simulate(specs + [too_long], Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()))
+    out = res.outcomes()
+    assert [out[i]["status"] for i in range(3)] == ["finished"] * 3 and out[50]["status"] == "rejected"
+    assert "request 50: prompt has 20 tokens > max prompt length 16" in out[50]["reason"]
+    for s in specs:
+        assert moe_engine.output(s.rid) == reference("moe", s.prompt_ids, 3)[0]
+    bad = EngineRunner(moe_engine, SamplingParams(temperature=-1.0), cost_model=CostModel())
+    res = simulate(specs, Scheduler(cfg), runner=bad)
+    assert not res.requests and not res.steps and sorted(res.invalid) == [0, 1, 2]
+    assert all("temperature must be a finite number >= 0" in o["reason"] and o["status"] == "rejected"
+               for o in res.outcomes().values())
+
+
 # ----------------------------------------------------------------------------- overload
 
 

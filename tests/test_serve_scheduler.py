@@ -267,3 +267,34 @@ def test_lookahead_is_a_dry_run_of_next_batch():
             seen.append(b.experts)
             c.on_step_done(b, {it.rid: None for it in b.items}, 2.0)
         assert plan == seen[:4], policy
+
+
+def test_trailing_invalid_or_rejected_requests_do_not_lose_the_run():
+    """The last arrivals are bad (a prompt over the token budget, a route out of range, no output):
+    each is recorded with its reason and every other request's result comes back."""
+    from readme_jax.serve.workload import RequestSpec
+
+    def spec(rid, arrival, prompt_routes, output_len):
+        routes = np.asarray(prompt_routes, np.int32)
+        return RequestSpec(rid, arrival, len(routes), output_len, routes, np.zeros(max(output_len, 0), np.int32))
+
+    good = [spec(i, 0.01 * i, [i % 2] * 3, 2) for i in range(4)]
+    too_long = spec(4, 5.0, [0] * 9, 2)  # > token_budget 8: the scheduler rejects it
+    bad_route = spec(5, 6.0, [0, 7], 2)  # expert 7 of 4: invalid
+    no_output = spec(6, 7.0, [1], 0)  # max_new_tokens 0: invalid
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=8, n_slots=2, max_queue=10, n_experts=4)
+    for tail in ([too_long], [bad_route], [no_output], [too_long, bad_route, no_output]):
+        res = simulate(good + tail, Scheduler(cfg), CostModel())
+        assert [r.rid for r in res.requests if r.status is Status.FINISHED] == [0, 1, 2, 3]
+        out = res.outcomes()
+        assert sorted(out) == [s.rid for s in good + tail]
+        assert all(out[i] == {"status": "finished", "reason": None} for i in range(4))
+        for s in tail:
+            assert out[s.rid]["status"] == "rejected", s.rid
+        if too_long in tail:
+            assert out[4]["reason"] == "prompt has 9 tokens > scheduler.token_budget=8 (a prefill is never split)"
+        if bad_route in tail:
+            assert "prompt route 7 out of range [0, 4)" in res.invalid[5] == out[5]["reason"]
+        if no_output in tail:
+            assert "max_new_tokens must be an integer >= 1, got 0" in res.invalid[6]
+        assert res.steps[-1].end_s < 5.0  # the served requests ran before the bad ones arrived

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from readme_jax.checkpoints.embedded import embedded_gguf_path
+from readme_jax.checkpoints.finite import check_finite, check_finite_tree
 from readme_jax.checkpoints.gguf import load_gguf, open_gguf
 from readme_jax.checkpoints.hf import load_hf, np_dtype, save_hf
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
@@ -23,7 +24,7 @@ from readme_jax.errors import CheckpointError, ConfigError
 from readme_jax.model.llama import Llama
 
 __all__ = ["load_model", "save_model", "load_gguf", "load_hf", "save_hf", "save_params", "restore_params",
-           "embedded_gguf_path", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
+           "embedded_gguf_path", "check_finite", "check_finite_tree", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
 
 
 def load_model(source: str | Path | None = None, dtype: str = "float32"):
@@ -48,6 +49,7 @@ def _load_model(source, dtype):
         return Llama.from_arrays(cfg, arrays, source=str(p)), tokenizer_from_hf(p)
     if p.is_dir() and is_orbax_dir(p):
         arrays, meta = restore_params(p)
+        check_finite_tree(arrays, p)
         kind = meta.get("kind", "llama")
         if kind != "llama":
             raise CheckpointError(f"{p}: meta.json kind is {kind!r}; load_model reads dense 'llama' checkpoints only")

@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
+from readme_jax.checkpoints.finite import check_finite
 from readme_jax.checkpoints.hf import np_dtype
 from readme_jax.config import ModelConfig
 from readme_jax.errors import CheckpointError
@@ -144,7 +145,9 @@ def read_tensor(t, shape_OI: tuple, where: str) -> np.ndarray:
         raise CheckpointError(f"{where}: tensor {t.name!r} has unsupported type {qt.name}; supported: "
                               f"{', '.join(sorted(q.name for q in SUPPORTED_TYPES))}")
     a = np.asarray(t.data) if qt == QT.F32 else gguf.quants.dequantize(np.asarray(t.data), qt)
-    return np.asarray(a, dtype=np.float32).reshape(shape_OI)
+    a = np.asarray(a, dtype=np.float32).reshape(shape_OI)
+    check_finite(a, t.name, where)
+    return a
 
 
 def load_gguf(path, dtype="float32") -> tuple[ModelConfig, dict]:
@@ -167,14 +170,15 @@ def load_gguf(path, dtype="float32") -> tuple[ModelConfig, dict]:
     bar = tqdm(total=len(names), desc=f"dequantize {Path(where).name}", unit="tensor", leave=False)
 
     def get(name, shape):
-        a = read_tensor(tensors[name], shape, where)
+        with np.errstate(over="ignore"):  # an overflow is reported just below, naming the tensor
+            a = read_tensor(tensors[name], shape, where).astype(dt)
+        check_finite(a, name, where, f"its values overflow {dt.name} (load it in a wider dtype)")
         bar.update(1)
         return a
 
-    arrays: dict = {"embed": get("token_embd.weight", (V, D)).astype(dt),
-                    "final_norm": get("output_norm.weight", (D,)).astype(dt)}
+    arrays: dict = {"embed": get("token_embd.weight", (V, D)), "final_norm": get("output_norm.weight", (D,))}
     if not cfg.tie_embeddings:
-        arrays["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T.astype(dt))
+        arrays["lm_head"] = np.ascontiguousarray(get("output.weight", (V, D)).T)
     per_layer: dict[str, list] = {k: [] for k in LAYER_NAMES}
     for i in range(L):
         for ours, g in LAYER_NAMES.items():
@@ -185,5 +189,5 @@ def load_gguf(path, dtype="float32") -> tuple[ModelConfig, dict]:
                 a = unpermute_qk(a, K)
             per_layer[ours].append(a if a.ndim == 1 else a.T)
     bar.close()
-    arrays["layers"] = {k: np.ascontiguousarray(np.stack(v).astype(dt)) for k, v in per_layer.items()}
+    arrays["layers"] = {k: np.ascontiguousarray(np.stack(v)) for k, v in per_layer.items()}
     return cfg, arrays

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from readme_jax.checkpoints.finite import check_finite
 from readme_jax.config import ModelConfig
 from readme_jax.errors import CheckpointError
 
@@ -181,8 +182,11 @@ def _read_arrays(d: Path, cfg: ModelConfig, files: dict, dt, stack: contextlib.E
         a = handles[p].get_tensor(name)
         if tuple(a.shape) != shape:
             raise CheckpointError(f"{p}: tensor {name!r} has shape {tuple(a.shape)}, expected {shape}")
-        a = a.T if transpose else a
-        return np.ascontiguousarray(a.astype(dt))
+        check_finite(a, name, p)
+        with np.errstate(over="ignore"):  # an overflow is reported just below, naming the tensor
+            a = (a.T if transpose else a).astype(dt)
+        check_finite(a, name, p, f"its values overflow {dt.name} (load it in a wider dtype)")
+        return np.ascontiguousarray(a)
 
     L, D, V, F = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.ffn_dim
     Hq, Hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim

@@ -22,7 +22,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from readme_jax import config as config_mod
+from readme_jax.checkpoints.atomic import check_target, write_folder
 from readme_jax.checkpoints.embedded import embedded_gguf_path
+from readme_jax.checkpoints.finite import check_finite, check_finite_tree
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
 from readme_jax.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.config import ModelConfig, RouterConfig
@@ -78,6 +80,7 @@ def router_from_meta(meta: dict, backbone_cfg: ModelConfig, where) -> tuple[Mode
 def load_router(path, backbone_cfg: ModelConfig) -> tuple[dict, ModelConfig, str]:
     """``(router params, router decoder config, mlp kind)`` of a saved router (e.g. ``after_router0/router``)."""
     params, meta = restore_params(path)
+    check_finite_tree(params, path)
     router_cfg, mlp = router_from_meta(meta, backbone_cfg, path)
     return params, router_cfg, mlp
 
@@ -85,6 +88,7 @@ def load_router(path, backbone_cfg: ModelConfig) -> tuple[dict, ModelConfig, str
 def load_backbone(path) -> tuple[dict, ModelConfig, dict]:
     """``(params, config, meta)`` of a saved MoE backbone."""
     params, meta = restore_params(path)
+    check_finite_tree(params, path)
     if "model_config" not in meta:
         raise CheckpointError(f"{Path(path) / 'meta.json'}: missing key 'model_config'")
     try:
@@ -131,8 +135,9 @@ def unflatten(tensors: dict[str, np.ndarray], prefix: str) -> dict:
 
 
 def save_export(out_dir, model: ReadMEModel, *, extra_tensors: dict[str, np.ndarray] | None = None,
-                info: dict | None = None, tokenizer=None) -> Path:
-    """Write the export (format v1).
+                info: dict | None = None, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the export (format v1) into ``out_dir``: a new or empty folder, or any folder with ``overwrite``;
+    written atomically (:func:`readme_jax.checkpoints.atomic.write_folder`: all or nothing).
 
     Tensor names: ``backbone.<name>`` (``embed [V,D]``, ``final_norm [D]``, ``lm_head [D,V]`` if untied,
     ``layers.<name>`` stacked over layers: ``attn_norm [L,D]``, ``wq [L,D,H*hd]``, ``wk/wv [L,D,K*hd]``,
@@ -144,7 +149,7 @@ def save_export(out_dir, model: ReadMEModel, *, extra_tensors: dict[str, np.ndar
     ``experts.shared_index [L,P]``, ``experts.permanent [L,F]``) are written as given. Route of a token =
     argmax of the router's logits; the backbone uses that expert in every layer, with no gate weight.
     """
-    out_dir = Path(out_dir)
+    check_target(Path(out_dir).absolute(), overwrite, "export")  # refuse before copying any tensor
     tensors = {**flatten(model.backbone_params, "backbone"), **flatten(model.router_params, "router"),
                **(extra_tensors or {})}
     doc = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **(info or {}),
@@ -152,12 +157,15 @@ def save_export(out_dir, model: ReadMEModel, *, extra_tensors: dict[str, np.ndar
            "router_model_config": config_mod.to_dict(model.router_cfg), "router_mlp": model.router_mlp,
            "n_experts": model.n_experts, "domains": list(model.layout.domains), "expert_layout": model.layout.kind,
            "layout": {k: list(v.shape) for k, v in tensors.items()}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / EXPORT_TENSORS))
-    (out_dir / EXPORT_INFO).write_text(json.dumps(doc, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_hf(out_dir)
-    return out_dir
+    text = json.dumps(doc, indent=1)
+
+    def write(d: Path) -> None:
+        save_file(tensors, str(d / EXPORT_TENSORS))
+        (d / EXPORT_INFO).write_text(text)
+        if tokenizer is not None:
+            tokenizer.save_hf(d)
+
+    return write_folder(out_dir, write, overwrite=overwrite, what="export")
 
 
 def _load_export(d: Path) -> ReadMEModel:
@@ -171,6 +179,8 @@ def _load_export(d: Path) -> ReadMEModel:
     if not (d / EXPORT_TENSORS).is_file():
         raise CheckpointError(f"{d}: {EXPORT_TENSORS} is missing")
     tensors = load_file(str(d / EXPORT_TENSORS))
+    for name, a in tensors.items():
+        check_finite(a, name, d / EXPORT_TENSORS)
     try:
         backbone_cfg = config_mod.from_dict(ModelConfig, info["model_config"], prefix="model_config.")
     except (KeyError, ConfigError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from readme_jax.config.choices import (CACHE_POLICIES, SCHEDULER_POLICIES, CachePolicy, Impl, MoeFfn,
                                        SchedulerPolicy, Split, check_choices)
@@ -16,6 +17,72 @@ from readme_jax.errors import ConfigError
 # Recalled from arXiv 2309.11998 Table 1 (LMSYS-Chat-1M); NOT verified in this project.
 LMSYS_PROMPT_MEAN_TOKENS = 69.5
 LMSYS_RESPONSE_MEAN_TOKENS = 214.5
+
+
+def check_number(key: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+                 integer: bool = False, none_ok: bool = False) -> None:
+    """One-line ConfigError naming ``key`` unless ``value`` is a finite number (an integer when
+    ``integer``) in the range ``lo``..``hi`` (open ends when ``lo_open``/``hi_open``); None passes
+    when ``none_ok``."""
+    if value is None and none_ok:
+        return
+    if integer:
+        typed = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    else:
+        typed = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = typed and (lo is None or (value > lo if lo_open else value >= lo)) \
+        and (hi is None or (value < hi if hi_open else value <= hi))
+    if ok:
+        return
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        rng = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        rng = ""
+    kind = ("an integer" if integer else "a finite number") if not typed else ""
+    what = " ".join(x for x in (kind, rng) if x) + (" or null" if none_ok else "")
+    raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+def check_int_tuple(key: str, values, lo: int, hi: int, what: str, none_ok: bool = True,
+                    empty_ok: bool = False) -> None:
+    """One-line ConfigError naming ``key`` unless ``values`` is a tuple of integers in [lo, hi] (non-empty
+    unless ``empty_ok``; None passes when ``none_ok``)."""
+    if values is None and none_ok:
+        return
+    v = tuple(values) if isinstance(values, (tuple, list)) else None
+    if v is None or (not v and not empty_ok) or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or not lo <= x <= hi for x in v):
+        raise ConfigError(f"{key} must be integers in {what}, got {values!r}")
+
+
+def engine_buckets(max_len: int, prefill_buckets) -> tuple[int, ...]:
+    """Prefill lengths compiled: ``prefill_buckets``, or 8, 16, 32, ... up to ``max_len - 1``."""
+    if prefill_buckets is not None:
+        return tuple(sorted({int(x) for x in prefill_buckets}))
+    out, b = [], 8
+    while b < max_len - 1:
+        out.append(b)
+        b *= 2
+    out.append(max_len - 1)
+    return tuple(sorted(set(out)))
+
+
+def check_engine_fields(prefix: str, n_slots, max_len, prefill_buckets, row_buckets, decode_windows) -> None:
+    """The engine's shape settings (shared by ``EngineConfig`` and the ``serve:`` section, named with ``prefix``)."""
+    check_number(f"{prefix}n_slots", n_slots, lo=1, integer=True)
+    check_number(f"{prefix}max_len", max_len, lo=2, integer=True)
+    check_int_tuple(f"{prefix}prefill_buckets", prefill_buckets, 1, max_len - 1, f"[1, max_len-1={max_len - 1}]")
+    check_int_tuple(f"{prefix}row_buckets", row_buckets, 1, n_slots, f"[1, n_slots={n_slots}] including n_slots")
+    if row_buckets is not None and max(row_buckets) != n_slots:
+        raise ConfigError(f"{prefix}row_buckets must be integers in [1, n_slots={n_slots}] including n_slots, "
+                          f"got {row_buckets!r}")
+    check_int_tuple(f"{prefix}decode_windows", decode_windows, 2, max_len, f"[2, max_len={max_len}]", empty_ok=True)
+
+
+WORKLOAD_KEY = "serve.workload."  # where a WorkloadConfig lives in the run config (messages name its keys so)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,30 +108,25 @@ class WorkloadConfig:
     route_home: float = 0.6
 
     def __post_init__(self):
-        if self.n_requests < 0:
-            raise ConfigError(f"workload.n_requests must be >= 0, got {self.n_requests}")
-        if not self.rate_per_s > 0:
-            raise ConfigError(f"workload.rate_per_s must be > 0, got {self.rate_per_s}")
-        if not self.length_scale > 0:
-            raise ConfigError(f"workload.length_scale must be > 0, got {self.length_scale}")
+        k = WORKLOAD_KEY
+        check_number(f"{k}n_requests", self.n_requests, lo=1, integer=True)
+        check_number(f"{k}rate_per_s", self.rate_per_s, lo=0, lo_open=True)
+        check_number(f"{k}length_scale", self.length_scale, lo=0, lo_open=True)
+        check_number(f"{k}seed", self.seed, lo=0, integer=True)
         for p in ("prompt", "output"):
-            lo, hi = self.bounds(p)
+            check_number(f"{k}{p}_min", getattr(self, f"{p}_min"), lo=1, integer=True)
+            check_number(f"{k}{p}_max", getattr(self, f"{p}_max"), lo=1, integer=True)
+            check_number(f"{k}{p}_mean", getattr(self, f"{p}_mean"))
+            check_number(f"{k}{p}_sigma", getattr(self, f"{p}_sigma"), lo=0, lo_open=True)
+            lo, hi = self.bounds(p)  # the scaled max, never below the min
             mean = getattr(self, f"{p}_mean") * self.length_scale
-            if lo < 1 or hi < lo:
-                raise ConfigError(f"workload.{p}_min/{p}_max must satisfy 1 <= min <= max after length_scale, "
-                                  f"got {lo}..{hi}")
             if not (lo < mean < hi):
-                raise ConfigError(f"workload.{p}_mean * length_scale = {mean:g} must lie strictly between "
+                raise ConfigError(f"{k}{p}_mean * length_scale = {mean:g} must lie strictly between "
                                   f"{p}_min={lo} and scaled {p}_max={hi}")
-            if not getattr(self, f"{p}_sigma") > 0:
-                raise ConfigError(f"workload.{p}_sigma must be > 0, got {getattr(self, f'{p}_sigma')}")
-        if self.n_experts < 1:
-            raise ConfigError(f"workload.n_experts must be >= 1, got {self.n_experts}")
+        check_number(f"{k}n_experts", self.n_experts, lo=1, integer=True)
+        check_number(f"{k}expert_zipf", self.expert_zipf, lo=0)
         for name in ("route_stay", "route_home"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"workload.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.expert_zipf < 0:
-            raise ConfigError(f"workload.expert_zipf must be >= 0, got {self.expert_zipf}")
+            check_number(f"{k}{name}", getattr(self, name), lo=0, hi=1)
 
     def bounds(self, which: str) -> tuple[int, int]:
         lo = getattr(self, f"{which}_min")
@@ -121,20 +183,38 @@ class ServeBenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_choices(self, "serve.")
+        k = "serve."
+        check_choices(self, k)
         bad = [p for p in self.policies if p not in SCHEDULER_POLICIES]
         if bad or not self.policies:
             raise ConfigError(f"serve.policies must be a non-empty subset of {SCHEDULER_POLICIES}, got {self.policies}")
         bad = [p for p in self.cache_policies if p not in CACHE_POLICIES]
         if bad:
             raise ConfigError(f"serve.cache_policies must be among {CACHE_POLICIES}, got {self.cache_policies}")
-        if any(c < 1 for c in self.capacities):
-            raise ConfigError(f"serve.capacities must be >= 1, got {self.capacities}")
-        for name in ("latency_prompt_len", "latency_tokens", "latency_repeats", "sweep_rows", "sweep_repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.link_bandwidth_bytes_per_s > 0:
-            raise ConfigError(f"serve.link_bandwidth_bytes_per_s must be > 0, got {self.link_bandwidth_bytes_per_s}")
+        if not isinstance(self.workload, WorkloadConfig):
+            raise ConfigError(f"serve.workload must be a workload section, got {self.workload!r}")
+        check_number(f"{k}token_budget", self.token_budget, lo=1, integer=True)
+        check_number(f"{k}max_queue", self.max_queue, lo=0, integer=True)
+        check_number(f"{k}max_wait_steps", self.max_wait_steps, lo=0, integer=True, none_ok=True)
+        check_engine_fields(k, self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets, self.decode_windows)
+        check_number(f"{k}temperature", self.temperature, lo=0)
+        if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1 for c in self.capacities):
+            raise ConfigError(f"serve.capacities must be integers >= 1, got {self.capacities!r}")
+        check_number(f"{k}lookahead_steps", self.lookahead_steps, lo=0, integer=True)
+        check_number(f"{k}link_bandwidth_bytes_per_s", self.link_bandwidth_bytes_per_s, lo=0, lo_open=True)
+        check_number(f"{k}link_latency_s", self.link_latency_s, lo=0)
+        for name in ("latency_tokens", "latency_repeats", "sweep_rows", "sweep_repeats"):
+            check_number(f"{k}{name}", getattr(self, name), lo=1, integer=True)
+        # the batch-1 latency request: its prompt must fit a prefill bucket and leave room for a token
+        limit = min(max(engine_buckets(self.max_len, self.prefill_buckets)), self.max_len - 2)
+        n = self.latency_prompt_len
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= limit:
+            raise ConfigError(f"serve.latency_prompt_len must be an integer in [1, {limit}] (fit the largest prefill "
+                              f"bucket and leave a token within max_len={self.max_len}), got {n!r}")
+        check_number(f"{k}corpus_sep_id", self.corpus_sep_id, lo=0, integer=True, none_ok=True)
+        check_number(f"{k}seed", self.seed, lo=0, integer=True)
+        if self.domains is not None and not all(isinstance(d, str) and d for d in self.domains):
+            raise ConfigError(f"serve.domains must be a list of domain names or null, got {self.domains!r}")
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -156,37 +236,13 @@ class EngineConfig:
     decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
 
     def __post_init__(self):
-        if self.n_slots < 1:
-            raise ConfigError(f"engine.n_slots must be >= 1, got {self.n_slots}")
-        if self.max_len < 2:
-            raise ConfigError(f"engine.max_len must be >= 2, got {self.max_len}")
-        if self.prefill_buckets is not None:
-            b = tuple(self.prefill_buckets)
-            if not b or any(int(x) != x or not 1 <= x <= self.max_len - 1 for x in b):
-                raise ConfigError(f"engine.prefill_buckets must be integers in [1, max_len-1={self.max_len - 1}], "
-                                  f"got {b}")
-        if self.row_buckets is not None:
-            r = tuple(self.row_buckets)
-            if not r or any(int(x) != x or not 1 <= x <= self.n_slots for x in r) or max(r) != self.n_slots:
-                raise ConfigError(f"engine.row_buckets must be integers in [1, n_slots={self.n_slots}] including "
-                                  f"n_slots, got {r}")
-        if self.decode_windows is not None and any(int(w) != w or not 2 <= w <= self.max_len
-                                                   for w in self.decode_windows):
-            raise ConfigError(f"engine.decode_windows must be integers in [2, max_len={self.max_len}], "
-                              f"got {self.decode_windows}")
+        check_engine_fields("engine.", self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets,
+                            self.decode_windows)
         check_choices(self, "engine.")
-        if self.eos_id is not None and self.eos_id < 0:
-            raise ConfigError(f"engine.eos_id must be >= 0 or null, got {self.eos_id}")
+        check_number("engine.eos_id", self.eos_id, lo=0, integer=True, none_ok=True)
 
     def buckets(self) -> tuple[int, ...]:
-        if self.prefill_buckets is not None:
-            return tuple(sorted({int(x) for x in self.prefill_buckets}))
-        out, b = [], 8
-        while b < self.max_len - 1:
-            out.append(b)
-            b *= 2
-        out.append(self.max_len - 1)
-        return tuple(sorted(set(out)))
+        return engine_buckets(self.max_len, self.prefill_buckets)
 
     def window(self, max_pos: int) -> int:
         """Cache positions a decode reads when its rows sit at positions <= ``max_pos`` (the router
@@ -205,7 +261,11 @@ class EngineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """``temperature`` 0 = greedy; ``top_p`` in (0, 1]; ``top_k`` 0 = no limit; ``seed`` None = the request id."""
+    """``temperature`` 0 = greedy; ``top_p`` in (0, 1]; ``top_k`` 0 = no limit; ``seed`` None = the request id.
+
+    Per-request input, so it is validated where a request enters (``Engine.check_request``: a
+    RequestError naming the request, an HTTP 400), not at construction: one bad request must not
+    stop a batch or a simulation."""
 
     temperature: float = 0.0
     top_p: float = 1.0

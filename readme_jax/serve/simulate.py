@@ -6,8 +6,13 @@ generated tokens' routes come from the workload's synthetic routes, revealed to 
 scheduler one token at a time, as a real engine would after sampling and routing.
 
 Use it to compare policies without a model. With ``runner`` (e.g. ``serve.engine.EngineRunner``)
-a real engine admits the requests (RequestError: recorded in ``SimResult.invalid``), runs every
-batch and routes the sampled tokens; its step times replace the cost model.
+a real engine admits the requests, runs every batch and routes the sampled tokens; its step times
+replace the cost model.
+
+One bad request never stops the run: a request the engine refuses (RequestError: empty or too long
+prompt, bad sampling parameters, ...) or whose spec is invalid is recorded in ``SimResult.invalid``
+with its reason, one the scheduler cannot serve is REJECTED with ``reject_reason``, and
+:meth:`SimResult.outcomes` gives every request's status and reason in one place.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tqdm import tqdm
 from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ConfigError, DataError, ReadmeError, RequestError
 from readme_jax.serve.cache_policy import ExpertCache
-from readme_jax.serve.requests import Batch, Request
+from readme_jax.serve.requests import Batch, Request, Status
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
 from readme_jax.serve.workload import RequestSpec
@@ -70,7 +75,15 @@ class SimResult:
     batches: list[Batch]  # kept only with keep_batches=True
     probe_stats: dict  # (policy, capacity) -> CacheStats of the probe caches
     makespan_s: float
-    invalid: dict = dataclasses.field(default_factory=dict)  # rid -> reason (runner's RequestError)
+    invalid: dict = dataclasses.field(default_factory=dict)  # rid -> reason (RequestError at admission)
+
+    def outcomes(self) -> dict[int, dict]:
+        """``rid -> {"status", "reason"}`` for every request of the workload, by rid: ``finished``,
+        ``rejected`` (the scheduler's reason, or the RequestError of an invalid request) or, for a
+        request still open when the run stopped, its last status."""
+        out = {r.rid: {"status": r.status.value, "reason": r.reject_reason} for r in self.requests}
+        out.update({rid: {"status": Status.REJECTED.value, "reason": why} for rid, why in self.invalid.items()})
+        return dict(sorted(out.items()))
 
 
 def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: CostModel = CostModel(), *,
@@ -88,12 +101,13 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
     """
     specs = sorted(workload, key=lambda s: (s.arrival_s, s.rid))
     for s in specs:
-        if runner is None and (s.output_routes is None or len(s.output_routes) != s.output_len):
-            raise DataError(f"simulate: request {s.rid} needs output_routes of length {s.output_len} "
-                            f"(generate_workload(..., with_routes=True))")
+        if runner is None and (s.prompt_routes is None or s.output_routes is None
+                               or len(s.output_routes) != s.output_len):
+            raise DataError(f"simulate: request {s.rid} needs prompt_routes and output_routes of length "
+                            f"{s.output_len} (generate_workload(..., with_routes=True))")
     if lookahead_steps < 0:
         raise ConfigError(f"lookahead_steps must be >= 0, got {lookahead_steps}")
-    reqs = [s.to_request() for s in specs] if runner is None else [None] * len(specs)
+    reqs: list[Request | None] = [None] * len(specs)  # made at arrival; None stays for an invalid one
     invalid: dict = {}
     out_routes = {s.rid: s.output_routes for s in specs}
     store_sim = ExpertStoreSim(store) if store is not None else None
@@ -106,23 +120,23 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
     bar = tqdm(total=len(reqs), desc=f"simulate {scheduler.cfg.policy}", disable=not progress)
     while i < len(reqs) or scheduler.has_work():
         while i < len(reqs) and specs[i].arrival_s <= now:
-            if runner is not None:
-                try:
-                    reqs[i] = runner.admit(specs[i])
-                except RequestError as e:
-                    invalid[specs[i].rid] = str(e)
+            try:
+                req = specs[i].to_request() if runner is None else runner.admit(specs[i])
+                if not scheduler.add(req):  # REJECTED, with its reason
                     bar.update(1)
-                    i += 1
-                    continue
-            if not scheduler.add(reqs[i]):
+                reqs[i] = req
+            except RequestError as e:  # invalid: recorded, and the run goes on
+                invalid[specs[i].rid] = str(e)
                 bar.update(1)
             i += 1
         batch = scheduler.next_batch(now_s=now)
         if not batch.items:
-            if i >= len(reqs):
-                raise ReadmeError("simulate: scheduler has work but formed an empty batch")
-            now = max(now, specs[i].arrival_s)
-            continue
+            if i < len(reqs):  # idle until the next arrival
+                now = max(now, specs[i].arrival_s)
+                continue
+            if not scheduler.has_work():  # the last arrivals were invalid or rejected: done
+                break
+            raise ReadmeError("simulate: scheduler has work but formed an empty batch")
         if len(steps) >= max_steps:
             raise ReadmeError(f"simulate: exceeded max_steps={max_steps}")
         future = ()
@@ -156,7 +170,7 @@ def simulate(workload: Sequence[RequestSpec], scheduler: Scheduler, cost_model: 
             batches.append(batch)
         now = end
     bar.close()
-    reqs = [r for r in reqs if r is not None]  # with a runner, invalid requests have no Request
+    reqs = [r for r in reqs if r is not None]  # invalid requests have no Request (see ``invalid``)
     return SimResult(reqs, steps, batches, {k: c.stats for k, c in probes.items()}, now, invalid)
 
 

@@ -5,6 +5,11 @@ The format (``readme-jax-moe`` v1) is written and read by :mod:`readme_jax.check
 the model tensors the export holds the conversion's masks: ``experts.channel_index [L,E,R]`` and
 ``experts.shared_index [L,P]`` (dense FFN channel of each column, -1 = padding) and
 ``experts.permanent [L,F]`` (uint8).
+
+Everything in the export describes the trained checkpoint (``<run>/train/final``), never the config
+the export command runs under: the router settings are the router checkpoint's own ``router_config``
+and the model's architecture comes from the checkpoints' meta. The target folder must be new or empty
+unless ``overwrite``; it is written atomically (all or nothing).
 """
 
 from __future__ import annotations
@@ -13,22 +18,40 @@ from pathlib import Path
 
 import numpy as np
 
+from readme_jax.checkpoints.atomic import check_target
 from readme_jax.checkpoints.readme_io import save_export
 from readme_jax.errors import CheckpointError
 from readme_jax.workflow.training import load_trained, trained_meta
 from readme_jax.workflow.workspace import Workspace
 
+# provenance keys the export copies from the trained backbone's meta.json
+META_KEYS = ("expert_width", "ffn_dim", "r")
 
-def export_workspace(ws: Workspace, out_dir: Path) -> Path:
+
+def export_workspace(ws: Workspace, out_dir: Path, *, overwrite: bool = False) -> Path:
+    out = Path(out_dir).absolute()
+    run = ws.out.absolute()
+    if out == run or out in run.parents:
+        raise CheckpointError(f"export target {out} holds the run folder {run}; choose a folder outside it "
+                              "or a new subfolder")
+    check_target(out, overwrite, "export")  # before loading anything
     if not ws.is_done("train"):
         raise CheckpointError(f"{ws.out}: no trained model to export (run `readme-jax train` first)")
     model = load_trained(ws)
     meta = trained_meta(ws)
-    ex = np.load(ws.out / "refactor" / "experts.npz")
+    backbone_meta = ws.out / "train" / "final" / "backbone" / "meta.json"
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{backbone_meta}: missing key(s) {missing} (written by the refactor stage)")
+    experts = ws.out / "refactor" / "experts.npz"
+    if not experts.is_file():
+        raise CheckpointError(f"{experts} is missing: the export needs the conversion's channel indices")
+    ex = np.load(experts)
     extra = {"experts.channel_index": ex["channel_index"].astype(np.int32),
              "experts.permanent": ex["permanent"].astype(np.uint8)}
     if "shared_index" in ex and ex["shared_index"].size:
         extra["experts.shared_index"] = ex["shared_index"].astype(np.int32)
-    info = {"router_config": meta["router_config"], "expert_width": meta["expert_width"],
-            "ffn_dim": meta["ffn_dim"], "r": meta["r"]}
-    return save_export(out_dir, model, extra_tensors=extra, info=info, tokenizer=ws.tokenizer)
+    info = {k: meta[k] for k in META_KEYS}
+    if meta.get("router_config") is not None:  # the trained router's own settings (its meta.json)
+        info = {"router_config": meta["router_config"], **info}
+    return save_export(out, model, extra_tensors=extra, info=info, tokenizer=ws.tokenizer, overwrite=overwrite)

@@ -1,0 +1,85 @@
+"""Write a folder all at once: into a hidden sibling, then renamed into place.
+
+:func:`write_folder` never leaves a half-written target: the files go into ``.<name>.tmp-<tag>``
+beside the target (same file system, so the final ``os.replace`` is atomic); with ``overwrite`` the
+old folder is first moved aside to ``.<name>.old-<tag>`` and deleted only once the new one is in
+place. On any failure (disk full, interrupted) the temporary folder is removed and the old target,
+if any, is put back. Refusals (a file in the way, a non-empty folder without ``overwrite``, a
+folder that cannot be written) are one-line :class:`CheckpointError` s raised before writing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from safetensors import SafetensorError
+
+from readme_jax.errors import CheckpointError
+
+
+def _reason(e: BaseException) -> str:
+    return (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
+
+
+def check_target(out: Path, overwrite: bool, what: str) -> None:
+    """Refuse a target that is a file, or a non-empty folder unless ``overwrite``."""
+    if out.is_symlink() and not out.exists():
+        raise CheckpointError(f"{what} target {out} is a broken symbolic link; expected a folder (new or empty)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{what} target {out} is a file; expected a folder (new or empty)")
+    try:
+        n = sum(1 for _ in out.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"{what} target {out} cannot be read ({_reason(e)})") from None
+    if n and not overwrite:
+        raise CheckpointError(f"{what} target {out} exists and is not empty ({n} entries); "
+                              "pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+def write_folder(out, write: Callable[[Path], None], *, overwrite: bool = False, what: str = "export") -> Path:
+    """Call ``write(tmp_folder)`` and move the result to ``out`` atomically (module doc); returns ``out``."""
+    out = Path(out).absolute()
+    check_target(out, overwrite, what)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.tmp-{tag}")
+    old = out.with_name(f".{out.name}.old-{tag}")
+    placed = False
+    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise CheckpointError(f"{what} target {out}: cannot create a folder in {out.parent} ({_reason(e)})") from None
+        try:
+            write(tmp)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{what} to {out} failed while writing ({_reason(e)}); "
+                                  f"{out} was left as it was") from None
+        try:
+            if out.exists() or out.is_symlink():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            placed = True
+        except OSError as e:
+            raise CheckpointError(f"{what} target {out}: cannot move the new folder into place ({_reason(e)}); "
+                                  f"{out} was left as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if placed:
+            _remove(old)
+        elif (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
+            os.replace(old, out)  # put the previous target back
+    return out
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    elif p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
