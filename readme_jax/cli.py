@@ -93,7 +93,7 @@ def cmd_serve_bench(args):
 
 def cmd_export(args):
     ws = Workspace(load_run_config(args), progress=not args.no_progress)
-    path = export_workspace(ws, Path(args.out))
+    path = export_workspace(ws, Path(args.out), overwrite=args.overwrite)
     print(f"exported to {path}")
 
 
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve_bench)
     p = sub.add_parser("export", help="export the trained Read-ME model as safetensors + JSON")
     _common(p)
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("generate", help="stream one completion of a trained model to the terminal")
     _model_args(p)

@@ -127,7 +127,7 @@ def test_export_target_is_refused_or_replaced_atomically(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("a file")
     with pytest.raises(CheckpointError, match=r"export target .*/f is a file; expected a folder"):
         save_export(tmp_path / "f", m, overwrite=True)
-    with pytest.raises(CheckpointError, match=r"export target .*/f/sub: cannot create a folder in .*/f "):
+    with pytest.raises(CheckpointError, match=r"export to .*/f/sub failed \("):
         save_export(tmp_path / "f" / "sub", m)
     assert (tmp_path / "f").read_text() == "a file"
 
@@ -139,7 +139,7 @@ def test_export_target_is_refused_or_replaced_atomically(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(readme_io, "save_file", full_disk)
-    with pytest.raises(CheckpointError, match=r"export to .*/x failed while writing \(No space left on device\); "
+    with pytest.raises(CheckpointError, match=r"export to .*/x failed \(No space left on device\); "
                                               r".*/x was left as it was$"):
         save_export(x, m, overwrite=True)
     assert not _siblings(x)
@@ -150,17 +150,17 @@ def test_export_target_is_refused_or_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # the new folder cannot be moved in after the old one went aside: the old one is put back
-    from readme_jax.checkpoints import atomic
+    from readme_jax import fsutil
 
-    real_replace = atomic.os.replace
+    real_replace = fsutil.os.replace
 
     def failing_replace(src, dst):
-        if ".tmp-" in str(src):
+        if ".partial-" in str(src):
             raise OSError(5, "Input/output error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(atomic.os, "replace", failing_replace)
-    with pytest.raises(CheckpointError, match=r"cannot move the new folder into place \(Input/output error\)"):
+    monkeypatch.setattr(fsutil.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match=r"export to .*/x failed \(Input/output error\)"):
         save_export(x, m, overwrite=True)
     monkeypatch.undo()
     assert not _siblings(x)

@@ -1,7 +1,8 @@
 """Write a folder all at once: into a hidden sibling, then renamed into place.
 
 :func:`write_folder` never leaves a half-written target: the files go into ``.<name>.tmp-<tag>``
-beside the target (same file system, so the final ``os.replace`` is atomic); with ``overwrite`` the
+beside the target (same file system, so the final ``os.replace`` is atomic; see
+:func:`readme_jax.fsutil.atomic_dir`); with ``overwrite`` the
 old folder is first moved aside to ``.<name>.old-<tag>`` and deleted only once the new one is in
 place. On any failure (disk full, interrupted) the temporary folder is removed and the old target,
 if any, is put back. Refusals (a file in the way, a non-empty folder without ``overwrite``, a
@@ -10,15 +11,13 @@ folder that cannot be written) are one-line :class:`CheckpointError` s raised be
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from safetensors import SafetensorError
 
 from readme_jax.errors import CheckpointError
+from readme_jax.fsutil import atomic_dir
 
 
 def _reason(e: BaseException) -> str:
@@ -43,43 +42,15 @@ def check_target(out: Path, overwrite: bool, what: str) -> None:
 
 
 def write_folder(out, write: Callable[[Path], None], *, overwrite: bool = False, what: str = "export") -> Path:
-    """Call ``write(tmp_folder)`` and move the result to ``out`` atomically (module doc); returns ``out``."""
+    """Call ``write(tmp_folder)`` and move the result to ``out`` atomically (module doc); returns ``out``.
+
+    The all-or-nothing move is :func:`readme_jax.fsutil.atomic_dir`; this adds the target checks and
+    turns file-system failures into one-line CheckpointErrors."""
     out = Path(out).absolute()
     check_target(out, overwrite, what)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.with_name(f".{out.name}.tmp-{tag}")
-    old = out.with_name(f".{out.name}.old-{tag}")
-    placed = False
     try:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-        except OSError as e:
-            raise CheckpointError(f"{what} target {out}: cannot create a folder in {out.parent} ({_reason(e)})") from None
-        try:
+        with atomic_dir(out, overwrite=True) as tmp:
             write(tmp)
-        except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{what} to {out} failed while writing ({_reason(e)}); "
-                                  f"{out} was left as it was") from None
-        try:
-            if out.exists() or out.is_symlink():
-                os.replace(out, old)
-            os.replace(tmp, out)
-            placed = True
-        except OSError as e:
-            raise CheckpointError(f"{what} target {out}: cannot move the new folder into place ({_reason(e)}); "
-                                  f"{out} was left as it was") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if placed:
-            _remove(old)
-        elif (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
-            os.replace(old, out)  # put the previous target back
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{what} to {out} failed ({_reason(e)}); {out} was left as it was") from None
     return out
-
-
-def _remove(p: Path) -> None:
-    if p.is_symlink() or p.is_file():
-        p.unlink(missing_ok=True)
-    elif p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
