@@ -181,6 +181,65 @@ def test_kill_and_resume_is_bitwise_equal(tmp_path, target):
         assert 0 <= s[3]["gap_mean"] <= 1 and 0 <= s[3]["teacher_domain_agreement"] <= 1
 
 
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["router", "experts"])
+def test_kill_mid_stage_resumes_bitwise_equal(tmp_path, where):
+    """train.checkpoint_every: a kill inside a stage resumes at the last step checkpoint, not the
+    stage start, and ends bitwise equal to an uninterrupted run."""
+    cfg, backbone, router, ci = _setup(5)
+    w0 = ReadMEModel.from_modules(router, backbone)
+    full = _trainer(tmp_path / "full", cfg, router, ci, checkpoint_every=1).run(w0)
+    killed = _trainer(tmp_path / "killed", cfg, router, ci, checkpoint_every=1)
+    calls = []
+    if where == "experts":  # dies fetching round 1's second expert batch
+        real = killed.data.expert_batch
+
+        def dying(r, step, bs):
+            if (r, step) == (1, 1):
+                raise _Kill
+            calls.append((r, step))
+            return real(r, step, bs)
+
+        killed.data.expert_batch = dying
+    else:  # dies in round 1's second router step
+        real_step = killed._router_step
+
+        def dying_step(model, kind):
+            fn = real_step(model, kind)
+
+            def step(*a):
+                calls.append(1)
+                if len(calls) == 4:  # round 0: 2 steps; round 1: the 2nd
+                    raise _Kill
+                return fn(*a)
+            return step
+
+        killed._router_step = dying_step
+    with pytest.raises(_Kill):
+        killed.run(w0)
+    assert (tmp_path / "killed" / "ckpt_mid" / "meta.json").is_file()
+    log = []
+    resumed = _trainer(tmp_path / "killed", cfg, router, ci, checkpoint_every=1)
+    resumed.log = log.append
+    if where == "experts":
+        seen = []
+        real2 = resumed.data.expert_batch
+        resumed.data.expert_batch = lambda r, step, bs: (seen.append((r, step)), real2(r, step, bs))[1]
+    out = resumed.run(w0)
+    stage = 3 if where == "experts" else 2
+    assert f"resuming stage {stage} at optimizer step 1 from {(tmp_path / 'killed' / 'ckpt_mid').absolute()}" in log
+    if where == "experts":
+        assert seen == [(1, 1)]  # only the step after the checkpoint was redone
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(out)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    full_rows = (tmp_path / "full" / "metrics" / f"stage_{stage:02d}.jsonl").read_text()
+    assert (tmp_path / "killed" / "metrics" / f"stage_{stage:02d}.jsonl").read_text() == full_rows
+    assert not (tmp_path / "killed" / "ckpt_mid").exists()  # superseded by the stage checkpoint
+
+
 class TwoDomains:
     """Two domains over disjoint halves of the vocabulary, sharing a common pool of 'function' tokens."""
 

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from readme_jax.config import ROUTER_TARGETS, MeshConfig, TrainConfig
 from readme_jax.distributed.mesh import gather_tree, pad_experts, unpad_experts
 from readme_jax.errors import ConfigError, TrainingError
+from readme_jax.fsutil import atomic_dir, remove_tree
+from readme_jax.jsonfile import read_json, write_json
 from readme_jax.eval.routing import expert_load, locality, readme_domain_nll, route_accuracy, routes_for
 from readme_jax.model.moe import routed_ffn
 from readme_jax.model.readme_model import ReadMEModel
@@ -119,6 +121,7 @@ class Trainer:
             self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router_params,
                                                                "backbone": weights.backbone_params}))
             self._ckpt.wait_until_finished()
+            remove_tree(self._mid_dir)  # this stage's mid-stage state is superseded
         return weights
 
     # ------------------------------------------------------------------ stages
@@ -140,18 +143,23 @@ class Trainer:
         else:
             targets, loss_kind = self._teacher_targets(round_idx, w, blocks, dom), tc.router_loss
         tx, step_fn = self._router_tx, self._router_step(w, loss_kind)
-        params, opt_state = w.router_params, tx.init(w.router_params)
-        rows = []
+        state = {"params": w.router_params, "opt_state": tx.init(w.router_params)}
+        start, state, rows = self._mid_restore(2 * round_idx, state)
         name = f"round {round_idx} router"
         n_micro = st.steps * st.grad_accum
-        for i in tqdm(range(n_micro), desc=name, disable=not self.progress):
+        for i in tqdm(range(start * st.grad_accum, n_micro), desc=name, disable=not self.progress,
+                      initial=start * st.grad_accum, total=n_micro):
             sl = slice(i * micro, (i + 1) * micro)
             lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i // st.grad_accum)
-            params, opt_state, m = step_fn(params, opt_state, jnp.asarray(blocks[sl, :-1]), targets[sl], lr)
+            params, opt_state, m = step_fn(state["params"], state["opt_state"], jnp.asarray(blocks[sl, :-1]),
+                                           targets[sl], lr)
+            state = {"params": params, "opt_state": opt_state}
             m = {k: float(v) for k, v in m.items()}
             self._check(m["loss"], name, i)
             rows.append({"round": round_idx, "stage": "router", "micro_step": i, **m})
-        return w.replace(router_params=params), rows
+            if (i + 1) % st.grad_accum == 0:
+                self._mid_save(2 * round_idx, (i + 1) // st.grad_accum, st.steps, state, rows)
+        return w.replace(router_params=state["params"]), rows
 
     def _uses_domain_labels(self, round_idx: int) -> bool:
         return self.router_target == "domain" or (self.router_target == "domain+distill" and round_idx == 0)
@@ -206,10 +214,14 @@ class Trainer:
             opt_state = step_fn.init_opt_state(trainable)
         else:
             opt_state = tx.init(trainable)
-        rows = []
+        s = 2 * round_idx + 1
+        start, rows = 0, []
+        if self._expert_pad == 1:  # (the sharded step's padded, placed state is not checkpointed mid-stage)
+            start, state, rows = self._mid_restore(s, {"params": trainable, "opt_state": opt_state})
+            trainable, opt_state = state["params"], state["opt_state"]
         name = f"round {round_idx} experts"
-        bar = tqdm(total=st.steps * st.grad_accum, desc=name, disable=not self.progress)
-        for i in range(st.steps):
+        bar = tqdm(total=st.steps * st.grad_accum, initial=start * st.grad_accum, desc=name, disable=not self.progress)
+        for i in range(start, st.steps):
             batch = self.data.expert_batch(round_idx, i, st.batch_size)
             lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i)
             trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, w.router_params,
@@ -218,10 +230,50 @@ class Trainer:
                 self._check(m["loss"], name, i)
                 rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j, **m})
             bar.update(st.grad_accum)
+            if self._expert_pad == 1:
+                self._mid_save(s, i + 1, st.steps, {"params": trainable, "opt_state": opt_state}, rows)
         bar.close()
         if self._expert_pad > 1:
             trainable = unpad_experts(gather_tree(trainable), self.n_experts)
         return w.replace(backbone_params=steps.merge_params(trainable, frozen)), rows
+
+    # ------------------------------------------------------------------ mid-stage checkpoints
+
+    @property
+    def _mid_dir(self) -> Path:
+        return (self.out_dir / "ckpt_mid").absolute()
+
+    def _mid_save(self, stage: int, next_step: int, n_steps: int, state: dict, rows: list) -> None:
+        """Every ``train.checkpoint_every`` optimizer steps (not after the last: the stage checkpoint
+        follows), the stage's state, written whole or not at all."""
+        every = self.train_cfg.checkpoint_every
+        if not every or next_step % every or next_step >= n_steps:
+            return
+        with atomic_dir(self._mid_dir, overwrite=True) as tmp:
+            ck = ocp.StandardCheckpointer()
+            ck.save(tmp / "state", state)
+            ck.wait_until_finished()
+            write_json(tmp / "meta.json", {"stage": stage, "next_step": next_step, "rows": rows,
+                                           "stage_info": self._stage_info})
+
+    def _mid_restore(self, stage: int, like: dict) -> tuple[int, dict, list]:
+        """``(next step, state, metric rows so far)``: from a mid-stage checkpoint of this stage when
+        there is one, else ``(0, like, [])``."""
+        meta_path = self._mid_dir / "meta.json"
+        if not meta_path.is_file():
+            return 0, like, []
+        try:
+            meta = read_json(meta_path)
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{meta_path}: unreadable ({e}); delete {self._mid_dir} to redo the stage") from None
+        if meta.get("stage") != stage:
+            return 0, like, []
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), like)
+        state = ocp.StandardCheckpointer().restore(self._mid_dir / "state", abstract)
+        self._stage_info = meta.get("stage_info", {})
+        self.log(f"resuming stage {stage} at optimizer step {meta['next_step']} from {self._mid_dir}")
+        return int(meta["next_step"]), state, list(meta["rows"])
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -38,6 +38,8 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "train": ("final/backbone/meta.json", "final/backbone/params", "final/router/meta.json", "final/router/params"),
     "baseline": ("pruned_tuned/meta.json", "pruned_tuned/params"),
 }
+# settings that change no result (where and how often to checkpoint): left out of fingerprints
+NO_RESULT_KEYS = frozenset({"train.checkpoint_every"})
 # the refactor's pruned model depends on these convert keys only (not layout or shared_fraction)
 _PRUNED_KEYS = ("convert.r", "convert.calib_samples", "convert.calib_seq_len", "convert.batch_size")
 
@@ -105,7 +107,7 @@ def stage_settings(cfg: RunConfig, stage: str, source: dict | None = None) -> di
     tree = json.loads(json.dumps(config_mod.to_dict(cfg), default=list))
     out = {}
     for key in stage_keys(stage):
-        out.update(flat(_lookup(tree, key), key))
+        out.update({k: v for k, v in flat(_lookup(tree, key), key).items() if k not in NO_RESULT_KEYS})
     out["source"] = source if source is not None else source_identity(cfg)
     return out
 
