@@ -165,3 +165,33 @@ def test_export_target_is_refused_or_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not _siblings(x)
     _same(m2, readme_jax.load(x))
+
+
+@pytest.mark.parametrize("damage", ["data_files", "metadata", "truncated_data"])
+def test_damaged_orbax_checkpoint_is_one_clear_error(tmp_path, damage):
+    from readme_jax.checkpoints.orbax_io import restore_params, save_params
+
+    d = save_params(tmp_path / "c", {"a": np.arange(16, dtype=np.float32).reshape(4, 4)}, {"x": 1})
+    files = [p for p in (d / "params").rglob("*") if p.is_file()]
+    if damage == "data_files":
+        for p in files:
+            if p.parent.name == "d":
+                p.unlink()
+    elif damage == "metadata":
+        (d / "params" / "_METADATA").unlink()
+    else:
+        for p in files:
+            if p.parent.name == "d":
+                p.write_bytes(p.read_bytes()[:7])
+    with pytest.raises(CheckpointError, match=r"params: the orbax checkpoint.* cannot be read .*corrupt"):
+        restore_params(d)
+
+
+def test_truncated_safetensors_is_one_clear_error(make_hf_dir):
+    from readme_jax.checkpoints.hf import load_hf
+
+    d, _, _ = make_hf_dir()
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"a safetensors file cannot be read .*incomplete or corrupt"):
+        load_hf(d)

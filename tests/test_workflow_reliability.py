@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -246,3 +247,35 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, cache_dir):
     assert p.returncode == 130, (p.returncode, seen, err[-2000:])
     assert err.strip().splitlines()[-1] == "readme-jax: interrupted; rerunning the same command resumes"
     assert "Traceback" not in err
+
+
+def test_lengths_beyond_the_models_context_are_refused(run_copy, cache_dir):
+    with pytest.raises(ConfigError, match=r"eval\.seq_len=4096 exceeds the model's context of 512 tokens"):
+        _run(run_copy, cache_dir, ["dense_eval"], "eval.seq_len=4096", recompute=True)
+
+
+def test_kill_9_mid_training_then_rerun_gives_the_same_model(tiny_run, tmp_path, cache_dir):
+    """SIGKILL during the train stage (step checkpoints on), rerun: train/final equals the
+    uninterrupted run's bit for bit."""
+    from readme_jax.checkpoints import restore_params
+
+    out = tmp_path / "k"
+    shutil.copytree(tiny_run, out, symlinks=True)
+    for stage in ("train", "baseline"):
+        shutil.rmtree(out / stage)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "readme_jax.cli", "run", "--config", "tiny_test", "--no-progress",
+           f"output_dir={out}", f"data.cache_dir={cache_dir}", _stages(FEW), "train.checkpoint_every=1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in p.stdout:  # kill once a step checkpoint inside a stage exists
+        if (out / "train" / "ckpt_mid" / "meta.json").exists() or line.startswith("== baseline"):
+            break
+    p.kill()
+    p.wait()
+    assert not (out / "train" / "done.json").exists()
+    _run(out, cache_dir, FEW, "train.checkpoint_every=1")
+    for part in ("backbone", "router"):
+        a, _ = restore_params(tiny_run / "train" / "final" / part)
+        b, _ = restore_params(out / "train" / "final" / part)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -164,10 +164,14 @@ def load_hf(path, dtype="float32") -> tuple[ModelConfig, dict]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     cfg = config_from_hf(raw, cfg_path, dtype)
-    files = _weight_files(d)
     dt = np_dtype(dtype)
-    with contextlib.ExitStack() as stack:
-        return cfg, _read_arrays(d, cfg, files, dt, stack)
+    try:
+        files = _weight_files(d)
+        with contextlib.ExitStack() as stack:
+            return cfg, _read_arrays(d, cfg, files, dt, stack)
+    except SafetensorError as e:  # truncated or garbled file
+        raise CheckpointError(f"{d}: a safetensors file cannot be read ({str(e).splitlines()[0]}); "
+                              "the checkpoint is incomplete or corrupt") from None
 
 
 def _read_arrays(d: Path, cfg: ModelConfig, files: dict, dt, stack: contextlib.ExitStack) -> dict:

@@ -60,7 +60,15 @@ def open_checkpoint(path):
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{d / META_FILE}: invalid JSON ({e})") from None
     ckptr = ocp.StandardCheckpointer()
-    return d, meta, ckptr, ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+    try:
+        item = ckptr.metadata(d / PARAMS_DIR).item_metadata
+        if item is None:
+            raise ValueError("no item metadata")
+        tree = item.tree
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{d / PARAMS_DIR}: the orbax checkpoint's metadata cannot be read "
+                              f"({type(e).__name__}); it is incomplete or corrupt") from None
+    return d, meta, ckptr, tree
 
 
 def read_meta(path) -> dict:
@@ -79,5 +87,10 @@ def restore_params(path) -> tuple[dict, dict]:
     d, meta, ckptr, tree = open_checkpoint(path)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
-    arrays = ckptr.restore(d / PARAMS_DIR, target)
+    try:
+        arrays = ckptr.restore(d / PARAMS_DIR, target)
+    except (OSError, ValueError, KeyError) as e:  # files missing or damaged under params/
+        raise CheckpointError(f"{d / PARAMS_DIR}: the orbax checkpoint cannot be read "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "it is incomplete or corrupt") from None
     return arrays, meta

@@ -56,6 +56,17 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
+def check_lengths(cfg: RunConfig, context: int) -> None:
+    """Every sequence length the run uses fits the model's context, or a ConfigError naming the key."""
+    lengths = {"eval.seq_len": cfg.eval.seq_len, "convert.calib_seq_len": cfg.convert.calib_seq_len,
+               "train.router.seq_len": cfg.train.router.seq_len, "train.experts.seq_len": cfg.train.experts.seq_len}
+    over = {k: v for k, v in lengths.items() if v > context}
+    if over:
+        k, v = next(iter(over.items()))
+        raise ConfigError(f"{k}={v} exceeds the model's context of {context} tokens"
+                          + (f" (also {sorted(over)[1:]})" if len(over) > 1 else ""))
+
+
 class Workspace:
     """One run's output folder. Opening one writes nothing; :meth:`prepare` (called by ``run``) takes
     the folder's lock, checks that every finished stage was made with this config (fingerprints,
@@ -176,8 +187,11 @@ class Workspace:
         """``(Llama, Tokenizer)`` of the dense source model."""
         self.log(f"loading dense model {self.cfg.model!r}")
         if self.cfg.model == TINY_RANDOM_SOURCE:
-            return load_model(make_tiny_random_model(self.out / "tiny_model", self.cfg.seed), self.cfg.dtype)
-        return load_model(None if self.cfg.model in ("embedded", "") else self.cfg.model, self.cfg.dtype)
+            got = load_model(make_tiny_random_model(self.out / "tiny_model", self.cfg.seed), self.cfg.dtype)
+        else:
+            got = load_model(None if self.cfg.model in ("embedded", "") else self.cfg.model, self.cfg.dtype)
+        check_lengths(self.cfg, got[0].cfg.max_seq_len)
+        return got
 
     @property
     def tokenizer(self):
