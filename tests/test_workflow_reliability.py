@@ -279,3 +279,15 @@ def test_kill_9_mid_training_then_rerun_gives_the_same_model(tiny_run, tmp_path,
         b, _ = restore_params(out / "train" / "final" / part)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unfinished_stage_from_other_settings_is_not_resumed(run_copy, cache_dir):
+    """A stage killed mid-way leaves resume state (training checkpoints): a rerun with other settings
+    must not continue from it."""
+    (run_copy / "train" / "done.json").unlink()  # as if killed during training
+    assert (run_copy / "train" / "ckpt").is_dir() and (run_copy / "train" / "started.json").is_file()
+    with pytest.raises(ConfigError, match=r"train \(unfinished, train\.router\.lr: 0\.001 -> 0\.002"):
+        _run(run_copy, cache_dir, ["train"], "train.router.lr=0.002")
+    log = _run(run_copy, cache_dir, ["train"], "train.router.lr=0.002", recompute=True)
+    assert not any(line.startswith("resuming") for line in log), log  # started from scratch
+    assert (run_copy / "train" / "done.json").is_file()

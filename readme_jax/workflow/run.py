@@ -37,7 +37,7 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = prin
                 log(f"== {name}: done already ({ws.out / name / 'done.json'}), skipped")
                 continue
             log(f"== {name}")
-            (ws.out / name / "done.json").unlink(missing_ok=True)  # a kill mid-stage must not leave it "done"
+            ws.start_stage(name)
             t0 = time.time()
             STAGE_FNS[name](ws)
             log(f"== {name}: {time.time() - t0:.0f} s")

@@ -38,6 +38,8 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "train": ("final/backbone/meta.json", "final/backbone/params", "final/router/meta.json", "final/router/params"),
     "baseline": ("pruned_tuned/meta.json", "pruned_tuned/params"),
 }
+# files inside a stage folder that carry their own key and are reused only when it matches
+SELF_KEYED = frozenset({"calib_partial"})
 # settings that change no result (where and how often to checkpoint): left out of fingerprints
 NO_RESULT_KEYS = frozenset({"train.checkpoint_every"})
 # the refactor's pruned model depends on these convert keys only (not layout or shared_fraction)

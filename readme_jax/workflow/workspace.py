@@ -23,7 +23,7 @@ from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import ModelConfig, RunConfig
 from readme_jax.data import prepare_domains, token_stream
 from readme_jax.errors import ConfigError, DataError, NumericsError
-from readme_jax.fsutil import DirLock, atomic_dir, check_no_escaping_links
+from readme_jax.fsutil import DirLock, atomic_dir, check_no_escaping_links, remove_tree
 from readme_jax.jsonfile import read_json, write_json
 from readme_jax.model.llama import Llama
 from readme_jax.workflow import stages
@@ -103,7 +103,7 @@ class Workspace:
                                   "output_dir, or pass --recompute to redo them and every stage after them")
             for name in stale:
                 self.log(f"recomputing {name}: {', '.join(stale[name])}")
-                (self.out / name / "done.json").unlink(missing_ok=True)
+                self.clear_stage(name)
             write_json(self.out / "config.json", config_mod.to_dict(self.cfg))
         except BaseException:
             self.release()
@@ -116,19 +116,49 @@ class Workspace:
             self._lock = None
 
     def stale_stages(self) -> dict[str, list[str]]:
-        """``{stage: [why, ...]}`` for every finished stage this config may not reuse."""
+        """``{stage: [why, ...]}`` for every stage, finished or started, this config may not reuse
+        (an unfinished stage's resume state, e.g. training checkpoints, counts too)."""
         out = {}
         for name in stages.STAGE_ORDER:
-            info = self._read_done(name)
+            info, unfinished = self._read_done(name), False
             if info is None:
-                continue
+                info, unfinished = self._read_started(name), True
+                if info is None:
+                    continue
             current = self.settings(name)
             if info.get("fingerprint") != stages.fingerprint(current):
                 if "settings" not in info:
-                    out[name] = ["no fingerprint (made by an older readme-jax)"]
+                    why = ["no fingerprint (made by an older readme-jax)"]
                 else:
-                    out[name] = stages.changed_keys(info["settings"], current) or ["fingerprint differs"]
+                    why = stages.changed_keys(info["settings"], current) or ["fingerprint differs"]
+                out[name] = (["unfinished"] if unfinished else []) + why
         return out
+
+    def _read_started(self, name: str) -> dict | None:
+        path = self.out / name / "started.json"
+        if not path.is_file():
+            return None
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            return {}  # unreadable: treated as made with other settings
+
+    def start_stage(self, name: str) -> None:
+        """Before a stage runs: drop its old done.json (a kill must not leave it "done") and record the
+        settings its partial outputs (resume state) are made with."""
+        d = self.stage_dir(name)
+        (d / "done.json").unlink(missing_ok=True)
+        settings = self.settings(name)
+        write_json(d / "started.json", {"fingerprint": stages.fingerprint(settings), "settings": settings})
+
+    def clear_stage(self, name: str) -> None:
+        """Remove a stale stage's outputs and resume state (never following links); inputs keyed by
+        their own settings (calibration partials) stay."""
+        d = self.out / name
+        if d.is_dir() and not d.is_symlink():
+            for child in d.iterdir():
+                if child.name not in stages.SELF_KEYED:
+                    remove_tree(child)
 
     def settings(self, stage: str) -> dict:
         if self._source is None:
