@@ -171,6 +171,11 @@ def test_kill_and_resume_is_bitwise_equal(tmp_path, target):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     s = stage_summaries(tmp_path / "full")
     assert [x["name"] for x in s] == ["initial", "round0-router", "round0-experts", "round1-router", "round1-experts"]
+    from test_train_tracking import read_scalars
+
+    tb = read_scalars(tmp_path / "full" / "tensorboard")  # every curve also as TensorBoard events
+    assert [x for x, _ in tb["router/loss"]] == [0, 1, 2, 3] and len(tb["experts/loss"]) == 8
+    assert [x for x, _ in tb["val/locality_mean"]] == [0, 1, 2, 3, 4]
     assert all(np.isfinite(list(x["val_ppl"].values())).all() for x in s)
     assert 0 <= s[-1]["locality_mean"] <= 1 and "agreement" in s[1]
     assert 0 <= s[-1]["router_accuracy_mean"] <= 1

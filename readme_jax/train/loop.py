@@ -34,6 +34,7 @@ from readme_jax.model.moe import routed_ffn
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.train import distill, schedule, steps
 from readme_jax.train.sharded_step import ShardedLMStep
+from readme_jax.train.tracking import EventLog
 
 
 class TrainData(Protocol):
@@ -85,6 +86,7 @@ class Trainer:
         self._expert_step = None  # built on the first expert stage: every round reuses it
         self._expert_pad = 1
         self._stage_info = {}
+        self._events = EventLog(self.out_dir / "tensorboard")
         self._ckpt = ocp.CheckpointManager(
             (self.out_dir / "ckpt").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
@@ -122,6 +124,7 @@ class Trainer:
                                                                "backbone": weights.backbone_params}))
             self._ckpt.wait_until_finished()
             remove_tree(self._mid_dir)  # this stage's mid-stage state is superseded
+        self._events.close()
         return weights
 
     # ------------------------------------------------------------------ stages
@@ -156,7 +159,8 @@ class Trainer:
             state = {"params": params, "opt_state": opt_state}
             m = {k: float(v) for k, v in m.items()}
             self._check(m["loss"], name, i)
-            rows.append({"round": round_idx, "stage": "router", "micro_step": i, **m})
+            rows.append({"round": round_idx, "stage": "router", "micro_step": i, "global_step": round_idx * n_micro + i,
+                         **m})
             if (i + 1) % st.grad_accum == 0:
                 self._mid_save(2 * round_idx, (i + 1) // st.grad_accum, st.steps, state, rows)
         return w.replace(router_params=state["params"]), rows
@@ -228,7 +232,8 @@ class Trainer:
                                                               batch, st.grad_accum, lr)
             for j, m in enumerate(ms):
                 self._check(m["loss"], name, i)
-                rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j, **m})
+                rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j,
+                             "global_step": (round_idx * st.steps + i) * st.grad_accum + j, **m})
             bar.update(st.grad_accum)
             if self._expert_pad == 1:
                 self._mid_save(s, i + 1, st.steps, {"params": trainable, "opt_state": opt_state}, rows)
@@ -308,6 +313,7 @@ class Trainer:
         with open(self.metrics_dir / f"stage_{tag}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        self._events.stage(s, name, rows, summary)
         acc = summary["router_accuracy_mean"]
         self.log(f"[{name}] val ppl " + ", ".join(f"{d} {p:.2f}" for d, p in summary["val_ppl"].items())
                  + f" | locality {summary['locality_mean']:.3f}" + ("" if acc is None else f" | router acc {acc:.3f}"))
