@@ -93,7 +93,7 @@ def cmd_serve_bench(args):
 
 def cmd_export(args):
     ws = Workspace(load_run_config(args), progress=not args.no_progress)
-    path = export_workspace(ws, Path(args.out), overwrite=args.overwrite)
+    path = export_workspace(ws, Path(args.out), overwrite=args.overwrite, hf_experts=args.hf_experts)
     print(f"exported to {path}")
 
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, help="folder to write (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.add_argument("--hf-experts", action="store_true",
+                   help="also write every expert as a standalone Hugging Face Llama (OUT/hf_experts/)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("generate", help="stream one completion of a trained model to the terminal")
     _model_args(p)

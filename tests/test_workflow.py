@@ -112,8 +112,11 @@ def test_resume_skips_finished_stages(finished_run):
 def test_export_is_readable_without_jax(finished_run, cache_dir, tmp_path):
     out, _, _ = finished_run
     args = cli.build_parser().parse_args(["export", "--config", "tiny_test", "--out", str(tmp_path / "x"),
-                                          f"output_dir={out}", f"data.cache_dir={cache_dir}"])
+                                          "--hf-experts", f"output_dir={out}", f"data.cache_dir={cache_dir}"])
     args.fn(args)
+    hf = sorted(p.name for p in (tmp_path / "x" / "hf_experts").iterdir())
+    assert hf == ["expert_0_pydoc", "expert_1_code"], hf  # every expert as a standalone HF Llama
+    assert (tmp_path / "x" / "hf_experts" / "expert_0_pydoc" / "model.safetensors").is_file()
     info = json.loads((tmp_path / "x" / "readme_moe.json").read_text())
     t = load_file(str(tmp_path / "x" / "readme_moe.safetensors"))
     E, Fe = info["n_experts"], info["expert_width"]

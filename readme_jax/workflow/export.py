@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from readme_jax.checkpoints.atomic import check_target
+from readme_jax.checkpoints.expert_hf import save_experts_hf
 from readme_jax.checkpoints.readme_io import save_export
 from readme_jax.errors import CheckpointError
 from readme_jax.workflow.training import load_trained, trained_meta
@@ -28,7 +29,9 @@ from readme_jax.workflow.workspace import Workspace
 META_KEYS = ("expert_width", "ffn_dim", "r")
 
 
-def export_workspace(ws: Workspace, out_dir: Path, *, overwrite: bool = False) -> Path:
+def export_workspace(ws: Workspace, out_dir: Path, *, overwrite: bool = False, hf_experts: bool = False) -> Path:
+    """The run's trained model as the ``readme-jax-moe`` export; with ``hf_experts`` also every expert
+    as a standalone HF Llama in ``out_dir/hf_experts/expert_<i>_<domain>/`` (checkpoints/expert_hf.py)."""
     out = Path(out_dir).absolute()
     run = ws.out.absolute()
     if out == run or out in run.parents:
@@ -54,4 +57,7 @@ def export_workspace(ws: Workspace, out_dir: Path, *, overwrite: bool = False) -
     info = {k: meta[k] for k in META_KEYS}
     if meta.get("router_config") is not None:  # the trained router's own settings (its meta.json)
         info = {"router_config": meta["router_config"], **info}
-    return save_export(out, model, extra_tensors=extra, info=info, tokenizer=ws.tokenizer, overwrite=overwrite)
+    save_export(out, model, extra_tensors=extra, info=info, tokenizer=ws.tokenizer, overwrite=overwrite)
+    if hf_experts:
+        save_experts_hf(out / "hf_experts", model, tokenizer=ws.tokenizer)
+    return out
