@@ -173,6 +173,10 @@ def test_errors(tmp_path, gguf_writer, llama_arrays):
     p = gguf_writer(tmp_path / "moe.gguf", metadata=llama_md(cfg, **{"llama.expert_count": 8}), tensors=good)
     with pytest.raises(CheckpointError, match="llama.expert_count > 0"):
         load_gguf(p)
+    freqs = dict(good, **{"rope_freqs.weight": (np.ones(cfg.head_dim // 2, np.float32), Q.F32)})
+    p = gguf_writer(tmp_path / "l31.gguf", metadata=llama_md(cfg), tensors=freqs)
+    with pytest.raises(CheckpointError, match=r"rope_freqs.weight \(Llama 3.1\+ RoPE scaling\).*Hugging Face"):
+        load_gguf(p)
 
 
 def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, gguf_writer, llama_arrays):

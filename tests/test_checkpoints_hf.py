@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -243,3 +244,35 @@ def test_load_model_errors(make_hf_dir, byte_tokenizer, tmp_path):
     save_params(tmp_path / "moe", arrays, {"kind": "readme_moe"})
     with pytest.raises(CheckpointError, match="kind is 'readme_moe'"):
         load_model(tmp_path / "moe")
+
+
+def test_llama3_rope_scaling_matches_transformers(make_hf_dir, tmp_path):
+    """Llama 3.1/3.2 checkpoints (rope_type llama3): positions far beyond the original context."""
+    from transformers import LlamaConfig
+
+    from readme_jax.checkpoints.hf import config_from_hf, config_to_hf
+    from readme_jax.config import from_dict, to_dict
+
+    cfg = tiny_model_config(max_seq_len=256, rope_theta=500000.0, rope_llama3=(8.0, 1.0, 4.0, 32))
+    d, cfg, arrays = make_hf_dir(cfg, seed=3)
+    raw = json.loads((d / "config.json").read_text())
+    assert raw["rope_parameters"]["rope_type"] == "llama3"
+    hf_cfg = LlamaConfig.from_pretrained(d)  # transformers reads our config.json as a llama3 config
+    rope = getattr(hf_cfg, "rope_parameters", None) or hf_cfg.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+    cfg2, loaded = load_hf(d)
+    assert cfg2 == cfg and cfg2.rope_llama3 == (8.0, 1.0, 4.0, 32)
+    assert from_dict(type(cfg), to_dict(cfg)) == cfg  # the config survives our JSON round trip
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 200))
+    ref = hf_logits(d, tokens)
+    full, _ = Llama.from_arrays(cfg2, loaded, source=str(d))(jnp.asarray(tokens))
+    assert rel_err(full, ref) < 1e-3
+    plain = dataclasses.replace(cfg2, rope_llama3=None)  # the scaling matters at these positions
+    other, _ = Llama.from_arrays(plain, loaded, source=str(d))(jnp.asarray(tokens))
+    assert rel_err(other, ref) > 1e-2
+    bad = {**raw, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(CheckpointError, match="rope type 'llama3' needs factor, low_freq_factor"):
+        config_from_hf(bad, "cfg.json", "float32")
+    with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported, only 'default' and 'llama3'"):
+        config_from_hf({**raw, "rope_parameters": {"rope_type": "yarn"}}, "cfg.json", "float32")
+    assert config_to_hf(cfg)["rope_parameters"]["original_max_position_embeddings"] == 32

@@ -95,6 +95,10 @@ def config_from_gguf(reader, where: str, dtype="float32") -> ModelConfig:
     scaling = gguf_field(reader, "llama.rope.scaling.type", where, "none")
     if scaling not in ("none", None):
         raise CheckpointError(f"{where}: llama.rope.scaling.type {scaling!r} is not supported, only 'none'")
+    if "rope_freqs.weight" in _tensors(reader):  # Llama 3.1+ GGUFs carry their RoPE scaling as this tensor
+        raise CheckpointError(f"{where}: holds rope_freqs.weight (Llama 3.1+ RoPE scaling), which the GGUF "
+                              "loader does not apply yet; load the model's Hugging Face directory instead "
+                              "(rope_type llama3 is supported there)")
     d = int(gguf_field(reader, "llama.embedding_length", where))
     h = int(gguf_field(reader, "llama.attention.head_count", where))
     hd = int(gguf_field(reader, "llama.attention.key_length", where, d // h))

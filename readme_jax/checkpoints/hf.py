@@ -79,8 +79,16 @@ def config_from_hf(raw: dict, where: Path, dtype="float32") -> ModelConfig:
             raise CheckpointError(f"{where}: {flag}=true is not supported (our Llama has no biases)")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported, only 'default'")
+    llama3 = None
+    if rope_type == "llama3":
+        try:
+            llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                      int(rope["original_max_position_embeddings"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: rope type 'llama3' needs factor, low_freq_factor, high_freq_factor "
+                                  f"and original_max_position_embeddings ({e!r})") from None
+    elif rope_type != "default":
+        raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported, only 'default' and 'llama3'")
     theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
     d = int(_hf_value(raw, "hidden_size", where))
     h = int(_hf_value(raw, "num_attention_heads", where))
@@ -97,6 +105,7 @@ def config_from_hf(raw: dict, where: Path, dtype="float32") -> ModelConfig:
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         max_seq_len=int(raw.get("max_position_embeddings", 2048)),
+        rope_llama3=llama3,
         dtype=name,
         param_dtype=name,
     )
@@ -118,7 +127,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": ({"rope_theta": cfg.rope_theta, "rope_type": "default"} if cfg.rope_llama3 is None else
+                            {"rope_theta": cfg.rope_theta, "rope_type": "llama3", "factor": cfg.rope_llama3[0],
+                             "low_freq_factor": cfg.rope_llama3[1], "high_freq_factor": cfg.rope_llama3[2],
+                             "original_max_position_embeddings": cfg.rope_llama3[3]}),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,

@@ -55,6 +55,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and Ellipsis not in args:  # fixed-length, one type per position
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

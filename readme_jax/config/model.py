@@ -26,6 +26,8 @@ class ModelConfig:
     dtype: Dtype = "float32"  # compute dtype
     param_dtype: Dtype = "float32"
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); the router's reference variant uses 1.0
+    # Llama 3.1+ RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_llama3: tuple[float, float, float, int] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
@@ -35,6 +37,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
             )
+        if self.rope_llama3 is not None:
+            if len(self.rope_llama3) != 4:
+                raise ConfigError(f"model.rope_llama3 must be (factor, low_freq_factor, high_freq_factor, "
+                                  f"original_max_position_embeddings), got {self.rope_llama3!r}")
+            f, lo, hi, n = self.rope_llama3
+            if not (f >= 1 and 0 < lo < hi and n >= 1):
+                raise ConfigError(f"model.rope_llama3 needs factor >= 1, 0 < low_freq_factor < high_freq_factor "
+                                  f"and original_max_position_embeddings >= 1, got {self.rope_llama3!r}")
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         check_choices(self, "model.")

@@ -58,7 +58,7 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     x = params["embed"][tokens_BT]
-    cos, sin = layers.rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_theta)
+    cos, sin = layers.rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_theta, cfg.rope_llama3)
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def layer(x_BTD, xs):

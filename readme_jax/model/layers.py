@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def rms_norm(x, w, eps):
@@ -18,9 +19,23 @@ def rms_norm(x, w, eps):
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_cos_sin(positions_BT, head_dim: int, theta: float):
+def rope_inv_freq(head_dim: int, theta: float, llama3=None) -> np.ndarray:
+    """Inverse frequencies ``[hd/2]`` (float32); ``llama3`` = (factor, low, high, original context):
+    Llama 3.1's scaling keeps high frequencies, divides low ones by ``factor`` and blends between."""
+    inv = 1.0 / (np.float64(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if llama3 is not None:
+        factor, low, high, old_ctx = (float(v) for v in llama3)
+        wavelen = 2 * np.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv = np.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions_BT, head_dim: int, theta: float, llama3=None):
     """cos/sin tables [B, T, hd] for the Hugging Face rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, llama3))
     freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B,T,hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
