@@ -74,6 +74,9 @@ def write_gguf(path, *, metadata: dict | None = None, tensors: dict | None = Non
         if tokenizer.get("chat_template"):
             w.add_chat_template(tokenizer["chat_template"])
     for name, (arr, qtype) in (tensors or {}).items():
+        if np.asarray(arr).dtype == np.uint8:  # raw quantized blocks [rows, bytes per row], as given
+            w.add_tensor(name, np.ascontiguousarray(arr), raw_dtype=qtype)
+            continue
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, arr)

@@ -207,8 +207,10 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, gguf_writer,
         load_gguf(p, "float16")
 
 
-def test_unsupported_quant_type(tmp_path, llama_arrays):
-    """A Q4_K tensor (no numpy quantizer in gguf, so raw bytes) is refused, naming tensor and type."""
+@pytest.mark.parametrize("qt", ["Q2_K", "Q4_K"])
+def test_k_quant_tensor_in_a_model(tmp_path, llama_arrays, qt):
+    """A model with one K-quant tensor (raw bytes: gguf has no numpy K-quantizer): Q4_K loads (all-zero
+    blocks dequantize to zeros); Q2_K is refused, naming tensor and type."""
     cfg = tiny_model_config(d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256, n_layers=1,
                             vocab_size=16, tie_embeddings=True)
     arrays = llama_arrays(cfg, seed=7)
@@ -217,17 +219,23 @@ def test_unsupported_quant_type(tmp_path, llama_arrays):
         (w.add_uint32 if isinstance(v, int) else w.add_float32)(k, v)
     for name, (arr, _) in gguf_tensors(cfg, arrays).items():
         if name == "blk.0.ffn_gate.weight":
-            block = gguf.GGML_QUANT_SIZES[Q.Q4_K][1]  # bytes per 256 values
+            block = gguf.GGML_QUANT_SIZES[Q[qt]][1]  # bytes per 256 values
             raw = np.zeros((arr.shape[0], arr.shape[1] // 256 * block), np.uint8)
-            w.add_tensor(name, raw, raw_dtype=Q.Q4_K)
+            w.add_tensor(name, raw, raw_dtype=Q[qt])
         else:
             w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match=r"tensor 'blk.0.ffn_gate.weight' has unsupported type Q4_K; supported:"):
-        load_gguf(tmp_path / "k.gguf")
+    if qt == "Q2_K":
+        with pytest.raises(CheckpointError, match=r"tensor 'blk.0.ffn_gate.weight' has unsupported type Q2_K; "
+                                                  r"supported: .*Q4_K"):
+            load_gguf(tmp_path / "k.gguf")
+        return
+    cfg2, got = load_gguf(tmp_path / "k.gguf")
+    assert np.all(got["layers"]["wg"][0] == 0)
+    np.testing.assert_array_equal(got["layers"]["wu"][0], arrays["layers"]["wu"][0])
 
 
 # ----------------------------------------------------------------------------- load_model / embedded
@@ -274,3 +282,79 @@ def test_embedded_path_and_missing_package(monkeypatch):
     monkeypatch.setattr(embedded.importlib.metadata, "files", lambda name: [])
     with pytest.raises(CheckpointError, match="lists no .gguf file"):
         embedded.embedded_gguf_path()
+
+
+# ----------------------------------------------------------------------------- K-quants vs float64 references
+# The block layouts of llama.cpp's ggml-quants.c (super-blocks of 256 values), written out in float64.
+
+
+def _scale_min_k4(j, s):
+    if j < 4:
+        return s[j] & 63, s[j + 4] & 63
+    return (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4)
+
+
+def _f16(b):
+    return float(np.frombuffer(bytes(b), np.float16)[0])
+
+
+def ref_q4_k(block):  # d f16, dmin f16, scales[12], qs[128]
+    d, dmin, sc, qs = _f16(block[0:2]), _f16(block[2:4]), block[4:16], block[16:144]
+    y = []
+    for j in range(4):
+        (s1, m1), (s2, m2) = _scale_min_k4(2 * j, sc), _scale_min_k4(2 * j + 1, sc)
+        q = qs[32 * j:32 * j + 32]
+        y += [d * s1 * (v & 0xF) - dmin * m1 for v in q] + [d * s2 * (v >> 4) - dmin * m2 for v in q]
+    return np.array(y)
+
+
+def ref_q5_k(block):  # d, dmin, scales[12], qh[32], qs[128]
+    d, dmin, sc, qh, qs = _f16(block[0:2]), _f16(block[2:4]), block[4:16], block[16:48], block[48:176]
+    y = []
+    for j in range(4):
+        (s1, m1), (s2, m2) = _scale_min_k4(2 * j, sc), _scale_min_k4(2 * j + 1, sc)
+        q, u1, u2 = qs[32 * j:32 * j + 32], 1 << (2 * j), 2 << (2 * j)
+        y += [d * s1 * ((v & 0xF) + (16 if h & u1 else 0)) - dmin * m1 for v, h in zip(q, qh)]
+        y += [d * s2 * ((v >> 4) + (16 if h & u2 else 0)) - dmin * m2 for v, h in zip(q, qh)]
+    return np.array(y)
+
+
+def ref_q6_k(block):  # ql[128], qh[64], scales[16] int8, d f16
+    ql, qh = block[0:128].astype(np.int64), block[128:192].astype(np.int64)
+    sc, d = block[192:208].view(np.int8).astype(np.int64), _f16(block[208:210])
+    y = np.zeros(256)
+    for n in range(2):
+        L, H, S = ql[64 * n:], qh[32 * n:], sc[8 * n:]
+        for l in range(32):
+            i = l // 16
+            q1 = ((L[l] & 0xF) | (((H[l] >> 0) & 3) << 4)) - 32
+            q2 = ((L[l + 32] & 0xF) | (((H[l] >> 2) & 3) << 4)) - 32
+            q3 = ((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32
+            q4 = ((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32
+            base = 128 * n
+            y[base + l], y[base + l + 32] = d * S[i] * q1, d * S[i + 2] * q2
+            y[base + l + 64], y[base + l + 96] = d * S[i + 4] * q3, d * S[i + 6] * q4
+    return y
+
+
+@pytest.mark.parametrize("name,nbytes,ref", [("Q4_K", 144, ref_q4_k), ("Q5_K", 176, ref_q5_k),
+                                             ("Q6_K", 210, ref_q6_k)])
+def test_k_quants_match_a_float64_reference(tmp_path, gguf_writer, name, nbytes, ref):
+    """Random K-quant blocks (finite scales) read by our loader equal the format's float64 reference."""
+    import gguf
+
+    from readme_jax.checkpoints.gguf import open_gguf, read_tensor
+
+    qt = getattr(gguf.GGMLQuantizationType, name)
+    rng = np.random.default_rng(int(np.random.randint(1 << 20)))
+    rows, per_row = 3, 2  # 3 rows of 512 values: 2 super-blocks each
+    raw = rng.integers(0, 256, (rows, per_row, nbytes), dtype=np.uint8)
+    scale_at = [0, 2] if name != "Q6_K" else [208]  # the f16 scales: keep them finite and O(0.01)
+    for off in scale_at:
+        raw[..., off:off + 2] = np.frombuffer(
+            rng.uniform(-0.05, 0.05, (rows, per_row)).astype(np.float16).tobytes(), np.uint8).reshape(rows, per_row, 2)
+    p = gguf_writer(tmp_path / f"{name}.gguf", tensors={"w": (raw.reshape(rows, per_row * nbytes), qt)})
+    reader, where = open_gguf(p)
+    got = read_tensor(reader.tensors[0], (rows, 256 * per_row), where)
+    want = np.stack([np.concatenate([ref(raw[r, b]) for b in range(per_row)]) for r in range(rows)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,8 @@ from readme_jax.checkpoints.hf import np_dtype
 from readme_jax.config import ModelConfig
 from readme_jax.errors import CheckpointError
 
-SUPPORTED_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1})
+SUPPORTED_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
+                             QT.Q4_K, QT.Q5_K, QT.Q6_K})  # K-quants: the common Q4_K_M / Q5_K_M / Q6_K files
 
 # our per-layer name -> GGUF name inside blk.{i}.
 LAYER_NAMES = {
