@@ -128,3 +128,11 @@ def test_live_results_equal_one_at_a_time(model):
     live.run_until(hs)
     solo = [generate(Engine(model, ECFG), [p], 7)[0] for p in prompts]
     assert [h.tokens for h in hs] == solo
+
+
+def test_missing_model_path_is_one_clear_error(tmp_path):
+    from readme_jax.errors import CheckpointError
+    from readme_jax.serve.llm import open_model
+
+    with pytest.raises(CheckpointError, match="the path does not exist"):
+        open_model(tmp_path / "nope")

@@ -23,7 +23,7 @@ from readme_jax.checkpoints import load_model
 from readme_jax.checkpoints.readme_io import dense_source, load_readme, load_tokenizer_for
 from readme_jax.checkpoints.tokenizer import Tokenizer
 from readme_jax.config import EngineConfig, SamplingParams
-from readme_jax.errors import ReadmeError, RequestError
+from readme_jax.errors import CheckpointError, ReadmeError, RequestError
 from readme_jax.model.readme_model import DenseModel
 from readme_jax.serve.engine import Engine, ServedModel
 from readme_jax.serve.live import Handle, LiveEngine, LiveMetrics
@@ -223,6 +223,9 @@ def _sampling(options: dict) -> Sampling:
 
 def open_model(path, *, dense: bool = False) -> tuple[ServedModel, Tokenizer, str]:
     """``(model, tokenizer, name)`` at ``path`` (see :meth:`LLM.open`)."""
+    if not Path(path).exists():
+        raise CheckpointError(f"no model at {path}: the path does not exist (expected a run folder, its "
+                              "train/final, or an export)")
     tok = load_tokenizer_for(path)
     if dense:
         llama, _ = load_model(dense_source(path))
