@@ -372,3 +372,29 @@ def test_moe_backbone_loads_converted_params(dense, layout):
     dparams = {**arrays, "layers": {**arrays["layers"], "keep": jnp.asarray(np.swapaxes(m, 0, 1), jnp.float32)}}
     want, _, _ = decoder.forward(dparams, cfg, tokens, ffn=masked_ffn, ffn_ctx=route)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_fraction_forces_a_shared_part_of_pooled_top_channels():
+    rng = np.random.default_rng(int(np.random.randint(1 << 20)))
+    stats = rng.random((5, 3, 40))
+    pooled = stats.mean(0)
+    plain = select_channels(stats, 0.5)
+    np.testing.assert_array_equal(select_channels(stats, 0.5, pooled, 0.0), plain)  # 0 = today's rule
+    for s in (0.25, 0.5, 0.9):
+        masks = select_channels(stats, 0.5, pooled, s)
+        assert (masks.sum(-1) == 20).all()  # every expert keeps exactly F_e channels
+        forced = int(np.floor(s * 20 + 0.5))
+        top = np.argsort(-pooled, axis=-1, kind="stable")[:, :forced]
+        for l in range(3):
+            assert masks[:, l, top[l]].all()  # the pooled top channels are in every expert
+            # the rest of each expert is its own top channels among the others
+            for n in range(5):
+                rest = np.setdiff1d(np.flatnonzero(masks[n, l]), top[l])
+                others = np.setdiff1d(np.arange(40), top[l])
+                want = others[np.argsort(-stats[n, l, others], kind="stable")[:20 - forced]]
+                np.testing.assert_array_equal(np.sort(rest), np.sort(want))
+        assert (np.logical_and.reduce(masks, 0).sum(-1) >= forced).all()
+    with pytest.raises(ConfigError, match="shared_fraction must lie in"):
+        select_channels(stats, 0.5, pooled, 1.0)
+    with pytest.raises(ShapeError, match="needs the pooled statistic"):
+        select_channels(stats, 0.5, None, 0.5)
