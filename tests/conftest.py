@@ -116,3 +116,52 @@ def byte_tokenizer():
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     return Tokenizer(tk, bos_id=1, eos_id=2, chat_template="{{ messages[0]['content'] }}")
+
+
+# ----------------------------------------------------------------------------- the tiny end-to-end run
+
+TINY_STAGES = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "serve_bench", "report"]
+
+
+def tiny_run_config(out, cache_dir, *extra):
+    """The RunConfig of ``readme-jax run --config tiny_test output_dir=OUT data.cache_dir=... EXTRA``."""
+    from readme_jax import cli
+
+    args = cli.build_parser().parse_args(["run", "--config", "tiny_test", "--no-progress", f"output_dir={out}",
+                                          f"data.cache_dir={cache_dir}", *extra])
+    return cli.load_run_config(args)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("domains"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, cache_dir):
+    """Every stage of the tiny run, killed once in ``baseline`` and rerun: ``(out, first log, second log)``.
+    Shared by the workflow tests (read it, or copy it before changing anything)."""
+    from readme_jax.workflow import run as run_mod
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_run_config(out, cache_dir, "stages=[" + ",".join(TINY_STAGES) + "]")
+    log = []
+    real_baseline = run_mod.STAGE_FNS["baseline"]
+    calls = {"n": 0}
+
+    def crashing_baseline(ws):  # the first attempt dies in the middle of the run
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real_baseline(ws)
+
+    run_mod.STAGE_FNS["baseline"] = crashing_baseline
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_mod.run(cfg, progress=False, log=log.append)
+        first = list(log)
+        log.clear()
+        run_mod.run(cfg, progress=False, log=log.append)
+    finally:
+        run_mod.STAGE_FNS["baseline"] = real_baseline
+    return out, first, list(log)

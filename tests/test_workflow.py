@@ -11,44 +11,13 @@ from readme_jax import cli
 from readme_jax.errors import ConfigError
 from readme_jax.workflow import run as run_mod
 
-STAGES = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "serve_bench", "report"]
+from conftest import TINY_STAGES, tiny_run_config
 
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("domains"))
+STAGES = TINY_STAGES
 
 
 def _cfg(out, cache_dir, *extra):
-    args = cli.build_parser().parse_args(["run", "--config", "tiny_test", "--no-progress", f"output_dir={out}",
-                                          f"data.cache_dir={cache_dir}", *extra])
-    return cli.load_run_config(args)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("run")
-    cfg = _cfg(out, cache_dir, "stages=[" + ",".join(STAGES) + "]")
-    log = []
-    real_baseline = run_mod.STAGE_FNS["baseline"]
-    calls = {"n": 0}
-
-    def crashing_baseline(ws):  # the first attempt dies in the middle of the run
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real_baseline(ws)
-
-    run_mod.STAGE_FNS["baseline"] = crashing_baseline
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_mod.run(cfg, progress=False, log=log.append)
-        first = list(log)
-        log.clear()
-        run_mod.run(cfg, progress=False, log=log.append)
-    finally:
-        run_mod.STAGE_FNS["baseline"] = real_baseline
-    return out, first, list(log)
+    return tiny_run_config(out, cache_dir, *extra)
 
 
 def test_run_writes_every_report_file(finished_run):

@@ -21,19 +21,14 @@ from readme_jax.workflow import run as run_mod
 from readme_jax.workflow import stages
 from readme_jax.workflow.workspace import Workspace
 
+from conftest import tiny_run_config
+
 ROOT = Path(__file__).resolve().parents[1]
 FEW = ["dense_eval", "refactor", "train", "baseline"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("domains"))
-
-
 def _cfg(out, cache_dir, *extra):
-    args = cli.build_parser().parse_args(["run", "--config", "tiny_test", "--no-progress", f"output_dir={out}",
-                                          f"data.cache_dir={cache_dir}", *extra])
-    return cli.load_run_config(args)
+    return tiny_run_config(out, cache_dir, *extra)
 
 
 def _stages(names):
@@ -41,10 +36,8 @@ def _stages(names):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("run") / "out"
-    run_mod.run(_cfg(out, cache_dir, _stages(FEW)), progress=False, log=lambda s: None)
-    return out
+def tiny_run(finished_run):
+    return finished_run[0]
 
 
 @pytest.fixture
@@ -112,21 +105,25 @@ def test_folder_from_an_older_version_is_refused(run_copy, cache_dir):
 # ------------------------------------------------------------------ artifacts
 
 
-@pytest.mark.parametrize("damage", ["truncated", "nan", "empty", "missing_artifact"])
-def test_damaged_stage_is_recomputed_not_trusted(run_copy, cache_dir, damage):
-    p = run_copy / "baseline" / "done.json"
-    if damage == "truncated":
-        p.write_text(p.read_text()[:40])
-    elif damage == "nan":
-        p.write_text(p.read_text().replace('"steps":', '"bad": NaN, "steps":', 1))
-    elif damage == "empty":
-        p.write_text("")
-    else:
-        shutil.rmtree(run_copy / "baseline" / "pruned_tuned" / "params")
-    log = _run(run_copy, cache_dir, ["baseline"])
-    assert any("the stage will be recomputed" in line for line in log), log
-    assert "== baseline" in log
-    assert json.loads(p.read_text())["fingerprint"]
+def test_damaged_stages_are_recomputed_not_trusted(run_copy, cache_dir):
+    """A truncated, NaN-holding or empty done.json, or outputs missing under a valid one: the stage
+    counts as not done and is recomputed (reason logged), never trusted or a traceback."""
+    damaged = {"dense_eval": "truncated", "refactor_eval": "nan", "final_eval": "empty", "baseline": "missing"}
+    for stage, how in damaged.items():
+        p = run_copy / stage / "done.json"
+        if how == "truncated":
+            p.write_text(p.read_text()[:40])
+        elif how == "nan":
+            p.write_text(p.read_text().replace('"ppl":', '"bad": NaN, "ppl":', 1))
+        elif how == "empty":
+            p.write_text("")
+        else:
+            shutil.rmtree(run_copy / stage / "pruned_tuned" / "params")
+    log = _run(run_copy, cache_dir, list(damaged))
+    for stage in damaged:
+        assert any(f"{stage}/done.json" in line and "recomputed" in line for line in log), (stage, log)
+        assert f"== {stage}" in log
+        assert json.loads((run_copy / stage / "done.json").read_text())["fingerprint"]
 
 
 def test_nan_results_are_refused_and_the_stage_is_not_marked_done(tmp_path, cache_dir):
