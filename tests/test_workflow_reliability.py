@@ -288,3 +288,50 @@ def test_unfinished_stage_from_other_settings_is_not_resumed(run_copy, cache_dir
     log = _run(run_copy, cache_dir, ["train"], "train.router.lr=0.002", recompute=True)
     assert not any(line.startswith("resuming") for line in log), log  # started from scratch
     assert (run_copy / "train" / "done.json").is_file()
+
+
+def _artifacts(out) -> dict:
+    """Every array of the run's checkpoints and every number its stages recorded (timings excluded)."""
+    from readme_jax.checkpoints import restore_params
+
+    got = {}
+    for ck in ("refactor/moe", "refactor/pruned", "train/final/backbone", "train/final/router",
+               "baseline/pruned_tuned"):
+        arrays, _ = restore_params(out / ck)
+        for i, leaf in enumerate(jax.tree.leaves(arrays)):
+            got[f"{ck}:{i}"] = np.asarray(leaf)
+    for stage in ("dense_eval", "refactor_eval", "final_eval"):
+        info = json.loads((out / stage / "done.json").read_text())
+        got[stage] = json.dumps({k: v for k, v in info.items() if k not in ("seconds", "finished")}, sort_keys=True)
+    return got
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_rerun_gives_the_same_artifacts(tiny_run, tmp_path, cache_dir):
+    """SIGKILL at random moments of the tiny run (any stage, mid-stage included, step checkpoints on),
+    rerun after each kill: every checkpoint array and recorded number equals the uninterrupted run's."""
+    stages = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval"]
+    seed = int(np.random.randint(1 << 20))
+    rng = np.random.default_rng(seed)
+    out = tmp_path / "k"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "readme_jax.cli", "run", "--config", "tiny_test", "--no-progress",
+           f"output_dir={out}", f"data.cache_dir={cache_dir}", _stages(stages), "train.checkpoint_every=1"]
+    kills = []
+    for _ in range(4):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        delay = float(rng.uniform(5, 40))
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            kills.append(round(delay, 1))
+    _run(out, cache_dir, stages, "train.checkpoint_every=1")
+    ref, got = _artifacts(tiny_run), _artifacts(out)
+    assert set(ref) == set(got)
+    for k in ref:
+        if isinstance(ref[k], str):
+            assert got[k] == ref[k], (k, seed, kills)
+        else:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} (seed {seed}, kills at {kills} s)")
