@@ -118,8 +118,8 @@ def test_errors_paths_and_config(make_hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"expected a Llama checkpoint.*GPT2LMHeadModel.*'gpt2'"):
         load_hf(d)
     d, _, _ = make_hf_dir()
-    _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
-    with pytest.raises(CheckpointError, match="rope type 'llama3' is not supported"):
+    _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0})
+    with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
         load_hf(d)
     d, _, _ = make_hf_dir()
     _edit_config(d, mlp_bias=True)

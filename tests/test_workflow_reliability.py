@@ -108,7 +108,8 @@ def test_folder_from_an_older_version_is_refused(run_copy, cache_dir):
 def test_damaged_stages_are_recomputed_not_trusted(run_copy, cache_dir):
     """A truncated, NaN-holding or empty done.json, or outputs missing under a valid one: the stage
     counts as not done and is recomputed (reason logged), never trusted or a traceback."""
-    damaged = {"dense_eval": "truncated", "refactor_eval": "nan", "final_eval": "empty", "baseline": "missing"}
+    damaged = {"final_eval": "empty", "baseline": "missing", "dense_eval": "truncated", "refactor": "corrupt_npz",
+               "refactor_eval": "nan"}  # listed out of order: run() runs them in dependency order
     for stage, how in damaged.items():
         p = run_copy / stage / "done.json"
         if how == "truncated":
@@ -117,6 +118,8 @@ def test_damaged_stages_are_recomputed_not_trusted(run_copy, cache_dir):
             p.write_text(p.read_text().replace('"ppl":', '"bad": NaN, "ppl":', 1))
         elif how == "empty":
             p.write_text("")
+        elif how == "corrupt_npz":
+            (run_copy / stage / "experts.npz").write_bytes(b"PK\x03\x04 garbage")
         else:
             shutil.rmtree(run_copy / stage / "pruned_tuned" / "params")
     log = _run(run_copy, cache_dir, list(damaged))
@@ -124,6 +127,9 @@ def test_damaged_stages_are_recomputed_not_trusted(run_copy, cache_dir):
         assert any(f"{stage}/done.json" in line and "recomputed" in line for line in log), (stage, log)
         assert f"== {stage}" in log
         assert json.loads((run_copy / stage / "done.json").read_text())["fingerprint"]
+    ran = [line[3:] for line in log if line.startswith("== ") and not line.endswith(" s")]
+    assert ran == ["dense_eval", "refactor", "refactor_eval", "baseline", "final_eval"], ran
+    assert "pruned_dense_tuned" in json.loads((run_copy / "final_eval" / "done.json").read_text())["ppl"]
 
 
 def test_nan_results_are_refused_and_the_stage_is_not_marked_done(tmp_path, cache_dir):
@@ -232,7 +238,9 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, cache_dir):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "readme_jax.cli", "run", "--config", "tiny_test", "--no-progress",
            f"output_dir={tmp_path / 'o'}", f"data.cache_dir={cache_dir}", _stages(["dense_eval", "refactor"])]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a child of a non-interactive shell's background job starts with SIGINT ignored: restore the default
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     deadline = time.time() + 240
     for line in p.stdout:  # interrupt once a stage is running

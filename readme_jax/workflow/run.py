@@ -32,7 +32,7 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = prin
     ws = Workspace(cfg, progress=progress, log=log).prepare(recompute=recompute)
     try:
         t_all = time.time()
-        for name in cfg.stages:
+        for name in sorted(cfg.stages, key=list(STAGE_FNS).index):  # dependency order, however listed
             if ws.is_done(name) and name not in force:
                 log(f"== {name}: done already ({ws.out / name / 'done.json'}), skipped")
                 continue

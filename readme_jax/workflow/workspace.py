@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import time
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,19 @@ def check_output_dir(path: Path) -> Path:
     except OSError as e:
         raise ConfigError(f"output_dir {str(path)!r} is not writable: {e.strerror or e}") from None
     return path
+
+
+def _artifact_ok(path: Path) -> bool:
+    """Present, and for ``.npz`` files a readable archive (its index is read, not its arrays)."""
+    if not path.exists():
+        return False
+    if path.suffix == ".npz":
+        try:
+            with np.load(path) as z:
+                z.files
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False
+    return True
 
 
 def check_lengths(cfg: RunConfig, context: int) -> None:
@@ -185,9 +199,9 @@ class Workspace:
         except (OSError, ValueError) as e:
             self.log(f"{path}: unreadable ({e}); the stage will be recomputed")
             return None
-        missing = [a for a in stages.STAGE_ARTIFACTS.get(name, ()) if not (self.out / name / a).exists()]
+        missing = [a for a in stages.STAGE_ARTIFACTS.get(name, ()) if not _artifact_ok(self.out / name / a)]
         if missing:
-            self.log(f"{path}: its outputs {missing} are missing; the stage will be recomputed")
+            self.log(f"{path}: its outputs {missing} are missing or unreadable; the stage will be recomputed")
             return None
         return info
 
