@@ -201,12 +201,17 @@ class LiveEngine:
             if not self.step() and not all(h.done for h in handles):
                 raise ReadmeError("run_until: no work left but requests are unfinished")
 
-    def _admit(self) -> None:
+    @staticmethod
+    def _drain(q: queue.SimpleQueue):
+        """Every item queued so far, without blocking."""
         while True:
             try:
-                rid = self._inbox.get_nowait()
+                yield q.get_nowait()
             except queue.Empty:
                 return
+
+    def _admit(self) -> None:
+        for rid in self._drain(self._inbox):
             with self._lock:
                 self._n_inbox -= 1
             if rid not in self._handles:  # cancelled before admission
@@ -222,11 +227,7 @@ class LiveEngine:
                 self._end(rid, None, error=req.reject_reason)
 
     def _apply_cancels(self) -> None:
-        while True:
-            try:
-                rid = self._cancels.get_nowait()
-            except queue.Empty:
-                return
+        for rid in self._drain(self._cancels):
             if rid in self._handles:
                 self.scheduler.abort(rid)
                 self._end(rid, "cancelled")
