@@ -1,11 +1,10 @@
 """Write a folder all at once: into a hidden sibling, then renamed into place.
 
-:func:`write_folder` never leaves a half-written target: the files go into ``.<name>.tmp-<tag>``
-beside the target (same file system, so the final ``os.replace`` is atomic; see
-:func:`readme_jax.fsutil.atomic_dir`); with ``overwrite`` the
-old folder is first moved aside to ``.<name>.old-<tag>`` and deleted only once the new one is in
-place. On any failure (disk full, interrupted) the temporary folder is removed and the old target,
-if any, is put back. Refusals (a file in the way, a non-empty folder without ``overwrite``, a
+:func:`write_folder` never leaves a half-written target: the move is
+:func:`readme_jax.fsutil.atomic_dir` (files go into a hidden sibling ``.<name>.partial-<pid>`` on the
+same file system; with ``overwrite`` the old folder is moved aside and deleted only once the new one
+is in place; on any failure the temporary folder is removed and the old target put back).
+Refusals (a file in the way, a non-empty folder without ``overwrite``, a
 folder that cannot be written) are one-line :class:`CheckpointError` s raised before writing.
 """
 

@@ -24,7 +24,6 @@ STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "refactor": (("model", "dtype", "data", "convert"), ()),
     "refactor_eval": (("eval", "impl"), ("refactor",)),
     "train": (("seed", "router", "train", "impl", "mesh", "eval.seq_len"), ("refactor",)),
-    # the pruned baseline reads refactor's pruned model, which does not depend on the expert layout
     "baseline": (("seed", "train.rounds", "train.experts", "train.weight_decay", "train.clip_norm",
                   "train.train_embeddings", "train.seed"), ("refactor",)),
     "final_eval": (("eval", "impl"), ("train", "baseline", "refactor_eval")),
@@ -42,18 +41,19 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
 SELF_KEYED = frozenset({"calib_partial"})
 # settings that change no result (where and how often to checkpoint): left out of fingerprints
 NO_RESULT_KEYS = frozenset({"train.checkpoint_every"})
-# the refactor's pruned model depends on these convert keys only (not layout or shared_fraction)
-_PRUNED_KEYS = ("convert.r", "convert.calib_samples", "convert.calib_seq_len", "convert.batch_size")
+# (stage, upstream) -> the upstream settings the stage's input depends on, where it reads only part of
+# the upstream's outputs: the baseline reads refactor's pruned model, which ignores the expert layout
+PARTIAL_READS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("baseline", "refactor"): ("model", "dtype", "data", "convert.r", "convert.calib_samples",
+                               "convert.calib_seq_len", "convert.batch_size"),
+}
 
 
 def _keys(stage: str) -> set[str]:
     own, ups = STAGE_DEPS[stage]
     keys = set(own)
     for up in ups:
-        if stage == "baseline" and up == "refactor":
-            keys |= {"model", "dtype", "data", *_PRUNED_KEYS}
-        else:
-            keys |= _keys(up)
+        keys |= set(PARTIAL_READS[(stage, up)]) if (stage, up) in PARTIAL_READS else _keys(up)
     return keys
 
 
