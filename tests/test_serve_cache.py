@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from readme_jax.errors import ConfigError, ReadmeError
 from readme_jax.serve.cache_policy import (ExpertCache, offline_optimum_misses, optimal_misses_bruteforce,
-                                           simulate_cache, step_access_sequence)
+                                           simulate_cache, split_calls, step_access_sequence,
+                                           step_hits_bruteforce)
 from readme_jax.serve.transfer import (ExpertStoreSim, LinkModel, StoreConfig, TransferTimeline,
                                        compare_prefetch)
 
@@ -43,19 +44,26 @@ def test_belady_equals_bruteforce_optimum_random(seq, cap):
     assert offline_optimum_misses(seq, cap) == opt
 
 
-@settings(max_examples=100, deadline=None)
-@given(sets=st.lists(st.sets(st.integers(0, 6), max_size=4), max_size=25), cap=st.integers(1, 5))
-def test_offline_fast_path_matches_cache_with_full_future(sets, cap):
-    flat = step_access_sequence(sets)
-    fast = simulate_cache(sets, cap, "belady")
-    c = ExpertCache(cap, "belady")
-    for i, e in enumerate(flat):
-        c.access(e, flat[i + 1:])
-    assert (fast.hits, fast.misses, fast.evictions) == (c.stats.hits, c.stats.misses, c.stats.evictions)
+calls = st.lists(st.sets(st.integers(0, 5), min_size=1, max_size=3), max_size=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sets=calls, cap=st.integers(3, 4))
+def test_belady_over_calls_equals_bruteforce_optimum(sets, cap):
+    # each step fits one call: Belady with every later call as its future is the optimum
+    best = optimal_misses_bruteforce([frozenset(s) for s in sets], cap)
+    assert simulate_cache(sets, cap, "belady").misses == best
     for policy in ("lru", "fifo", "random"):
-        other = simulate_cache(sets, cap, policy, seed=3)
-        assert fast.misses <= other.misses  # the optimum is a lower bound
-        assert other.accesses == len(flat)
+        assert simulate_cache(sets, cap, policy, seed=3).misses >= best
+
+
+@settings(max_examples=150, deadline=None)
+@given(sets=st.lists(st.sets(st.integers(0, 6), max_size=5), max_size=25), cap=st.integers(1, 5))
+def test_step_hit_accounting_matches_bruteforce(sets, cap):
+    for policy in ("lru", "fifo"):
+        st_ = simulate_cache(sets, cap, policy)
+        assert (st_.hits, st_.misses) == step_hits_bruteforce(sets, cap, policy), policy
+        assert st_.accesses == sum(len(s) for s in sets)
 
 
 def test_bruteforce_finds_what_lru_misses():
@@ -137,23 +145,49 @@ def test_belady_rule_and_tie_break_by_hand():
     assert c.access(5, [4]).evicted == 1
 
 
-def test_access_step_sorted_with_in_step_future():
+def test_access_step_resident_first_never_evicts_its_own_experts():
+    # residents {2, 3}, 3 least recently used; step {1, 3}: 3 is a hit (used first), 1 evicts 2.
+    # In ascending order (the old accounting) 1 evicted 3 and 3 then missed.
+    c = ExpertCache(2, "lru")
+    c.access(3)
+    c.access(2)
+    acc = c.access_step({1, 3})
+    assert [(a.expert, a.hit, a.evicted) for a in acc] == [(3, True, None), (1, False, 2)]
+    # a step larger than the cache: calls of 2, residents first; no call evicts its own expert
+    c = ExpertCache(2, "lru")
+    c.access_step({4, 5})
+    acc = c.access_step({1, 2, 5})
+    assert [(a.expert, a.hit) for a in acc] == [(5, True), (1, False), (2, False)]
+    assert acc[1].evicted == 4 and acc[2].evicted == 5
+    assert split_calls({1, 2, 5, 6}, {6, 2}, 3) == [[2, 6, 1], [5]]
+
+
+def test_belady_in_step_future():
+    # in-step future: 5 is needed by the step's second call, 0 by nothing -> evict 0
+    c = ExpertCache(1, "belady")
+    c.access(0)
+    acc = c.access_step({2, 5}, [frozenset({0})])
+    assert [(a.expert, a.hit, a.evicted) for a in acc] == [(2, False, 0), (5, False, 2)]
     c = ExpertCache(2, "belady")
-    acc = c.access_step({3, 1, 2})
-    assert [a.expert for a in acc] == [1, 2, 3]
-    # loading 3 must evict 1 or 2; nothing later needs either -> LRU -> 1
-    assert acc[2].evicted == 1
-    # in-step future: 5 (least recently used) is needed later in this same step, 0 is not
-    c2 = ExpertCache(2, "belady")
-    c2.access(5)
-    c2.access(0)
-    acc2 = c2.access_step({2, 5})
-    assert acc2[0].evicted == 0 and acc2[1].hit
-    c3 = ExpertCache(2, "lru")
-    c3.access(5)
-    c3.access(0)
-    acc3 = c3.access_step({2, 5})
-    assert acc3[0].evicted == 5 and not acc3[1].hit
+    c.access(5)
+    c.access(0)
+    acc = c.access_step({2, 3, 5}, [frozenset({0})])  # calls [5, 2], [3]; 0 is used next step
+    assert [(a.expert, a.hit) for a in acc] == [(5, True), (2, False), (3, False)]
+    assert acc[1].evicted == 0 and acc[2].evicted == 5
+
+
+def test_prefetch_counts_no_access_and_respects_protection():
+    c = ExpertCache(2, "lru")
+    c.access(0)
+    c.access(1)
+    assert c.prefetch(1) is None  # resident already
+    assert c.prefetch(2, protected={0, 1}) is None  # nothing may be evicted
+    a = c.prefetch(2, protected={1})
+    assert (a.expert, a.evicted) == (2, 0)
+    assert (c.stats.hits, c.stats.misses, c.stats.prefetches) == (0, 2, 1)
+    assert c.access(2).hit and c.stats.hits == 1
+    with pytest.raises(ReadmeError, match="all 2 residents are protected"):
+        c.access(3, protected={1, 2})
 
 
 def test_cache_errors():

@@ -78,13 +78,30 @@ def present_experts_ffn(lp: dict, h_BTD, ctx):
     """
     route_BT, present_K = ctx
     B, T, D = h_BTD.shape
-    x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
-    y = jnp.zeros((B * T, D), jnp.float32)
-    for k in range(present_K.shape[0]):
-        e = present_K[k]
-        w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
-        y = y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
+    weights = [[lp[n][present_K[k]] for n in ("wg", "wu", "wd")] for k in range(present_K.shape[0])]
+    r = route_BT.reshape(B * T)
+    local = sum((jnp.where(r == present_K[k], k + 1, 0) for k in range(present_K.shape[0])), jnp.zeros_like(r)) - 1
+    y = _sum_experts(h_BTD.reshape(B * T, D), local, weights)  # local -1: padding or an expert not present
     return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+
+
+def pool_ffn(lp: dict, h_BTD, local_BT):
+    """Read-ME FFN over the call's expert buffers ``lp["pool"]``: a tuple of K per-expert dicts
+    (``wg, wu: [D, Fe]``, ``wd: [Fe, D]`` at this layer), from the serving expert store;
+    ``local_BT`` indexes that tuple (-1: padding). Same arithmetic as :func:`present_experts_ffn`."""
+    B, T, D = h_BTD.shape
+    weights = [[w["wg"], w["wu"], w["wd"]] for w in lp["pool"]]
+    y = _sum_experts(h_BTD.reshape(B * T, D), local_BT.reshape(B * T), weights)
+    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+
+
+def _sum_experts(x_ND, local_N, weights):
+    """Sum over k of expert k's SwiGLU on the rows with ``local == k`` (0 elsewhere), in float32."""
+    y = jnp.zeros(x_ND.shape, jnp.float32)
+    for k, (wg, wu, wd) in enumerate(weights):
+        y = y + expert_ffn(x_ND, jnp.where(local_N == k, 0, -1), wg[None], wu[None], wd[None],
+                           impl="reference").astype(jnp.float32)
+    return y
 
 
 def layerwise_ffn(impl: str):

@@ -25,6 +25,14 @@ from arrival, then each sampled token's), so what the scheduler planned is what 
   gathered, run, and only the new column is written back; the caches are donated.
 * MoE FFN: by default only the experts present in the call are computed and read
   (:func:`present_experts_ffn`); ``moe_ffn="expert_ffn"`` uses ``ops.expert_ffn`` on all.
+* Expert store (``Engine(model, cfg, store=ExpertStore(...))``, serve/expert_store.py): the
+  experts' own weights stay in host memory and at most ``store.capacity`` are on the device.
+  A step is cut into calls of at most that many experts (one fewer when prefetching; resident
+  first, ``cache_policy.split_calls``); each call gets its experts' buffers (``moe.pool_ffn``), the
+  wait for their copies is measured (``StepOutput.stall_s``), and while it computes the store
+  may start copying the next call's experts (the rest of the step, then ``engine.lookahead()``,
+  e.g. the scheduler's queued work). A prompt whose tokens span more experts than the pool
+  holds runs with the extra experts copied for that call only (``store.stats.transient_loads``).
 * Sampling: greedy (temperature 0), temperature, top-p; each request has its own key
   ``fold_in(key(seed), token index)``, so what a request samples does not depend on its batch.
 """
@@ -41,7 +49,9 @@ import numpy as np
 from readme_jax.config import EngineConfig, SamplingParams
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
+from readme_jax.serve.cache_policy import split_calls
 from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
+from readme_jax.serve.expert_store import ExpertStore
 from readme_jax.serve.requests import Batch, Kind, Request
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -73,7 +83,8 @@ class StepOutput(NamedTuple):
     next_routes: dict  # rid -> expert of the token just sampled, None when the request finished
     tokens: dict  # rid -> the token just sampled
     prefill_s: float  # measured: the step's prefill calls (host prep + device + readback)
-    decode_s: float  # measured: the step's decode call
+    decode_s: float  # measured: the step's decode call(s)
+    stall_s: float = 0.0  # measured: waiting for expert copies (expert store only)
 
 
 class Engine:
@@ -83,7 +94,8 @@ class Engine:
     (``warm_start``; the calls are idempotent), so step times exclude compilation.
     """
 
-    def __init__(self, model: ServedModel, cfg: EngineConfig = EngineConfig(), *, warm_start: bool = True):
+    def __init__(self, model: ServedModel, cfg: EngineConfig = EngineConfig(), *, warm_start: bool = True,
+                 store: ExpertStore | None = None):
         params, self.backbone_cfg = backbone_of(model)
         model.validate()
         self.model = model
@@ -91,9 +103,18 @@ class Engine:
         self.warm_start = warm_start
         self.buckets = cfg.buckets()
         self.max_prompt_len = min(self.buckets[-1], cfg.max_len - 1)
-        self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl)
+        self.store = store
+        self.lookahead: Callable[[], Sequence] | None = None  # known future expert sets (prefetch, Belady)
+        self._future: list = []
+        if store is not None:
+            if not model.is_moe or store.n_experts != model.n_experts:
+                raise ConfigError("engine: the expert store must be built from the Read-ME model it serves")
+            self._route_prompt, self._prefill, self._decode = step_fns(model, "pool", cfg.impl)
+            self.params = store.base_params  # the experts' own weights come from the store per call
+        else:
+            self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl)
+            self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
         self._present = model.is_moe and cfg.moe_ffn == "present"
-        self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
         self.rparams = jax.device_put(model.router_params) if model.is_moe else None
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
@@ -224,9 +245,36 @@ class Engine:
         dec = [(it.request, it.slot) for it in batch.items if it.kind is Kind.DECODE]
         out_tok: dict = {}
         out_route: dict = {}
-        prefill_s = self._run_prefill(pre, out_tok, out_route) if pre else 0.0
-        decode_s = self._run_decode(dec, out_tok, out_route) if dec else 0.0
-        return StepOutput(out_route, out_tok, prefill_s, decode_s)
+        calls = [("prefill", T, g) for T, g in self._prefill_groups(pre)] if pre else []
+        if dec:
+            calls += [("decode", None, d) for d in self._decode_groups(dec)]
+        sets = [self._call_experts(kind, g) for kind, _, g in calls]
+        known = list(self.lookahead()) if (self.store is not None and self.lookahead is not None) else []
+        times = {"prefill": 0.0, "decode": 0.0}
+        stall0 = self.store.stats.stall_s if self.store is not None else 0.0
+        for i, (kind, T, group) in enumerate(calls):
+            self._future = [frozenset(x) for x in sets[i + 1:]] + known
+            if kind == "prefill":
+                times[kind] += self._prefill_call(T, group, out_tok, out_route)
+            else:
+                times[kind] += self._decode_call(group, out_tok, out_route)
+        stall = (self.store.stats.stall_s - stall0) if self.store is not None else 0.0
+        return StepOutput(out_route, out_tok, times["prefill"], times["decode"], stall)
+
+    def _call_experts(self, kind: str, group) -> frozenset:
+        if kind == "prefill":
+            return frozenset(int(e) for _, st, _ in group for e in st.prompt_routes)
+        return frozenset(int(self._state(req).route) for req, _ in group)
+
+    def _decode_groups(self, items) -> list:
+        """Decode items as calls: one call, or (expert store) calls of at most ``capacity`` experts."""
+        if self.store is None:
+            return [list(items)]
+        by_expert: dict = {}
+        for req, slot in items:
+            by_expert.setdefault(int(self._state(req).route), []).append((req, slot))
+        calls = split_calls(by_expert, self.store.resident, self.store.max_call_experts)
+        return [[it for e in call for it in by_expert[e]] for call in calls]
 
     def _state(self, req: Request) -> _ReqState:
         st = self._reqs.get(req.rid)
@@ -249,24 +297,36 @@ class Engine:
             st.route = route
             out_route[st.rid] = route
 
-    def _run_compiled(self, fn, key, args: tuple, greedy: bool, **static) -> tuple[np.ndarray, np.ndarray, float]:
+    def _run_compiled(self, fn, key, args: tuple, greedy: bool, experts: tuple = (),
+                      **static) -> tuple[np.ndarray, np.ndarray, float]:
         """Run a donating step function on the engine's caches: ``(tokens, routes, timed seconds)``.
 
         The first use of a shape is warmed untimed; that is safe because a call is idempotent
-        (it rewrites the same cache entries with the same values).
+        (it rewrites the same cache entries with the same values). With an expert store, the
+        call's experts are acquired first (the wait is the store's stall, not in the returned
+        seconds) and the next call's copies start while this one computes.
         """
-        def run():
-            nxt, nroute, self.cache, self.rcache = fn(self.params, self.rparams, self.cache, self.rcache, *args,
+        params = self.params
+        if self.store is not None:
+            bufs = self.store.acquire(experts, self._future)
+            params = {**params, "layers": {**params["layers"], "pool": bufs}}
+
+        def run(prefetch: bool = False):
+            nxt, nroute, self.cache, self.rcache = fn(params, self.rparams, self.cache, self.rcache, *args,
                                                       greedy=greedy, **static)
+            if prefetch and self.store is not None:
+                self.store.prefetch(self._future, busy=experts)
             return nxt, nroute
 
         self._warmup(key + (greedy,), run)
         t0 = time.perf_counter()
-        nxt, nroute = run()
+        nxt, nroute = run(prefetch=True)
         nxt, nroute = np.asarray(nxt), np.asarray(nroute)
         return nxt, nroute, time.perf_counter() - t0
 
-    def _run_prefill(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> float:
+    def _prefill_groups(self, items: Sequence[tuple[Request, int]]) -> list:
+        """Validated prefills as calls ``(bucket, [(req, state, slot)])``: one per length bucket, cut
+        (expert store) so a call's experts fit the pool where its prompts allow."""
         groups: dict[int, list] = {}
         for req, slot in items:
             st = self._state(req)
@@ -279,37 +339,51 @@ class Engine:
             groups.setdefault(self._bucket(st.prompt.size), []).append((req, st, slot))
         if len({slot for _, slot in items}) != len(items):
             raise ReadmeError(f"engine: two prefills of one step share a slot: {[s for _, s in items]}")
-        total = 0.0
+        out = []
         for T, group in sorted(groups.items()):
-            t0 = time.perf_counter()
-            B = self.cfg.rows(len(group))
-            tok = np.zeros((B, T), np.int32)
-            rts = np.full((B, T), -1, np.int32)  # padding tokens: no expert
-            lens = np.ones((B,), np.int32)
-            slots = np.full((B,), self.cfg.n_slots, np.int32)  # padding rows: out-of-range slot, dropped
-            seeds = np.zeros((B,), np.int32)
-            temps = np.zeros((B,), np.float32)
-            tops = np.ones((B,), np.float32)
-            top_ks = np.zeros((B,), np.int32)
-            for b, (req, st, slot) in enumerate(group):
-                P = st.prompt.size
-                tok[b, :P] = st.prompt
-                rts[b, :P] = req.prompt_routes
-                lens[b], slots[b], seeds[b], temps[b], tops[b] = P, slot, st.seed, st.temperature, st.top_p
-                top_ks[b] = st.top_k
-            present = self._present_experts(rts)
-            prep = time.perf_counter() - t0
-            nxt, nroute, call_s = self._run_compiled(self._prefill, ("prefill", B, T, present.size),
-                                             (slots, tok, rts, present, lens, seeds, temps, tops, top_ks),
-                                             bool((temps <= 0).all()))
-            total += prep + call_s
-            for b, (req, st, slot) in enumerate(group):
-                st.slot, st.pos = slot, st.prompt.size
-                self._slot_owner[slot] = st.rid
-                self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
-        return total
+            if self.store is None:
+                out.append((T, group))
+                continue
+            cur, cur_e = [], set()
+            for g in group:  # first fit in arrival order; a prompt over capacity runs alone
+                e = {int(x) for x in g[1].prompt_routes}
+                if cur and len(cur_e | e) > self.store.max_call_experts:
+                    out.append((T, cur))
+                    cur, cur_e = [], set()
+                cur.append(g)
+                cur_e |= e
+            out.append((T, cur))
+        return out
 
-    def _run_decode(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> float:
+    def _prefill_call(self, T: int, group: list, out_tok: dict, out_route: dict) -> float:
+        t0 = time.perf_counter()
+        B = self.cfg.rows(len(group))
+        tok = np.zeros((B, T), np.int32)
+        rts = np.full((B, T), -1, np.int32)  # padding tokens: no expert
+        lens = np.ones((B,), np.int32)
+        slots = np.full((B,), self.cfg.n_slots, np.int32)  # padding rows: out-of-range slot, dropped
+        seeds = np.zeros((B,), np.int32)
+        temps = np.zeros((B,), np.float32)
+        tops = np.ones((B,), np.float32)
+        top_ks = np.zeros((B,), np.int32)
+        for b, (req, st, slot) in enumerate(group):
+            P = st.prompt.size
+            tok[b, :P] = st.prompt
+            rts[b, :P] = req.prompt_routes
+            lens[b], slots[b], seeds[b], temps[b], tops[b] = P, slot, st.seed, st.temperature, st.top_p
+            top_ks[b] = st.top_k
+        rts, present, experts = self._expert_args(rts)
+        prep = time.perf_counter() - t0
+        nxt, nroute, call_s = self._run_compiled(self._prefill, ("prefill", B, T, present.size),
+                                         (slots, tok, rts, present, lens, seeds, temps, tops, top_ks),
+                                         bool((temps <= 0).all()), experts=experts)
+        for b, (req, st, slot) in enumerate(group):
+            st.slot, st.pos = slot, st.prompt.size
+            self._slot_owner[slot] = st.rid
+            self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
+        return prep + call_s
+
+    def _decode_call(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> float:
         t0 = time.perf_counter()
         B = self.cfg.rows(len(items))
         slots = np.full((B,), self.cfg.n_slots, np.int32)  # padding rows: out-of-range slot, dropped
@@ -334,16 +408,26 @@ class Engine:
             seeds[b], counters[b], temps[b], tops[b] = st.seed, len(st.tokens), st.temperature, st.top_p
             top_ks[b] = st.top_k
             states.append(st)
-        present = self._present_experts(rts)
+        rts, present, experts = self._expert_args(rts)
         W = self.cfg.window(int(pos[:len(items)].max()))
         prep = time.perf_counter() - t0
         nxt, nroute, call_s = self._run_compiled(self._decode, ("decode", B, present.size, W),
                                          (slots, tok, rts, present, pos, seeds, counters, temps, tops, top_ks),
-                                         bool((temps <= 0).all()), window=W)
+                                         bool((temps <= 0).all()), window=W, experts=experts)
         for b, st in enumerate(states):
             st.pos += 1
             self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
         return prep + call_s
+
+    def _expert_args(self, routes) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """``(routes, present_K, experts)`` for a call: with an expert store the routes become
+        indices into the call's expert buffers (``experts``, ascending) and ``present_K`` their count."""
+        if self.store is None:
+            return routes, self._present_experts(routes), ()
+        r = np.asarray(routes, np.int32)
+        experts = np.unique(r[r >= 0]).astype(np.int32)
+        local = np.where(r >= 0, np.searchsorted(experts, np.maximum(r, 0)), -1).astype(np.int32)
+        return local, np.arange(experts.size, dtype=np.int32), tuple(int(e) for e in experts)
 
     def _present_experts(self, routes) -> np.ndarray:
         """Distinct real expert ids of a call (sorted), or a constant dummy when the path ignores them."""
@@ -414,11 +498,12 @@ class EngineRunner:
 
     def run(self, batch: Batch) -> tuple[float, dict]:
         out = self.engine.step(batch)
-        rec = {"prefill_s": out.prefill_s, "decode_s": out.decode_s, "router_arrival_s": self._router_s,
+        rec = {"prefill_s": out.prefill_s, "decode_s": out.decode_s, "stall_s": out.stall_s,
+               "router_arrival_s": self._router_s,
                "n_prefill": len(batch.prefills), "n_decode": len(batch.decodes), "n_experts": len(batch.experts)}
         self.steps.append(rec)
         self._router_s = 0.0
-        measured = rec["prefill_s"] + rec["decode_s"] + rec["router_arrival_s"]
+        measured = rec["prefill_s"] + rec["decode_s"] + rec["stall_s"] + rec["router_arrival_s"]
         return (measured if self.cost_model is None else float(self.cost_model(batch))), out.next_routes
 
 

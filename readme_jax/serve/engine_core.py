@@ -17,7 +17,7 @@ import numpy as np
 from readme_jax.config import ModelConfig
 from readme_jax.errors import ConfigError
 from readme_jax.model import decoder, sampling
-from readme_jax.model.moe import present_experts_ffn, routed_ffn
+from readme_jax.model.moe import pool_ffn, present_experts_ffn, routed_ffn
 from readme_jax.model.readme_model import DenseModel, ReadMEModel
 from readme_jax.model.router import route_ids, router_logits
 
@@ -79,6 +79,8 @@ def _ffn_and_ctx(model: ServedModel, moe_ffn: str, impl: str):
         return decoder.dense_ffn, lambda r, p: None
     if moe_ffn == "present":
         return present_experts_ffn, lambda r, p: (r, p)
+    if moe_ffn == "pool":  # expert store: routes index the call's expert buffers (params["layers"]["pool"])
+        return pool_ffn, lambda r, p: r
     return routed_ffn(impl), lambda r, p: r
 
 

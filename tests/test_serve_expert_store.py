@@ -1,0 +1,93 @@
+"""The real expert store: outputs with a small device pool equal all-resident outputs exactly,
+the pool never holds more than its capacity, and its hit accounting equals a brute-force reference."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from readme_jax.config import tiny_model_config
+from readme_jax.errors import ConfigError
+from readme_jax.model.moe import MoEBackbone
+from readme_jax.model.readme_model import ReadMEModel
+from readme_jax.model.router import RouterConfig, make_router
+from readme_jax.serve.cache_policy import step_hits_bruteforce
+from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner
+from readme_jax.serve.expert_store import ExpertStore
+from readme_jax.serve.requests import Status
+from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.simulate import CostModel, simulate
+from readme_jax.serve.workload import RequestSpec
+
+E = 4
+ECFG = EngineConfig(n_slots=4, max_len=24, prefill_buckets=(16,), row_buckets=(4,))
+
+
+@pytest.fixture(scope="module")
+def moe():
+    cfg = tiny_model_config()
+    bb = MoEBackbone(cfg, rngs=nnx.Rngs(21), n_experts=E, expert_dim=16)
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=3), E, cfg.vocab_size, cfg.max_seq_len,
+                         backbone_embed_VD=bb.embed[...])
+    return ReadMEModel.from_modules(router, bb)
+
+
+def _specs(seed, n=10):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p = rng.integers(0, 97, size=int(rng.integers(1, 12))).astype(np.int32)
+        out.append(RequestSpec(i, 0.003 * i, len(p), int(rng.integers(1, 9)), None, None, p))
+    return out
+
+
+def _serve(engine, specs, policy="expert_aware", lookahead=False):
+    sched = Scheduler(SchedulerConfig(policy=policy, token_budget=16, n_slots=4, max_queue=100, max_wait_steps=4,
+                                      n_experts=E))
+    if lookahead:
+        engine.lookahead = lambda: sched.lookahead(4)
+    res = simulate(specs, sched, runner=EngineRunner(engine, cost_model=CostModel()), keep_batches=True)
+    assert all(r.status is Status.FINISHED for r in res.requests) and len(res.requests) == len(specs)
+    return {s.rid: engine.output(s.rid) for s in specs}, {s.rid: engine.routes(s.rid).tolist() for s in specs}
+
+
+@pytest.fixture(scope="module")
+def all_resident(moe):
+    specs = _specs(4)
+    return specs, _serve(Engine(moe, ECFG), specs)
+
+
+@pytest.mark.parametrize("capacity,policy,prefetch", [(1, "lru", False), (2, "belady", True), (2, "random", False),
+                                                      (3, "lru", True)])
+def test_small_pool_outputs_equal_all_resident(moe, all_resident, capacity, policy, prefetch):
+    specs, (want_out, want_routes) = all_resident
+    store = ExpertStore(moe, capacity, policy, prefetch=prefetch, seed=1)
+    eng = Engine(moe, ECFG, store=store)
+    assert not {"wg", "wu", "wd"} & set(eng.params["layers"])  # the experts' own weights are not on the device
+    got_out, got_routes = _serve(eng, specs, lookahead=prefetch)
+    assert got_out == want_out and got_routes == want_routes
+    st = store.stats
+    assert len(store.resident) <= capacity and len(store._buf) <= capacity
+    assert all(len(c) <= capacity for c in store.calls_log)
+    assert st.demand_loads + st.prefetch_loads + st.transient_loads >= len({e for r in want_routes.values() for e in r})
+    if prefetch:
+        assert st.prefetch_loads > 0  # the lookahead was used
+    if capacity < E:
+        assert store.cache.stats.evictions > 0  # the pool really was too small for the work
+
+
+def test_store_hit_accounting_equals_bruteforce(moe, all_resident):
+    specs, _ = all_resident
+    for policy in ("lru", "fifo"):
+        store = ExpertStore(moe, 2, policy)
+        _serve(Engine(moe, ECFG, store=store), specs)
+        hits, misses = step_hits_bruteforce(store.calls_log, 2, policy)
+        assert store.cache.stats.hits == hits
+        assert store.cache.stats.misses == misses + store.stats.transient_loads
+        assert store.stats.demand_loads == misses
+
+
+def test_store_errors(moe):
+    with pytest.raises(ConfigError, match=r"capacity must be an integer in \[1, n_experts=4\], got 5"):
+        ExpertStore(moe, 5)
+    with pytest.raises(ConfigError, match="unknown expert cache policy 'mru'"):
+        ExpertStore(moe, 2, "mru")
