@@ -234,10 +234,13 @@ class EngineConfig:
     moe_ffn: MoeFfn = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
     impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
     decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
+    mixed_step: bool = False  # one call per step: prefill chunks and decodes as one token list (serve/flat.py)
 
     def __post_init__(self):
         check_engine_fields("engine.", self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets,
                             self.decode_windows)
+        if not isinstance(self.mixed_step, bool):
+            raise ConfigError(f"engine.mixed_step must be true or false, got {self.mixed_step!r}")
         check_choices(self, "engine.")
         check_number("engine.eos_id", self.eos_id, lo=0, integer=True, none_ok=True)
 
@@ -251,6 +254,14 @@ class EngineConfig:
             if w >= max_pos + 2:
                 return int(w)
         return self.max_len
+
+    def tokens(self, n: int) -> int:
+        """Token slots of a mixed step with ``n`` real tokens: the smallest length bucket >= n."""
+        for b in self.buckets():
+            if b >= n:
+                return int(b)
+        raise ConfigError(f"a step of {n} tokens exceeds the largest length bucket {self.buckets()[-1]} "
+                          f"(engine.prefill_buckets / max_len); lower the scheduler's token budget")
 
     def rows(self, n: int) -> int:
         """Rows a call with ``n`` items runs (the smallest row bucket >= n)."""

@@ -52,6 +52,7 @@ from readme_jax.model import decoder
 from readme_jax.serve.cache_policy import split_calls
 from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
 from readme_jax.serve.expert_store import ExpertStore
+from readme_jax.serve.flat import mixed_fn
 from readme_jax.serve.requests import Batch, Kind, Request
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -115,6 +116,10 @@ class Engine:
             self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl)
             self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
         self._present = model.is_moe and cfg.moe_ffn == "present"
+        if cfg.mixed_step:
+            if store is not None:
+                raise ConfigError("engine: mixed_step with an expert store is not built yet (use mixed_step=False)")
+            self._mixed = mixed_fn(model)
         self.rparams = jax.device_put(model.router_params) if model.is_moe else None
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
@@ -241,6 +246,8 @@ class Engine:
     # --- steps
     def step(self, batch: Batch) -> StepOutput:
         """Run one scheduler batch: every prefill and decode item, one sampled token each."""
+        if self.cfg.mixed_step:
+            return self._step_mixed(batch)
         pre = [(it.request, it.slot) for it in batch.items if it.kind is Kind.PREFILL]
         dec = [(it.request, it.slot) for it in batch.items if it.kind is Kind.DECODE]
         out_tok: dict = {}
@@ -260,6 +267,79 @@ class Engine:
                 times[kind] += self._decode_call(group, out_tok, out_route)
         stall = (self.store.stats.stall_s - stall0) if self.store is not None else 0.0
         return StepOutput(out_route, out_tok, times["prefill"], times["decode"], stall)
+
+    def _step_mixed(self, batch: Batch) -> StepOutput:
+        """The whole batch as ONE call (serve/flat.py): prefill chunks and decodes as one token
+        list, one sampled token per decode and per prompt's last chunk. Its time is ``decode_s``."""
+        t0 = time.perf_counter()
+        S = self.cfg.n_slots
+        n = sum(it.n_tokens for it in batch.items)
+        N = self.cfg.tokens(n)
+        R = self.cfg.rows(min(N, S))
+        tok = np.zeros((N,), np.int32)
+        pos = np.zeros((N,), np.int32)
+        slot = np.full((N,), S, np.int32)  # padding tokens: out-of-range slot (never attended, never written)
+        ctx = np.zeros((N,), np.int32)
+        route = np.full((N,), -1, np.int32)
+        is_prompt = np.zeros((N,), bool)
+        sample = np.zeros((R,), np.int32)
+        rslot = np.full((R,), S, np.int32)
+        rctx = np.zeros((R,), np.int32)
+        seeds, counters, top_ks = (np.zeros((R,), np.int32) for _ in range(3))
+        temps, tops = np.zeros((R,), np.float32), np.ones((R,), np.float32)
+        plan, i, r = [], 0, 0
+        for it in batch.items:
+            st = self._state(it.request)
+            if it.kind is Kind.PREFILL:
+                if st.slot is None:
+                    if not 0 <= it.slot < S or it.slot in self._slot_owner:
+                        raise ReadmeError(f"engine: slot {it.slot} of request {st.rid} is out of range or held by "
+                                          f"request {self._slot_owner.get(it.slot)}")
+                    st.slot = it.slot
+                    self._slot_owner[it.slot] = st.rid
+                elif st.slot != it.slot or st.tokens:
+                    raise ReadmeError(f"engine: request {st.rid} is already prefilled or runs in slot {st.slot}")
+                m, start, P = it.n_tokens, st.pos, st.prompt.size
+                if start + m > P:
+                    raise ReadmeError(f"engine: prefill chunk of {m} tokens from {start} exceeds request {st.rid}'s "
+                                      f"prompt of {P}")
+                tok[i:i + m] = st.prompt[start:start + m]
+                pos[i:i + m] = np.arange(start, start + m)
+                route[i:i + m] = it.request.prompt_routes[start:start + m]
+                slot[i:i + m], ctx[i:i + m], is_prompt[i:i + m] = st.slot, start, True
+                last = start + m == P
+                if last:
+                    sample[r], rslot[r], rctx[r], counters[r] = i + m - 1, st.slot, start, 0
+            else:
+                if st.slot is None or st.slot != it.slot or not st.tokens:
+                    raise ReadmeError(f"engine: decode of request {st.rid} in slot {it.slot}, but it was prefilled "
+                                      f"into slot {st.slot}")
+                if it.request.next_route is not None and it.request.next_route != st.route:
+                    raise ReadmeError(f"engine: scheduler has route {it.request.next_route} for request {st.rid}'s "
+                                      f"next token, the engine routed it to {st.route}")
+                m, last = 1, True
+                tok[i], pos[i], slot[i], ctx[i], route[i] = st.tokens[-1], st.pos, st.slot, st.pos, st.route
+                sample[r], rslot[r], rctx[r], counters[r] = i, st.slot, st.pos + 1, len(st.tokens)
+            if last:
+                seeds[r], temps[r], tops[r], top_ks[r] = st.seed, st.temperature, st.top_p, st.top_k
+                plan.append((st, m, r))
+                r += 1
+            else:
+                plan.append((st, m, None))
+            i += m
+        W = self.cfg.window(int(pos[:n].max()))
+        greedy = bool((temps[:r] <= 0).all())
+        prep = time.perf_counter() - t0
+        nxt, nroute, call_s = self._run_compiled(
+            self._mixed, ("mixed", N, R, W), (tok, pos, slot, ctx, route, is_prompt, sample, rslot, rctx, seeds,
+                                             counters, temps, tops, top_ks), greedy, window=W)
+        out_tok: dict = {}
+        out_route: dict = {}
+        for st, m, row in plan:
+            st.pos += m
+            if row is not None:
+                self._finish_token(st, int(nxt[row]), int(nroute[row]), out_tok, out_route)
+        return StepOutput(out_route, out_tok, 0.0, prep + call_s)
 
     def _call_experts(self, kind: str, group) -> frozenset:
         if kind == "prefill":
@@ -516,7 +596,8 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
     mx = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [int(max_new_tokens)] * n
     budget = token_budget or max(engine.max_prompt_len, engine.cfg.n_slots)
     sched = Scheduler(SchedulerConfig(policy=policy, token_budget=budget, n_slots=engine.cfg.n_slots,
-                                      max_queue=max(n, 1), n_experts=engine.model.n_experts))
+                                      max_queue=max(n, 1), n_experts=engine.model.n_experts,
+                                      chunked_prefill=engine.cfg.mixed_step))
     for i, p in enumerate(prompts):
         if not sched.add(engine.new_request(i, p, mx[i], sampling_params=sampling_params)):
             raise RequestError(f"request {i}: rejected by the scheduler")

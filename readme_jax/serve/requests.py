@@ -53,6 +53,7 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None
     n_generated: int = 0
+    prefilled: int = 0  # prompt tokens already run (chunked prefill)
     next_route: int | None = None  # expert of the sampled token the next decode will run
     admitted_s: float | None = None
     first_token_s: float | None = None
@@ -113,10 +114,17 @@ class WorkItem:
         return self.request.rid
 
     @staticmethod
-    def prefill(request: Request, ready_step: int) -> "WorkItem":
-        r = request.prompt_routes
+    def prefill(request: Request, ready_step: int, n_tokens: int | None = None) -> "WorkItem":
+        """The prompt's remaining tokens (from ``request.prefilled``), or their first ``n_tokens`` (a chunk)."""
+        r = request.prompt_routes[request.prefilled:]
+        if n_tokens is not None:
+            r = r[:n_tokens]
         return WorkItem(request, Kind.PREFILL, int(r.shape[0]), ready_step,
                         frozenset(int(e) for e in np.unique(r)), majority_expert(r))
+
+    def chunk(self, n_tokens: int) -> "WorkItem":
+        """The first ``n_tokens`` of this prefill (chunked prefill)."""
+        return WorkItem.prefill(self.request, self.ready_step, n_tokens)
 
     @staticmethod
     def decode(request: Request, route: int, ready_step: int) -> "WorkItem":

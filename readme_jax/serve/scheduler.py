@@ -54,6 +54,7 @@ class SchedulerConfig:
     max_queue: int = 1024  # max waiting (unslotted) requests; more are rejected
     max_wait_steps: int | None = 16  # age bound; None disables it
     n_experts: int = 8  # route ids must be in [0, n_experts)
+    chunked_prefill: bool = False  # a prefill that does not fit the rest of a step's budget runs a chunk of it
 
     def __post_init__(self):
         if self.policy not in SCHEDULER_POLICIES:
@@ -72,36 +73,47 @@ class SchedulerConfig:
 # and returns the items to run, in order. Pure: no scheduler state.
 
 
-def _first_fit(items, budget: int, chosen: list) -> int:
+def _fit(it: WorkItem, room: int, chunk: bool) -> WorkItem | None:
+    """``it`` if it fits ``room`` tokens; with ``chunk``, a prefill that does not fit runs its first ``room``."""
+    if it.n_tokens <= room:
+        return it
+    if chunk and it.kind is Kind.PREFILL and room >= 1:
+        return it.chunk(room)
+    return None
+
+
+def _first_fit(items, budget: int, chosen: list, chunk: bool = False) -> int:
     used = 0
     for it in items:
-        if used + it.n_tokens <= budget:
-            chosen.append(it)
-            used += it.n_tokens
+        took = _fit(it, budget - used, chunk)
+        if took is not None:
+            chosen.append(took)
+            used += took.n_tokens
     return used
 
 
-def select_fcfs(items: Sequence[WorkItem], budget: int) -> list:
+def select_fcfs(items: Sequence[WorkItem], budget: int, chunk: bool = False) -> list:
     chosen: list = []
-    _first_fit(items, budget, chosen)
+    _first_fit(items, budget, chosen, chunk)
     return chosen
 
 
-def select_decode_first(items: Sequence[WorkItem], budget: int) -> list:
+def select_decode_first(items: Sequence[WorkItem], budget: int, chunk: bool = False) -> list:
     chosen: list = []
-    used = _first_fit([i for i in items if i.kind is Kind.DECODE], budget, chosen)
-    _first_fit([i for i in items if i.kind is Kind.PREFILL], budget - used, chosen)
+    used = _first_fit([i for i in items if i.kind is Kind.DECODE], budget, chosen, chunk)
+    _first_fit([i for i in items if i.kind is Kind.PREFILL], budget - used, chosen, chunk)
     return chosen
 
 
-def select_prefill_first(items: Sequence[WorkItem], budget: int) -> list:
+def select_prefill_first(items: Sequence[WorkItem], budget: int, chunk: bool = False) -> list:
     chosen: list = []
-    used = _first_fit([i for i in items if i.kind is Kind.PREFILL], budget, chosen)
-    _first_fit([i for i in items if i.kind is Kind.DECODE], budget - used, chosen)
+    used = _first_fit([i for i in items if i.kind is Kind.PREFILL], budget, chosen, chunk)
+    _first_fit([i for i in items if i.kind is Kind.DECODE], budget - used, chosen, chunk)
     return chosen
 
 
-def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: frozenset = frozenset()) -> list:
+def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: frozenset = frozenset(),
+                        chunk: bool = False) -> list:
     """Read-ME Algorithm 1: serve the longest per-expert queue (in tokens) first."""
     queues: dict[int, list] = collections.defaultdict(list)
     for it in items:
@@ -112,10 +124,11 @@ def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: f
     while queues and used < budget:
         e = max(queues, key=lambda k: (sum(i.n_tokens for i in queues[k]), k in in_batch, -k))
         for it in queues.pop(e):
-            if used + it.n_tokens <= budget:
-                chosen.append(it)
-                used += it.n_tokens
-                in_batch |= it.experts
+            took = _fit(it, budget - used, chunk)
+            if took is not None:
+                chosen.append(took)
+                used += took.n_tokens
+                in_batch |= took.experts
     return chosen
 
 
@@ -127,20 +140,22 @@ _SELECT: dict[str, Callable] = {
 }
 
 
-def plan_step(items: Sequence[WorkItem], budget: int, step: int, policy: str, max_wait_steps: int | None) -> list:
-    """Items one step takes: overdue ones first (oldest first), then the policy's picks."""
+def plan_step(items: Sequence[WorkItem], budget: int, step: int, policy: str, max_wait_steps: int | None,
+              chunk: bool = False) -> list:
+    """Items one step takes: overdue ones first (oldest first), then the policy's picks. With
+    ``chunk``, a prefill may be cut to the room left (the returned item is then its chunk)."""
     items = sorted(items, key=lambda i: (i.ready_step, i.rid))
     chosen: list = []
     used = 0
     if max_wait_steps is not None:
         overdue = [i for i in items if step - i.ready_step >= max_wait_steps]
-        used = _first_fit(overdue, budget, chosen)
-    taken = {id(i) for i in chosen}
-    rest = [i for i in items if id(i) not in taken]
+        used = _first_fit(overdue, budget, chosen, chunk)
+    taken = {i.rid for i in chosen}
+    rest = [i for i in items if i.rid not in taken]
     if policy == "expert_aware":
-        picks = select_expert_aware(rest, budget - used, frozenset().union(*(i.experts for i in chosen)))
+        picks = select_expert_aware(rest, budget - used, frozenset().union(*(i.experts for i in chosen)), chunk)
     else:
-        picks = _SELECT[policy](rest, budget - used)
+        picks = _SELECT[policy](rest, budget - used, chunk)
     return chosen + picks
 
 
@@ -191,9 +206,9 @@ class Scheduler:
             )
         self._seen.add(request.rid)
         reason = None
-        if request.prompt_len > self.cfg.token_budget:
+        if request.prompt_len > self.cfg.token_budget and not self.cfg.chunked_prefill:
             reason = (f"prompt has {request.prompt_len} tokens > scheduler.token_budget={self.cfg.token_budget} "
-                      f"(a prefill is never split)")
+                      f"(a prefill is split only with scheduler.chunked_prefill)")
         elif len(self._waiting) - len(self._free_slots) >= self.cfg.max_queue:  # the free slots take some
             n = len(self._waiting) - len(self._free_slots)
             reason = f"queue full: {n} requests waiting for a slot (scheduler.max_queue={self.cfg.max_queue})"
@@ -224,7 +239,8 @@ class Scheduler:
             req.admitted_s = now_s
             self._running[req.rid] = req
             self._pending[req.rid] = WorkItem.prefill(req, self.step)
-        chosen = plan_step(list(self._pending.values()), budget, self.step, self.cfg.policy, self.cfg.max_wait_steps)
+        chosen = plan_step(list(self._pending.values()), budget, self.step, self.cfg.policy, self.cfg.max_wait_steps,
+                           self.cfg.chunked_prefill)
         if self._pending and not chosen:
             # every item fits an empty step (prompts are checked at add), so a policy that
             # picks nothing while work is ready is a bug; fail loudly rather than spin
@@ -253,6 +269,11 @@ class Scheduler:
         done = []
         for it in batch.items:
             req = it.request
+            if it.kind is Kind.PREFILL:
+                req.prefilled += it.n_tokens
+                if req.prefilled < req.prompt_len:  # a chunk: the rest of the prompt is ready again, no token yet
+                    self._pending[req.rid] = WorkItem.prefill(req, self.step)
+                    continue
             if req.rid not in next_routes:
                 raise RequestError(f"on_step_done: no route given for request {req.rid} of step {batch.step}")
             req.n_generated += 1
@@ -308,9 +329,9 @@ class Scheduler:
         for _ in range(n_steps):
             if not items:
                 break
-            chosen = plan_step(items, budget, step, self.cfg.policy, self.cfg.max_wait_steps)
-            ids = {id(i) for i in chosen}
-            items = [i for i in items if id(i) not in ids]
+            chosen = plan_step(items, budget, step, self.cfg.policy, self.cfg.max_wait_steps, self.cfg.chunked_prefill)
+            ids = {i.rid for i in chosen}
+            items = [i for i in items if i.rid not in ids]  # a chunked prefill's rest is left out of the dry run
             out.append(frozenset().union(*(i.experts for i in chosen)))
             step += 1
         return out

@@ -1,0 +1,151 @@
+"""One engine call per step: prefill chunks and decodes of many requests as one flat token list.
+
+``flat_forward`` runs N tokens (any mix of requests) through a decoder. Token i belongs to
+cache slot ``slot[i]`` at position ``pos[i]``. That slot's positions below ``ctx[i]`` are
+already in the cache; the step's own tokens of one slot attend to each other causally. Each
+token's keys are its slot's cache row (positions < ctx, window W) followed by the step's new
+tokens (same slot, position <= its own). It uses the same :func:`layers.attend` as the rest
+of the model, so a decode token sees exactly the keys the per-row decode path gives it. The
+new keys/values come back per layer (``[L, N, K, hd]``) and are written to the cache once
+after the call.
+
+``make_mixed_fn(model)`` builds the jitted step: backbone over the step's tokens, logits and
+sampling on one row per sampling item (a decode, or the last chunk of a prompt), then the
+router on the step's prompt tokens (its cache rows) and on every sampled token (its route).
+Compiled shapes: ``(N tokens, R sample rows, W window, greedy)``; the engine takes R from N,
+so the programs number ``len(token buckets) x len(windows) x 2`` at most.
+
+The Read-ME FFN here is :func:`experts_cond_ffn`: every expert's part is behind a
+``lax.cond`` on "some token of this call routes here", so the experts read and computed are
+those present, and their number K is a runtime value, not a compiled shape. The shared part
+runs once on all tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+
+from readme_jax.config import ModelConfig
+from readme_jax.model import decoder, layers
+from readme_jax.model.moe import shared_ffn
+from readme_jax.model.router import route_ids, router_ffn
+from readme_jax.ops.expert_ffn import expert_ffn
+from readme_jax.serve.engine_core import backbone_of, sample_rows
+
+
+def experts_cond_ffn(lp: dict, h_BTD, route_BT):
+    """Read-ME FFN with a runtime number of experts: expert e runs (on every row, keeping its
+    own) only when some token routes to it; rows routed to -1 get 0. Shared part once."""
+    B, T, D = h_BTD.shape
+    x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
+    E = lp["wg"].shape[0]
+    y = jnp.zeros((B * T, D), jnp.float32)
+    for e in range(E):
+        def run(y, e=e):
+            w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
+            return y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
+
+        y = jax.lax.cond(jnp.any(r == e), run, lambda y: y, y)
+    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+
+
+def flat_forward(params: dict, cfg: ModelConfig, tokens_N, pos_N, slot_N, ctx_N, cache: decoder.KVCache,
+                 window: int, *, ffn=decoder.dense_ffn, ffn_ctx=None):
+    """``(hidden [N, D], new_k [L, N, K, hd], new_v)`` for N tokens of many requests (module doc).
+
+    Padding tokens carry ``slot >= n_slots``: nobody attends to them and their columns are
+    dropped when written back.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    N = tokens_N.shape[0]
+    S = cache.k.shape[1]
+    params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    x = params["embed"][tokens_N][:, None]  # [N, 1, D]: every token is its own row of one query
+    qpos = pos_N[:, None]
+    cos, sin = layers.rope_cos_sin(qpos, cfg.head_dim, cfg.rope_theta, cfg.rope_llama3)
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    old_k = cache.k[:, :, :window].at[:, slot_N].get(mode="clip")  # [L, N, W, K, hd]
+    old_v = cache.v[:, :, :window].at[:, slot_N].get(mode="clip")
+    w = jnp.arange(window, dtype=jnp.int32)[None]
+    kpos_old = jnp.where(w < ctx_N[:, None], w, -1)  # stale positions (>= ctx) are masked
+    same = (slot_N[:, None] == slot_N[None, :]) & (slot_N[None, :] < S)
+    kpos_new = jnp.where(same, pos_N[None, :], -1)
+    kpos = jnp.concatenate([kpos_old, kpos_new], axis=1)  # [N, W + N]
+
+    def layer(x_N1D, xs):
+        lp, ok, ov = xs
+        h = layers.rms_norm(x_N1D, lp["attn_norm"], cfg.norm_eps)
+        q = layers.apply_rope((h @ lp["wq"]).reshape(N, 1, H, hd), cos, sin)
+        k = layers.apply_rope((h @ lp["wk"]).reshape(N, 1, K, hd), cos, sin)
+        v = (h @ lp["wv"]).reshape(N, 1, K, hd)
+        kc = jnp.concatenate([ok.astype(k.dtype), jnp.broadcast_to(k[:, 0][None], (N, N, K, hd))], axis=1)
+        vc = jnp.concatenate([ov.astype(v.dtype), jnp.broadcast_to(v[:, 0][None], (N, N, K, hd))], axis=1)
+        a = layers.attend(q, kc, vc, qpos, kpos, cfg.attn_scale)
+        x_N1D = x_N1D + (a @ lp["wo"]).astype(dt)
+        h = layers.rms_norm(x_N1D, lp["ffn_norm"], cfg.norm_eps)
+        y, _ = ffn(lp, h, ffn_ctx)
+        return x_N1D + y.astype(dt), (k[:, 0], v[:, 0])
+
+    x, (nk, nv) = jax.lax.scan(layer, x, (params["layers"], old_k, old_v))
+    return layers.rms_norm(x, params["final_norm"], cfg.norm_eps)[:, 0], nk, nv
+
+
+def write_columns(cache: decoder.KVCache, nk, nv, slot_N, pos_N) -> decoder.KVCache:
+    """Write each token's new key/value at (its slot, its position); padding slots are dropped."""
+    return decoder.KVCache(cache.k.at[:, slot_N, pos_N].set(nk.astype(cache.k.dtype), mode="drop"),
+                           cache.v.at[:, slot_N, pos_N].set(nv.astype(cache.v.dtype), mode="drop"))
+
+
+def make_mixed_fn(model):
+    """The jitted mixed step of ``model`` (a ReadMEModel or DenseModel).
+
+    ``mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N,
+    sample_R, rslot_R, rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, *, greedy,
+    window)`` returns ``(next_tokens_R, next_routes_R, cache, rcache)``. Row r samples from
+    the logits of token ``sample_R[r]``; its sampled token sits at position ``pos + 1`` of slot
+    ``rslot_R[r]`` (``>= n_slots`` for padding rows: nothing written), whose router cache held
+    positions below ``rctx_R[r]`` before the step.
+    """
+    _, cfg = backbone_of(model)
+    moe = model.is_moe
+    rcfg, mlp = (model.router_cfg, model.router_mlp) if moe else (None, "swiglu")
+
+    def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy):
+        if greedy:
+            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B)
+
+    def mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N, sample_R, rslot_R,
+              rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy, window):
+        S = cache.k.shape[1]
+        ffn, ctx = (experts_cond_ffn, route_N[:, None]) if moe else (decoder.dense_ffn, None)
+        h, nk, nv = flat_forward(params, cfg, tok_N, pos_N, slot_N, ctx_N, cache, window, ffn=ffn, ffn_ctx=ctx)
+        logits = decoder.logits_of_hidden(params, cfg, h[sample_R])
+        nxt = pick(logits, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy)
+        cache = write_columns(cache, nk, nv, slot_N, pos_N)
+        if not moe:
+            return nxt, jnp.zeros_like(nxt), cache, rcache
+        # router: the step's prompt tokens (to fill its cache) and every sampled token (its route)
+        r_tok = jnp.concatenate([tok_N, nxt])
+        r_pos = jnp.concatenate([pos_N, pos_N[sample_R] + 1])
+        r_slot = jnp.concatenate([jnp.where(is_prompt_N, slot_N, S), rslot_R])
+        r_ctx = jnp.concatenate([ctx_N, rctx_R])
+        rh, rk, rv = flat_forward(rparams, rcfg, r_tok, r_pos, r_slot, r_ctx, rcache, window, ffn=router_ffn(mlp))
+        rl = jnp.dot(rh.astype(jnp.float32), rparams["head"].astype(jnp.float32))
+        nroute = route_ids(rl[tok_N.shape[0]:])
+        return nxt, nroute, cache, write_columns(rcache, rk, rv, r_slot, r_pos)
+
+    return jax.jit(mixed, donate_argnums=(2, 3), static_argnames=("greedy", "window"))
+
+
+_MIXED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def mixed_fn(model):
+    """The model's mixed step, built once per model object (engines over one model share compilations)."""
+    if model not in _MIXED:
+        _MIXED[model] = make_mixed_fn(model)
+    return _MIXED[model]
