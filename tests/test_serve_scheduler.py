@@ -70,7 +70,7 @@ def test_rejections_carry_reasons():
     long = req(0, [0] * 5)
     assert not s.add(long)
     assert long.status is Status.REJECTED
-    assert long.reject_reason == "prompt has 5 tokens > scheduler.token_budget=4 (a prefill is never split)"
+    assert long.reject_reason == "prompt has 5 tokens > scheduler.token_budget=4 (a prefill is split only with scheduler.chunked_prefill)"
     assert s.add(req(1, [0]))  # takes the free slot at the next step: does not count as waiting
     assert s.add(req(2, [0]))  # waits
     full = req(3, [0])
@@ -292,9 +292,55 @@ def test_trailing_invalid_or_rejected_requests_do_not_lose_the_run():
         for s in tail:
             assert out[s.rid]["status"] == "rejected", s.rid
         if too_long in tail:
-            assert out[4]["reason"] == "prompt has 9 tokens > scheduler.token_budget=8 (a prefill is never split)"
+            assert out[4]["reason"] == "prompt has 9 tokens > scheduler.token_budget=8 (a prefill is split only with scheduler.chunked_prefill)"
         if bad_route in tail:
             assert "prompt route 7 out of range [0, 4)" in res.invalid[5] == out[5]["reason"]
         if no_output in tail:
             assert "max_new_tokens must be an integer >= 1, got 0" in res.invalid[6]
         assert res.steps[-1].end_s < 5.0  # the served requests ran before the bad ones arrived
+
+
+# ----------------------------------------------------------------------------- chunked prefill, expert-blind control
+
+
+@pytest.mark.parametrize("policy", SCHEDULER_POLICIES)
+def test_chunked_prefill_splits_to_the_budget_and_samples_once(policy):
+    cfg = SchedulerConfig(policy=policy, token_budget=4, n_slots=2, max_wait_steps=None, n_experts=3,
+                          chunked_prefill=True)
+    s = Scheduler(cfg)
+    long = req(0, [0, 0, 1, 1, 2, 2, 2, 0, 1, 1], max_new=2)  # 10 tokens > budget 4: accepted, chunked
+    assert s.add(long) and s.add(req(1, [2], max_new=3))
+    seen = []
+    while s.has_work():
+        b = s.next_batch()
+        assert b.n_tokens <= 4
+        seen += [(it.rid, it.n_tokens, it.experts) for it in b.items if it.kind is Kind.PREFILL and it.rid == 0]
+        partial = {it.rid for it in b.items if it.kind is Kind.PREFILL and
+                   it.request.prefilled + it.n_tokens < it.request.prompt_len}
+        s.on_step_done(b, {it.rid: 1 for it in b.items if it.rid not in partial}, 0.0)
+    assert sum(n for _, n, _ in seen) == 10 and len(seen) >= 3  # the whole prompt, in chunks
+    assert seen[0][2] == frozenset({0, 1}) or seen[0][1] < 4  # a chunk's experts are its own tokens'
+    assert long.n_generated == 2 and long.status is Status.FINISHED and long.prefilled == 10
+    # without chunking the same prompt is rejected with the reason
+    s2 = Scheduler(dataclasses.replace(cfg, chunked_prefill=False))
+    assert not s2.add(req(0, [0] * 10)) and "chunked_prefill" in s2.rejected[0].reject_reason
+
+
+def test_blind_labels_permute_each_requests_experts_and_keep_true_routes():
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=64, n_slots=8, n_experts=5, blind_labels_seed=7)
+    s = Scheduler(cfg)
+    rs = [req(i, [i % 5, i % 5, (i + 1) % 5]) for i in range(8)]
+    for r in rs:
+        s.add(r)
+    b = s.next_batch()
+    relabelled = 0
+    for it in b.items:
+        perm = s._labels(it.request)
+        assert sorted(perm) == list(range(5))  # a permutation, fixed per request
+        assert it.experts == frozenset(perm[e] for e in it.request.prompt_routes)
+        relabelled += it.experts != frozenset(int(e) for e in it.request.prompt_routes)
+    assert relabelled >= 4  # the labels really changed for most requests
+    s.on_step_done(b, {it.rid: 3 for it in b.items}, 0.0)
+    nxt = s.next_batch()
+    for it in nxt.items:  # decodes: the true route stays on the request, the label is permuted
+        assert it.request.next_route == 3 and it.experts == frozenset({s._labels(it.request)[3]})

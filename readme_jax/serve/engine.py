@@ -86,6 +86,7 @@ class StepOutput(NamedTuple):
     prefill_s: float  # measured: the step's prefill calls (host prep + device + readback)
     decode_s: float  # measured: the step's decode call(s)
     stall_s: float = 0.0  # measured: waiting for expert copies (expert store only)
+    experts: frozenset = frozenset()  # the true experts the step's calls ran (union over calls)
 
 
 class Engine:
@@ -266,7 +267,7 @@ class Engine:
             else:
                 times[kind] += self._decode_call(group, out_tok, out_route)
         stall = (self.store.stats.stall_s - stall0) if self.store is not None else 0.0
-        return StepOutput(out_route, out_tok, times["prefill"], times["decode"], stall)
+        return StepOutput(out_route, out_tok, times["prefill"], times["decode"], stall, frozenset().union(*sets))
 
     def _step_mixed(self, batch: Batch) -> StepOutput:
         """The whole batch as ONE call (serve/flat.py): prefill chunks and decodes as one token
@@ -339,7 +340,30 @@ class Engine:
             st.pos += m
             if row is not None:
                 self._finish_token(st, int(nxt[row]), int(nroute[row]), out_tok, out_route)
-        return StepOutput(out_route, out_tok, 0.0, prep + call_s)
+        experts = frozenset(int(e) for e in np.unique(route[route >= 0])) if self.model.is_moe else frozenset()
+        return StepOutput(out_route, out_tok, 0.0, prep + call_s, 0.0, experts)
+
+    def warm_mixed(self, max_tokens: int, greedy: bool = True) -> float:
+        """Compile (and run once, on padding only: nothing is written) every mixed-step program a
+        step of at most ``max_tokens`` tokens can use: each token bucket up to
+        ``cfg.tokens(max_tokens)`` times each attention window. Returns the seconds it took."""
+        if not self.cfg.mixed_step:
+            raise ConfigError("warm_mixed: the engine is not in mixed_step mode")
+        S, top = self.cfg.n_slots, self.cfg.tokens(max_tokens)
+        windows = sorted({self.cfg.window(p) for p in range(self.cfg.max_len - 1)})
+        t0 = time.perf_counter()
+        for N in [b for b in self.buckets if b <= top]:
+            R = self.cfg.rows(min(N, S))
+            z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
+            # padding tokens (slot S: nothing attended or written) routed to every expert, so each
+            # expert's branch runs once here (XLA:CPU's first run of a branch is slow)
+            rt = (np.arange(N) % self.model.n_experts).astype(np.int32)
+            args = (z, z, np.full((N,), S, np.int32), z, rt, np.zeros((N,), bool), zr,
+                    np.full((R,), S, np.int32), zr, zr, zr, np.zeros((R,), np.float32), np.ones((R,), np.float32), zr)
+            for W in windows:
+                self._warmup(("mixed", N, R, W, greedy), lambda: self._run_compiled(
+                    self._mixed, ("mixed", N, R, W), args, greedy, window=W)[:2])
+        return time.perf_counter() - t0
 
     def _call_experts(self, kind: str, group) -> frozenset:
         if kind == "prefill":

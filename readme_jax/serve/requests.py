@@ -108,27 +108,32 @@ class WorkItem:
     ready_step: int
     experts: frozenset
     queue_expert: int
+    labels: tuple | None = None  # expert-blind control: the scheduler sees expert e as labels[e]
 
     @property
     def rid(self) -> int:
         return self.request.rid
 
     @staticmethod
-    def prefill(request: Request, ready_step: int, n_tokens: int | None = None) -> "WorkItem":
+    def prefill(request: Request, ready_step: int, n_tokens: int | None = None,
+                labels: tuple | None = None) -> "WorkItem":
         """The prompt's remaining tokens (from ``request.prefilled``), or their first ``n_tokens`` (a chunk)."""
         r = request.prompt_routes[request.prefilled:]
         if n_tokens is not None:
             r = r[:n_tokens]
+        if labels is not None:
+            r = np.asarray(labels, np.int32)[r]
         return WorkItem(request, Kind.PREFILL, int(r.shape[0]), ready_step,
-                        frozenset(int(e) for e in np.unique(r)), majority_expert(r))
+                        frozenset(int(e) for e in np.unique(r)), majority_expert(r), labels)
 
     def chunk(self, n_tokens: int) -> "WorkItem":
         """The first ``n_tokens`` of this prefill (chunked prefill)."""
-        return WorkItem.prefill(self.request, self.ready_step, n_tokens)
+        return WorkItem.prefill(self.request, self.ready_step, n_tokens, self.labels)
 
     @staticmethod
-    def decode(request: Request, route: int, ready_step: int) -> "WorkItem":
-        return WorkItem(request, Kind.DECODE, 1, ready_step, frozenset((int(route),)), int(route))
+    def decode(request: Request, route: int, ready_step: int, labels: tuple | None = None) -> "WorkItem":
+        e = int(route) if labels is None else int(labels[int(route)])
+        return WorkItem(request, Kind.DECODE, 1, ready_step, frozenset((e,)), e, labels)
 
 
 @dataclasses.dataclass(frozen=True)

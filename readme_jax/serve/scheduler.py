@@ -9,6 +9,13 @@ The engine contract (see docs/SERVING.md)::
 
 Shared by every policy (so they differ only in which ready work they pick):
 
+* Chunked prefill (``chunked_prefill``, for the one-call engine): a prefill that does not fit
+  the room left in a step runs its first tokens (a chunk; the step's budget is then full) and
+  the rest is ready again next step; only the last chunk samples a token. Without it a prefill
+  is never split and a prompt longer than the budget is rejected.
+* Expert-blind control (``blind_labels_seed``): each request's experts are relabelled by a
+  random permutation of its own, so expert-aware grouping sees labels that carry no expert
+  information. The engine still runs the true routes.
 * KV slots: at most ``n_slots`` requests hold a slot; waiting requests get free slots in
   arrival order (FCFS admission). At most ``max_queue`` requests wait; more are rejected
   with a reason. A prompt longer than ``token_budget`` is rejected too: a prefill is never
@@ -40,6 +47,8 @@ import dataclasses
 import heapq
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
 from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.serve.requests import Batch, BatchItem, Kind, Request, Status, WorkItem
@@ -55,6 +64,7 @@ class SchedulerConfig:
     max_wait_steps: int | None = 16  # age bound; None disables it
     n_experts: int = 8  # route ids must be in [0, n_experts)
     chunked_prefill: bool = False  # a prefill that does not fit the rest of a step's budget runs a chunk of it
+    blind_labels_seed: int | None = None  # expert-blind control: each request's experts relabelled at random
 
     def __post_init__(self):
         if self.policy not in SCHEDULER_POLICIES:
@@ -179,6 +189,15 @@ class Scheduler:
         self.rejected: list[Request] = []
         self.cancelled: list[Request] = []
 
+    def _labels(self, req: Request) -> tuple | None:
+        """The expert-blind control's relabelling of ``req``'s experts (a random permutation per
+        request, fixed for its life): grouping by label then carries no expert information, while
+        queue lengths and ages behave as before. None unless ``blind_labels_seed`` is set."""
+        if self.cfg.blind_labels_seed is None:
+            return None
+        rng = np.random.default_rng([self.cfg.blind_labels_seed, req.rid])
+        return tuple(int(x) for x in rng.permutation(self.cfg.n_experts))
+
     # --- queries
     @property
     def n_waiting(self) -> int:
@@ -187,6 +206,11 @@ class Scheduler:
     @property
     def n_running(self) -> int:
         return len(self._running)
+
+    @property
+    def n_ready(self) -> int:
+        """Ready work items not in the batch in flight (after ``next_batch``: the ones it left out)."""
+        return len(self._pending)
 
     def has_work(self) -> bool:
         """True while any accepted request is unfinished."""
@@ -238,7 +262,7 @@ class Scheduler:
             req.status = Status.ADMITTED
             req.admitted_s = now_s
             self._running[req.rid] = req
-            self._pending[req.rid] = WorkItem.prefill(req, self.step)
+            self._pending[req.rid] = WorkItem.prefill(req, self.step, labels=self._labels(req))
         chosen = plan_step(list(self._pending.values()), budget, self.step, self.cfg.policy, self.cfg.max_wait_steps,
                            self.cfg.chunked_prefill)
         if self._pending and not chosen:
@@ -272,7 +296,7 @@ class Scheduler:
             if it.kind is Kind.PREFILL:
                 req.prefilled += it.n_tokens
                 if req.prefilled < req.prompt_len:  # a chunk: the rest of the prompt is ready again, no token yet
-                    self._pending[req.rid] = WorkItem.prefill(req, self.step)
+                    self._pending[req.rid] = WorkItem.prefill(req, self.step, labels=self._labels(req))
                     continue
             if req.rid not in next_routes:
                 raise RequestError(f"on_step_done: no route given for request {req.rid} of step {batch.step}")
@@ -295,7 +319,7 @@ class Scheduler:
                 raise RequestError(f"on_step_done: route {route} of request {req.rid} out of range "
                                    f"[0, {self.cfg.n_experts}) (scheduler.n_experts)")
             req.next_route = route
-            self._pending[req.rid] = WorkItem.decode(req, route, self.step)
+            self._pending[req.rid] = WorkItem.decode(req, route, self.step, self._labels(req))
         return done
 
     def abort(self, rid: int) -> Request | None:
