@@ -91,3 +91,28 @@ def test_store_errors(moe):
         ExpertStore(moe, 5)
     with pytest.raises(ConfigError, match="unknown expert cache policy 'mru'"):
         ExpertStore(moe, 2, "mru")
+
+
+def test_benchmark_loops_run_and_agree(moe):
+    """The two measured benchmarks' serving loops, on the tiny model: every policy and store
+    generates the same tokens (greedy), the wall-clock loop finishes every request."""
+    from readme_jax.bench import expert_store as bstore
+    from readme_jax.bench import serving_latency as blat
+
+    rng = np.random.default_rng(0)
+    prompt_fn = lambda n, seed: rng.integers(0, 97, size=n).astype(np.int32)  # noqa: E731
+    work = bstore.workload(prompt_fn, 5, 0, prompt_range=(2, 10), output_range=(2, 6))
+    ref = bstore.serve(Engine(moe, ECFG, store=ExpertStore(moe, E)), work, budget=16, slots=4, lookahead_steps=2)
+    got = bstore.serve(Engine(moe, ECFG, store=ExpertStore(moe, 2, "belady", prefetch=True)), work, budget=16,
+                       slots=4, lookahead_steps=2)
+    assert got["outputs"] == ref["outputs"] and got["stall_seconds"] >= 0
+    lat_work = [(i, 0.01 * i, p, n) for i, p, n in work]
+    eng = Engine(moe, EngineConfig(n_slots=4, max_len=24, prefill_buckets=(8, 16), row_buckets=(4,),
+                                   mixed_step=True))
+    assert eng.warm_mixed(8) > 0
+    outs = {}
+    for pol in blat.POLICIES:
+        r = blat.serve_wall_clock(eng, lat_work, pol, budget=8, slots=4, max_wait=4, seed=0)
+        outs[pol] = r.pop("outputs")
+        assert r["p95_norm_latency"] >= r["mean_norm_latency"] * 0.5 > 0 and 1 <= r["unique_experts_per_call"] <= E
+    assert all(o == ref["outputs"] for o in outs.values())

@@ -85,6 +85,30 @@ def serve_wall_clock(engine: Engine, work, policy: str, *, budget: int, slots: i
             "outputs": {r.rid: engine.output(r.rid) for r in reqs}}
 
 
+def expert_sweep(engine: Engine, n_tokens: int, window: int, repeats: int = 7) -> dict:
+    """Measured ms of one mixed step of ``n_tokens`` tokens whose routes cover K experts, K = 1..E
+    (tokens on padding slots: the same compute, nothing written), median of ``repeats``; and a
+    least-squares line ms = a + b*K with its R^2."""
+    E, S = engine.model.n_experts, engine.cfg.n_slots
+    N = engine.cfg.tokens(n_tokens)
+    R = engine.cfg.rows(min(N, S))
+    z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
+    med = {}
+    for K in range(1, E + 1):
+        rt = (np.arange(N) % K).astype(np.int32)
+        args = (z, z, np.full((N,), S, np.int32), z, rt, np.zeros((N,), bool), zr, np.full((R,), S, np.int32), zr,
+                zr, zr, np.zeros((R,), np.float32), np.ones((R,), np.float32), zr)
+        ts = [engine._run_compiled(engine._mixed, ("mixed", N, R, window), args, True, window=window)[2]
+              for _ in range(repeats)]
+        med[K] = 1e3 * float(np.median(ts))
+    k = np.array(list(med), float)
+    y = np.array(list(med.values()))
+    b, a = np.polyfit(k, y, 1)
+    r2 = 1 - float(((y - (a + b * k)) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    return {"tokens": N, "window": window, "ms_by_experts": med, "fit": {"intercept_ms": float(a),
+                                                                          "ms_per_expert": float(b), "r2": r2}}
+
+
 def _ci(xs) -> dict:
     xs = np.asarray([x for x in xs if x is not None], float)
     m = float(xs.mean())
@@ -110,6 +134,10 @@ def run(args) -> dict:
     burn = workload(prompt_fn, args.requests, max(args.rates), 10_000)
     for pol in POLICIES:
         serve_wall_clock(engine, burn, pol, budget=args.budget, slots=args.slots, max_wait=args.max_wait, seed=0)
+    sweep = expert_sweep(engine, args.budget, ecfg.window(64))
+    print(f"step ms vs experts present (N={sweep['tokens']}): {sweep['ms_by_experts']} fit {sweep['fit']}", flush=True)
+    if args.sweep_only:
+        return {"step_ms_vs_experts": sweep}
     runs = []
     for rate in args.rates:
         for si, seed in enumerate(args.seeds):
@@ -142,7 +170,7 @@ def run(args) -> dict:
             "workload": {"requests": args.requests, "rates_per_s": args.rates, "prompt_tokens": [8, 48],
                          "output_tokens": [8, 40], "token_budget": args.budget, "slots": args.slots,
                          "max_wait_steps": args.max_wait, "arrivals": "Poisson, open loop, wall clock"},
-            "summary": summary, "runs": runs}
+            "step_ms_vs_experts": sweep, "summary": summary, "runs": runs}
 
 
 def main(argv=None) -> None:
@@ -155,10 +183,15 @@ def main(argv=None) -> None:
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--max-wait", type=int, default=16)
+    p.add_argument("--sweep-only", action="store_true", help="only the step-time vs experts-present sweep")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     res = run(args)
+    if args.sweep_only:
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
+        return
     for rate, s in res["summary"].items():
         for pol, v in s.items():
             print(f"rate {rate} {pol:18s} p95 {v['p95_norm_latency']['mean']:.3f} "

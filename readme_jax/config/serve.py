@@ -155,7 +155,7 @@ class ServeBenchConfig:
 
     workload: WorkloadConfig = BENCH_WORKLOAD
     policies: tuple[SchedulerPolicy, ...] = SCHEDULER_POLICIES
-    token_budget: int = 32  # tokens per step, every policy (a prefill is never split: longer prompts rejected)
+    token_budget: int = 32  # tokens per step, every policy (serve_bench: prefills not chunked, longer prompts rejected)
     n_slots: int = 64  # > token_budget: decodes compete for the budget
     max_queue: int = 256
     max_wait_steps: int | None = 16

@@ -18,8 +18,8 @@ Shared by every policy (so they differ only in which ready work they pick):
   information. The engine still runs the true routes.
 * KV slots: at most ``n_slots`` requests hold a slot; waiting requests get free slots in
   arrival order (FCFS admission). At most ``max_queue`` requests wait; more are rejected
-  with a reason. A prompt longer than ``token_budget`` is rejected too: a prefill is never
-  split (its tokens attend to each other), so it must fit in one step.
+  with a reason. Without ``chunked_prefill`` a prompt longer than ``token_budget`` is
+  rejected too, since the prefill must then fit in one step.
 * Ready work: each slotted request has exactly one pending item, its whole prefill or the
   decode of its last sampled token (1 token). A step's items never exceed ``token_budget``.
 * Age bound: an item that has waited ``max_wait_steps`` steps is overdue; overdue items go
