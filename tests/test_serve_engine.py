@@ -454,3 +454,35 @@ def test_mixed_step_dense_and_sampled_equal_split_engine(models, moe_engine, mix
     a = generate(moe_engine, prompts, 6, sp, policy="fcfs", token_budget=16)
     b = generate(mixed_engine, prompts, 6, sp, policy="fcfs", token_budget=16)
     assert a == b
+
+
+def test_mixed_step_is_one_call_per_step(models):
+    """Every scheduler step of the one-call engine runs exactly one jitted call (chunks and decodes together)."""
+    eng = Engine(models[0], dataclasses.replace(ECFG, mixed_step=True))
+    calls = []
+    inner = eng._mixed
+    eng._mixed = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    eng.warm_start = False  # no untimed extra run: count the real calls only
+    sched = Scheduler(SchedulerConfig(policy="expert_aware", token_budget=6, n_slots=4, n_experts=E,
+                                      chunked_prefill=True))
+    for i, p in enumerate(_prompts(9, 5, hi=14)):
+        sched.add(eng.new_request(i, p, 3))
+    steps = 0
+    while sched.has_work():
+        b = sched.next_batch()
+        before = len(calls)
+        out = eng.step(b)
+        assert len(calls) == before + 1, "one engine call per step"
+        sched.on_step_done(b, out.next_routes, 0.0)
+        steps += 1
+    assert steps == len(calls) and steps >= 5
+
+
+def test_token_buckets_bound_the_mixed_programs():
+    cfg = EngineConfig(n_slots=4, max_len=64, token_buckets=(16, 32), mixed_step=True)
+    assert [cfg.tokens(n) for n in (1, 16, 17, 32)] == [16, 16, 32, 32]
+    with pytest.raises(ConfigError, match="a step of 33 tokens exceeds the largest token bucket 32"):
+        cfg.tokens(33)
+    assert EngineConfig(n_slots=4, max_len=64).tokens(9) == 16  # default: the length buckets 8, 16, 32, ...
+    with pytest.raises(ConfigError, match="engine.token_buckets"):
+        EngineConfig(n_slots=4, max_len=64, token_buckets=(0, 8))

@@ -56,8 +56,7 @@ def all_resident(moe):
     return specs, _serve(Engine(moe, ECFG), specs)
 
 
-@pytest.mark.parametrize("capacity,policy,prefetch", [(1, "lru", False), (2, "belady", True), (2, "random", False),
-                                                      (3, "lru", True)])
+@pytest.mark.parametrize("capacity,policy,prefetch", [(1, "lru", False), (2, "belady", True), (3, "random", False)])
 def test_small_pool_outputs_equal_all_resident(moe, all_resident, capacity, policy, prefetch):
     specs, (want_out, want_routes) = all_resident
     store = ExpertStore(moe, capacity, policy, prefetch=prefetch, seed=1)

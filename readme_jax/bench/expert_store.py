@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -138,7 +139,6 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    import sys
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run folder (its train/final) or a Read-ME export")
     p.add_argument("--capacities", type=int, nargs="+", default=[2, 3, 5])

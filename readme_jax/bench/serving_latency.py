@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -174,7 +175,6 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    import sys
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run folder (its train/final) or a Read-ME export")
     p.add_argument("--rates", type=float, nargs="+", default=[1.5, 4.0])

@@ -235,10 +235,12 @@ class EngineConfig:
     impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
     decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
     mixed_step: bool = False  # one call per step: prefill chunks and decodes as one token list (serve/flat.py)
+    token_buckets: tuple[int, ...] | None = None  # mixed step: tokens per call; None: the length buckets
 
     def __post_init__(self):
         check_engine_fields("engine.", self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets,
                             self.decode_windows)
+        check_int_tuple("engine.token_buckets", self.token_buckets, 1, self.max_len, f"[1, max_len={self.max_len}]")
         if not isinstance(self.mixed_step, bool):
             raise ConfigError(f"engine.mixed_step must be true or false, got {self.mixed_step!r}")
         check_choices(self, "engine.")
@@ -256,12 +258,14 @@ class EngineConfig:
         return self.max_len
 
     def tokens(self, n: int) -> int:
-        """Token slots of a mixed step with ``n`` real tokens: the smallest length bucket >= n."""
-        for b in self.buckets():
+        """Token slots of a mixed step with ``n`` real tokens: the smallest token bucket >= n
+        (``token_buckets``, else the length buckets)."""
+        buckets = tuple(sorted(self.token_buckets)) if self.token_buckets else self.buckets()
+        for b in buckets:
             if b >= n:
                 return int(b)
-        raise ConfigError(f"a step of {n} tokens exceeds the largest length bucket {self.buckets()[-1]} "
-                          f"(engine.prefill_buckets / max_len); lower the scheduler's token budget")
+        raise ConfigError(f"a step of {n} tokens exceeds the largest token bucket {buckets[-1]} "
+                          f"(engine.token_buckets, else prefill_buckets / max_len); lower the scheduler's token budget")
 
     def rows(self, n: int) -> int:
         """Rows a call with ``n`` items runs (the smallest row bucket >= n)."""

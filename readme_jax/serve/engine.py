@@ -352,7 +352,8 @@ class Engine:
         S, top = self.cfg.n_slots, self.cfg.tokens(max_tokens)
         windows = sorted({self.cfg.window(p) for p in range(self.cfg.max_len - 1)})
         t0 = time.perf_counter()
-        for N in [b for b in self.buckets if b <= top]:
+        sizes = sorted(self.cfg.token_buckets) if self.cfg.token_buckets else self.buckets
+        for N in [b for b in sizes if b <= top]:
             R = self.cfg.rows(min(N, S))
             z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
             # padding tokens (slot S: nothing attended or written) routed to every expert, so each
