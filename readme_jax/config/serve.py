@@ -257,10 +257,13 @@ class EngineConfig:
                 return int(w)
         return self.max_len
 
+    def mixed_buckets(self) -> tuple[int, ...]:
+        """Token counts a mixed step is compiled for: ``token_buckets``, else the length buckets."""
+        return tuple(sorted(self.token_buckets)) if self.token_buckets else self.buckets()
+
     def tokens(self, n: int) -> int:
-        """Token slots of a mixed step with ``n`` real tokens: the smallest token bucket >= n
-        (``token_buckets``, else the length buckets)."""
-        buckets = tuple(sorted(self.token_buckets)) if self.token_buckets else self.buckets()
+        """Token slots of a mixed step with ``n`` real tokens: the smallest of :meth:`mixed_buckets` >= n."""
+        buckets = self.mixed_buckets()
         for b in buckets:
             if b >= n:
                 return int(b)

@@ -95,12 +95,18 @@ def pool_ffn(lp: dict, h_BTD, local_BT):
     return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
 
 
+def expert_rows(x_ND, local_N, k, wg, wu, wd):
+    """One expert's SwiGLU (``wg, wu: [D, F]``, ``wd: [F, D]``) on the rows with ``local == k``,
+    0 elsewhere, in float32: it runs on every row and keeps its own."""
+    return expert_ffn(x_ND, jnp.where(local_N == k, 0, -1), wg[None], wu[None], wd[None],
+                      impl="reference").astype(jnp.float32)
+
+
 def _sum_experts(x_ND, local_N, weights):
-    """Sum over k of expert k's SwiGLU on the rows with ``local == k`` (0 elsewhere), in float32."""
+    """Sum over k of :func:`expert_rows` of expert k, in float32."""
     y = jnp.zeros(x_ND.shape, jnp.float32)
     for k, (wg, wu, wd) in enumerate(weights):
-        y = y + expert_ffn(x_ND, jnp.where(local_N == k, 0, -1), wg[None], wu[None], wd[None],
-                           impl="reference").astype(jnp.float32)
+        y = y + expert_rows(x_ND, local_N, k, wg, wu, wd)
     return y
 
 

@@ -257,7 +257,8 @@ class Engine:
         if dec:
             calls += [("decode", None, d) for d in self._decode_groups(dec)]
         sets = [self._call_experts(kind, g) for kind, _, g in calls]
-        known = list(self.lookahead()) if (self.store is not None and self.lookahead is not None) else []
+        uses_future = self.store is not None and self.store.uses_future and self.lookahead is not None
+        known = list(self.lookahead()) if uses_future else []  # a scheduler dry run: only when it is used
         times = {"prefill": 0.0, "decode": 0.0}
         stall0 = self.store.stats.stall_s if self.store is not None else 0.0
         for i, (kind, T, group) in enumerate(calls):
@@ -312,12 +313,7 @@ class Engine:
                 if last:
                     sample[r], rslot[r], rctx[r], counters[r] = i + m - 1, st.slot, start, 0
             else:
-                if st.slot is None or st.slot != it.slot or not st.tokens:
-                    raise ReadmeError(f"engine: decode of request {st.rid} in slot {it.slot}, but it was prefilled "
-                                      f"into slot {st.slot}")
-                if it.request.next_route is not None and it.request.next_route != st.route:
-                    raise ReadmeError(f"engine: scheduler has route {it.request.next_route} for request {st.rid}'s "
-                                      f"next token, the engine routed it to {st.route}")
+                self._check_decode(st, it.request, it.slot)
                 m, last = 1, True
                 tok[i], pos[i], slot[i], ctx[i], route[i] = st.tokens[-1], st.pos, st.slot, st.pos, st.route
                 sample[r], rslot[r], rctx[r], counters[r] = i, st.slot, st.pos + 1, len(st.tokens)
@@ -349,22 +345,26 @@ class Engine:
         ``cfg.tokens(max_tokens)`` times each attention window. Returns the seconds it took."""
         if not self.cfg.mixed_step:
             raise ConfigError("warm_mixed: the engine is not in mixed_step mode")
-        S, top = self.cfg.n_slots, self.cfg.tokens(max_tokens)
+        top = self.cfg.tokens(max_tokens)
         windows = sorted({self.cfg.window(p) for p in range(self.cfg.max_len - 1)})
         t0 = time.perf_counter()
-        sizes = sorted(self.cfg.token_buckets) if self.cfg.token_buckets else self.buckets
-        for N in [b for b in sizes if b <= top]:
-            R = self.cfg.rows(min(N, S))
-            z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
-            # padding tokens (slot S: nothing attended or written) routed to every expert, so each
-            # expert's branch runs once here (XLA:CPU's first run of a branch is slow)
-            rt = (np.arange(N) % self.model.n_experts).astype(np.int32)
-            args = (z, z, np.full((N,), S, np.int32), z, rt, np.zeros((N,), bool), zr,
-                    np.full((R,), S, np.int32), zr, zr, zr, np.zeros((R,), np.float32), np.ones((R,), np.float32), zr)
+        for N in [b for b in self.cfg.mixed_buckets() if b <= top]:
+            # padding routed to every expert, so each expert's branch runs once here (XLA:CPU's
+            # first run of a branch is slow)
+            R, args = self.padding_mixed_args(N, np.arange(N) % self.model.n_experts)
             for W in windows:
                 self._warmup(("mixed", N, R, W, greedy), lambda: self._run_compiled(
                     self._mixed, ("mixed", N, R, W), args, greedy, window=W)[:2])
         return time.perf_counter() - t0
+
+    def padding_mixed_args(self, N: int, routes) -> tuple[int, tuple]:
+        """``(R, args)`` of a mixed step of N padding tokens with the given routes: full compute,
+        nothing attended to or written (every slot out of range). For warm-up and measurement."""
+        S = self.cfg.n_slots
+        R = self.cfg.rows(min(N, S))
+        z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
+        return R, (z, z, np.full((N,), S, np.int32), z, np.asarray(routes, np.int32), np.zeros((N,), bool), zr,
+                   np.full((R,), S, np.int32), zr, zr, zr, np.zeros((R,), np.float32), np.ones((R,), np.float32), zr)
 
     def _call_experts(self, kind: str, group) -> frozenset:
         if kind == "prefill":
@@ -488,6 +488,16 @@ class Engine:
             self._finish_token(st, int(nxt[b]), int(nroute[b]), out_tok, out_route)
         return prep + call_s
 
+    @staticmethod
+    def _check_decode(st: _ReqState, req: Request, slot: int) -> None:
+        """A decode runs in the slot its request was prefilled into, on the route the engine gave it."""
+        if st.slot is None or st.slot != slot or not st.tokens:
+            raise ReadmeError(f"engine: decode of request {req.rid} in slot {slot}, but it was prefilled "
+                              f"into slot {st.slot}")
+        if req.next_route is not None and req.next_route != st.route:
+            raise ReadmeError(f"engine: scheduler has route {req.next_route} for request {req.rid}'s next "
+                              f"token, the engine routed it to {st.route}")
+
     def _decode_call(self, items: Sequence[tuple[Request, int]], out_tok: dict, out_route: dict) -> float:
         t0 = time.perf_counter()
         B = self.cfg.rows(len(items))
@@ -503,12 +513,7 @@ class Engine:
         states = []
         for b, (req, slot) in enumerate(items):
             st = self._state(req)
-            if st.slot is None or st.slot != slot:
-                raise ReadmeError(f"engine: decode of request {req.rid} in slot {slot}, but it was prefilled "
-                                  f"into slot {st.slot}")
-            if req.next_route is not None and req.next_route != st.route:
-                raise ReadmeError(f"engine: scheduler has route {req.next_route} for request {req.rid}'s next "
-                                  f"token, the engine routed it to {st.route}")
+            self._check_decode(st, req, slot)
             slots[b], tok[b], rts[b], pos[b] = slot, st.tokens[-1], st.route, st.pos
             seeds[b], counters[b], temps[b], tops[b] = st.seed, len(st.tokens), st.temperature, st.top_p
             top_ks[b] = st.top_k

@@ -40,6 +40,13 @@ def backbone_of(model: ServedModel) -> tuple[dict, ModelConfig]:
 # ----------------------------------------------------------------------------- jitted math
 
 
+def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy: bool):
+    """The sampled token per row; ``greedy`` (static) is a separate compiled variant that skips the sampler."""
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B)
+
+
 def sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B):
     """One token per row; row b uses key ``fold_in(key(seeds[b]), counters[b])`` (batch-invariant)."""
     greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -111,11 +118,6 @@ def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla
         sub = _gather_rows(rcache, slots_B, window)
         rl, sub = router_logits(rparams, router_cfg, tok_B[:, None], pos_B[:, None], sub, mlp=mlp)
         return route_ids(rl)[:, 0], _put_column(rcache, sub, slots_B, pos_B)
-
-    def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy):
-        if greedy:  # a separate compiled variant: all-greedy batches skip the sampler
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B)
 
     def prefill(params, rparams, cache, rcache, slots_B, tokens_BT, routes_BT, present_K, lens_B, seeds_B, temps_B,
                 top_ps_B, top_ks_B, greedy):

@@ -33,7 +33,6 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 
-from readme_jax.config import CACHE_POLICIES
 from readme_jax.errors import ConfigError
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.serve.cache_policy import ExpertCache, Use
@@ -61,8 +60,7 @@ class ExpertStore:
         E = model.n_experts
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or not 1 <= capacity <= E:
             raise ConfigError(f"expert store capacity must be an integer in [1, n_experts={E}], got {capacity!r}")
-        if policy not in CACHE_POLICIES:
-            raise ConfigError(f"unknown expert cache policy {policy!r}; expected one of {', '.join(CACHE_POLICIES)}")
+        self.cache = ExpertCache(int(capacity), policy, seed=seed)  # checks the policy, before any copy
         self.capacity, self.policy, self.prefetch_enabled = int(capacity), policy, bool(prefetch)
         self.n_experts = E
         self.device = device or jax.devices()[0]
@@ -76,12 +74,12 @@ class ExpertStore:
         host = (jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.host_kind)
                 if self.host_kind else None)
         self._dev = jax.sharding.SingleDeviceSharding(self.device)
+        stacks = {n: np.asarray(layers[n]) for n in EXPERT_KEYS}  # [L, E, ...] each, read once
         self._host = []
         for e in range(E):
-            arrays = {n: np.ascontiguousarray(np.asarray(layers[n])[:, e]) for n in EXPERT_KEYS}
+            arrays = {n: np.ascontiguousarray(a[:, e]) for n, a in stacks.items()}
             self._host.append({n: jax.device_put(a, host) for n, a in arrays.items()} if host else arrays)
-        self.expert_bytes = int(sum(np.asarray(layers[n])[:, 0].nbytes for n in EXPERT_KEYS))
-        self.cache = ExpertCache(self.capacity, policy, seed=seed)
+        self.expert_bytes = int(sum(a[:, 0].nbytes for a in stacks.values()))
         self._buf: dict[int, dict] = {}  # resident expert -> its device buffers (maybe still copying)
         self.stats = StoreStats()
         self.calls_log: list[frozenset] = []  # each call's pooled experts (the cache's uses), in order
@@ -91,6 +89,11 @@ class ExpertStore:
         """Experts per call the engine plans for: with prefetch, one pool slot is kept for the
         incoming copy (a call using every slot leaves nothing a prefetch may evict)."""
         return self.capacity - 1 if (self.prefetch_enabled and self.capacity > 1) else self.capacity
+
+    @property
+    def uses_future(self) -> bool:
+        """Whether the known future changes anything (prefetch, or Belady's eviction)."""
+        return self.prefetch_enabled or self.policy == "belady"
 
     @property
     def resident(self) -> frozenset:

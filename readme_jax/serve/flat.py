@@ -30,10 +30,9 @@ import jax.numpy as jnp
 
 from readme_jax.config import ModelConfig
 from readme_jax.model import decoder, layers
-from readme_jax.model.moe import shared_ffn
+from readme_jax.model.moe import expert_rows, shared_ffn
 from readme_jax.model.router import route_ids, router_ffn
-from readme_jax.ops.expert_ffn import expert_ffn
-from readme_jax.serve.engine_core import backbone_of, sample_rows
+from readme_jax.serve.engine_core import backbone_of, pick
 
 
 def experts_cond_ffn(lp: dict, h_BTD, route_BT):
@@ -45,8 +44,7 @@ def experts_cond_ffn(lp: dict, h_BTD, route_BT):
     y = jnp.zeros((B * T, D), jnp.float32)
     for e in range(E):
         def run(y, e=e):
-            w = [lp[n][e][None] for n in ("wg", "wu", "wd")]
-            return y + expert_ffn(x, jnp.where(r == e, 0, -1), *w, impl="reference").astype(jnp.float32)
+            return y + expert_rows(x, r, e, lp["wg"][e], lp["wu"][e], lp["wd"][e])
 
         y = jax.lax.cond(jnp.any(r == e), run, lambda y: y, y)
     return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
@@ -112,11 +110,6 @@ def make_mixed_fn(model):
     _, cfg = backbone_of(model)
     moe = model.is_moe
     rcfg, mlp = (model.router_cfg, model.router_mlp) if moe else (None, "swiglu")
-
-    def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy):
-        if greedy:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B)
 
     def mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N, sample_R, rslot_R,
               rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy, window):
