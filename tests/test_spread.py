@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from readme_jax.eval.spread import bootstrap_ppl, paired_difference
+from readme_jax.eval.spread import bootstrap_ppl, paired_difference, t_interval
 
 
 def _direct_means(x, n_boot, seed):
@@ -62,3 +62,14 @@ def test_bad_inputs_are_refused():
         bootstrap_ppl([])
     with pytest.raises(ValueError, match="finite"):
         bootstrap_ppl([1.0, np.nan])
+
+
+def test_t_interval_by_hand():
+    # [1, 2, 3]: mean 2, sd 1; Student t with 2 degrees of freedom has the closed-form quantile
+    # (2p - 1) / sqrt(2 p (1 - p)), p = 0.975 (= 4.3027); half-width t / sqrt(3)
+    got = t_interval([1.0, 2.0, None, 3.0])
+    p = 0.975
+    h = (2 * p - 1) / np.sqrt(2 * p * (1 - p)) / np.sqrt(3)
+    assert got["n"] == 3 and got["mean"] == 2.0
+    np.testing.assert_allclose([got["ci95_low"], got["ci95_high"]], [2 - h, 2 + h], rtol=1e-12)
+    assert t_interval([5.0]) == {"mean": 5.0, "ci95_low": 5.0, "ci95_high": 5.0, "n": 1}

@@ -22,16 +22,16 @@ writes JSON (``--out``). Nothing else may run on the machine while it measures.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as sstats
 
 from readme_jax.checkpoints.readme_io import load_readme
+from readme_jax.eval.spread import t_interval
+from readme_jax.jsonfile import write_json
 from readme_jax.config import EngineConfig
 from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
@@ -74,15 +74,6 @@ def serve(engine: Engine, work, *, budget: int, slots: int, lookahead_steps: int
             "outputs": {rid: engine.output(rid) for rid, _, _ in work}}
 
 
-def _ci(xs) -> dict:
-    xs = np.asarray(xs, float)
-    m = float(xs.mean())
-    if xs.size < 2:
-        return {"mean": m, "ci95_low": m, "ci95_high": m, "n": int(xs.size)}
-    h = float(sstats.t.ppf(0.975, xs.size - 1) * xs.std(ddof=1) / np.sqrt(xs.size))
-    return {"mean": m, "ci95_low": m - h, "ci95_high": m + h, "n": int(xs.size)}
-
-
 def run(args) -> dict:
     model = load_readme(args.model)
     tok = _embedded_tokenizer()
@@ -94,7 +85,8 @@ def run(args) -> dict:
     policies = list(POLICIES)
     for si, seed in enumerate(args.seeds):
         work = workload(prompt_fn, args.requests, seed)
-        ref = serve(Engine(model, ecfg, store=ExpertStore(model, E, "lru")), work, budget=args.budget,
+        ref_store = ExpertStore(model, E, "lru")
+        ref = serve(Engine(model, ecfg, store=ref_store), work, budget=args.budget,
                     slots=args.slots, lookahead_steps=args.lookahead)
         for cap in args.capacities:
             order = policies[si % len(policies):] + policies[:si % len(policies)]
@@ -120,17 +112,17 @@ def run(args) -> dict:
         for name in policies:
             rs = [r for r in rows if r["capacity"] == cap and r["policy"] == name]
             summary[str(cap)][name] = {
-                "stall_seconds": _ci([r["stall_seconds"] for r in rs]),
-                "compute_seconds": _ci([r["compute_seconds"] for r in rs]),
-                "total_seconds": _ci([r["stall_seconds"] + r["compute_seconds"] for r in rs]),
-                "hit_ratio": _ci([r["hit_ratio"] for r in rs])}
+                "stall_seconds": t_interval([r["stall_seconds"] for r in rs]),
+                "compute_seconds": t_interval([r["compute_seconds"] for r in rs]),
+                "total_seconds": t_interval([r["stall_seconds"] + r["compute_seconds"] for r in rs]),
+                "hit_ratio": t_interval([r["hit_ratio"] for r in rs])}
         lru = {r["seed"]: r["stall_seconds"] for r in rows if r["capacity"] == cap and r["policy"] == "lru_on_demand"}
         bp = {r["seed"]: r["stall_seconds"] for r in rows if r["capacity"] == cap and r["policy"] == "belady_prefetch"}
-        summary[str(cap)]["stall_ratio_belady_prefetch_vs_lru_on_demand"] = _ci([bp[s] / lru[s] for s in lru])
+        summary[str(cap)]["stall_ratio_belady_prefetch_vs_lru_on_demand"] = t_interval([bp[s] / lru[s] for s in lru])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return {"command": "python -m readme_jax.bench.expert_store " + " ".join(args.argv),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, jax CPU", "date": stamp,
-            "model": str(args.model), "n_experts": E, "expert_bytes": ExpertStore(model, 1).expert_bytes,
+            "model": str(args.model), "n_experts": E, "expert_bytes": ref_store.expert_bytes,
             "workload": {"requests": args.requests, "slots": args.slots, "token_budget": args.budget,
                          "prompt_tokens": [8, 32], "output_tokens": [8, 32], "scheduler": "expert_aware",
                          "lookahead_steps": args.lookahead, "source": "held-out text of every domain"},
@@ -161,7 +153,7 @@ def main(argv=None) -> None:
                       f"hit {v['hit_ratio']['mean']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,16 @@ left out). Across seeds: means with 95 % t-intervals. Nothing else may run while
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as sstats
 
 from readme_jax.checkpoints.readme_io import load_readme
+from readme_jax.eval.spread import t_interval
+from readme_jax.jsonfile import write_json
 from readme_jax.config import EngineConfig
 from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
@@ -90,15 +90,11 @@ def expert_sweep(engine: Engine, n_tokens: int, window: int, repeats: int = 7) -
     """Measured ms of one mixed step of ``n_tokens`` tokens whose routes cover K experts, K = 1..E
     (tokens on padding slots: the same compute, nothing written), median of ``repeats``; and a
     least-squares line ms = a + b*K with its R^2."""
-    E, S = engine.model.n_experts, engine.cfg.n_slots
+    E = engine.model.n_experts
     N = engine.cfg.tokens(n_tokens)
-    R = engine.cfg.rows(min(N, S))
-    z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
     med = {}
     for K in range(1, E + 1):
-        rt = (np.arange(N) % K).astype(np.int32)
-        args = (z, z, np.full((N,), S, np.int32), z, rt, np.zeros((N,), bool), zr, np.full((R,), S, np.int32), zr,
-                zr, zr, np.zeros((R,), np.float32), np.ones((R,), np.float32), zr)
+        R, args = engine.padding_mixed_args(N, np.arange(N) % K)
         ts = [engine._run_compiled(engine._mixed, ("mixed", N, R, window), args, True, window=window)[2]
               for _ in range(repeats)]
         med[K] = 1e3 * float(np.median(ts))
@@ -108,13 +104,6 @@ def expert_sweep(engine: Engine, n_tokens: int, window: int, repeats: int = 7) -
     r2 = 1 - float(((y - (a + b * k)) ** 2).sum() / ((y - y.mean()) ** 2).sum())
     return {"tokens": N, "window": window, "ms_by_experts": med, "fit": {"intercept_ms": float(a),
                                                                           "ms_per_expert": float(b), "r2": r2}}
-
-
-def _ci(xs) -> dict:
-    xs = np.asarray([x for x in xs if x is not None], float)
-    m = float(xs.mean())
-    h = float(sstats.t.ppf(0.975, xs.size - 1) * xs.std(ddof=1) / np.sqrt(xs.size)) if xs.size > 1 else 0.0
-    return {"mean": m, "ci95_low": m - h, "ci95_high": m + h, "n": int(xs.size)}
 
 
 def run(args) -> dict:
@@ -161,7 +150,7 @@ def run(args) -> dict:
         summary[str(rate)] = {}
         for pol in POLICIES:
             rs = [r for r in runs if r["rate"] == rate and r["policy"] == pol]
-            summary[str(rate)][pol] = {k: _ci([r[k] for r in rs]) for k in
+            summary[str(rate)][pol] = {k: t_interval([r[k] for r in rs]) for k in
                                        ("p95_norm_latency", "mean_norm_latency", "mean_ttft",
                                         "unique_experts_per_call", "unique_experts_per_call_bound", "bound_share")}
     return {"command": "python -m readme_jax.bench.serving_latency " + " ".join(args.argv),
@@ -190,7 +179,7 @@ def main(argv=None) -> None:
     res = run(args)
     if args.sweep_only:
         if args.out:
-            args.out.write_text(json.dumps(res, indent=1))
+            write_json(args.out, res)
         return
     for rate, s in res["summary"].items():
         for pol, v in s.items():
@@ -199,7 +188,7 @@ def main(argv=None) -> None:
                   f"{v['mean_norm_latency']['mean']:.3f} experts/call {v['unique_experts_per_call']['mean']:.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
 
 
 if __name__ == "__main__":

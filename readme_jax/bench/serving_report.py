@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from readme_jax.jsonfile import read_json, write_json  # noqa: E402
 
 LAT_KEYS = ("p95_norm_latency", "mean_norm_latency")
 
@@ -108,10 +109,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results/serving.json"))
     p.add_argument("--plots", type=Path, default=Path("docs"))
     a = p.parse_args(argv)
-    lat, store = json.loads(a.latency.read_text()), json.loads(a.store.read_text())
+    lat, store = read_json(a.latency), read_json(a.store)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    sweep = json.loads(a.sweep.read_text())["step_ms_vs_experts"] if a.sweep else None
-    a.out.write_text(json.dumps(compose(lat, store, sweep), indent=1))
+    sweep = read_json(a.sweep)["step_ms_vs_experts"] if a.sweep else None
+    write_json(a.out, compose(lat, store, sweep))
     for path in plots(lat, store, a.plots):
         print(path)
     print(a.out)

@@ -1,8 +1,9 @@
-"""How sure a perplexity is: percentile bootstrap over evaluation blocks.
+"""How sure a number is: percentile bootstrap over evaluation blocks, t-intervals over repeated runs.
 
 The block is the resampling unit (tokens inside a block are not independent). Resample indices
 are ``numpy.random.default_rng(seed).integers(0, N, (n_boot, N))``, so a result is reproducible
 from its inputs; a paired comparison reuses the same indices for both models on the same blocks.
+:func:`t_interval` summarises one measurement repeated with independent seeds (the benchmarks).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def paired_difference(nll_a_N, nll_b_N, n_boot: int = 1000, seed: int = 0, level
     diff = a - b
     lo, hi = _interval(resampled_means(diff, n_boot, seed), level)
     return {"mean_diff": float(diff.mean()), "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)}
+
+
+def t_interval(xs) -> dict:
+    """``{mean, ci95_low, ci95_high, n}`` of repeated measurements (``None`` entries skipped):
+    the Student-t 95 % interval of the mean; a single value gives a zero-width interval."""
+    from scipy import stats  # local import: scipy is only needed by the benchmarks that call this
+
+    x = np.asarray([v for v in xs if v is not None], np.float64)
+    m = float(x.mean())
+    h = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
+    return {"mean": m, "ci95_low": m - h, "ci95_high": m + h, "n": int(x.size)}
 
 
 def domain_ppl_ci(nll_by_domain: dict, n_boot: int = 1000, seed: int = 0) -> dict:
