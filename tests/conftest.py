@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from readme_jax.config import ModelConfig, tiny_model_config
+from readme_jax.model.moe import MoEBackbone
+from readme_jax.model.readme_model import ReadMEModel
+from readme_jax.model.router import RouterConfig, make_router
 
 
 def random_llama_arrays(cfg: ModelConfig, seed: int = 0) -> dict:
@@ -27,6 +31,15 @@ def random_llama_arrays(cfg: ModelConfig, seed: int = 0) -> dict:
     if not cfg.tie_embeddings:
         out["lm_head"] = mat(D, V)
     return out
+
+
+def tiny_readme(n_experts: int, backbone_seed: int, router_seed: int, expert_dim: int = 16):
+    """A tiny random Read-ME model (fixed-layout experts, router embedding from the backbone's)."""
+    cfg = tiny_model_config()
+    bb = MoEBackbone(cfg, rngs=nnx.Rngs(backbone_seed), n_experts=n_experts, expert_dim=expert_dim)
+    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=router_seed), n_experts, cfg.vocab_size,
+                         cfg.max_seq_len, backbone_embed_VD=bb.embed[...])
+    return ReadMEModel.from_modules(router, bb)
 
 
 @pytest.fixture

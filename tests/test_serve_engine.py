@@ -8,14 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_readme
 from flax import nnx
 
 from readme_jax.config import tiny_model_config
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
-from readme_jax.model.moe import MoEBackbone
-from readme_jax.model.router import RouterConfig, make_router
 from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, complete, generate
 from readme_jax.serve.requests import Status
@@ -31,12 +30,8 @@ ECFG = EngineConfig(n_slots=4, max_len=MAX_LEN, prefill_buckets=(16,), row_bucke
 
 @pytest.fixture(scope="module")
 def models():
-    cfg = tiny_model_config()
-    bb = MoEBackbone(cfg, rngs=nnx.Rngs(11), n_experts=E, expert_dim=16)
-    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=5), E, cfg.vocab_size, cfg.max_seq_len,
-                         backbone_embed_VD=bb.embed[...])
-    moe = ReadMEModel.from_modules(router, bb)
-    dense = DenseModel.from_module(Llama(cfg, rngs=nnx.Rngs(12)))
+    moe = tiny_readme(E, backbone_seed=11, router_seed=5)
+    dense = DenseModel.from_module(Llama(tiny_model_config(), rngs=nnx.Rngs(12)))
     return moe, dense
 
 

@@ -3,13 +3,9 @@ the pool never holds more than its capacity, and its hit accounting equals a bru
 
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import tiny_readme
 
-from readme_jax.config import tiny_model_config
 from readme_jax.errors import ConfigError
-from readme_jax.model.moe import MoEBackbone
-from readme_jax.model.readme_model import ReadMEModel
-from readme_jax.model.router import RouterConfig, make_router
 from readme_jax.serve.cache_policy import step_hits_bruteforce
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner
 from readme_jax.serve.expert_store import ExpertStore
@@ -24,11 +20,7 @@ ECFG = EngineConfig(n_slots=4, max_len=24, prefill_buckets=(16,), row_buckets=(4
 
 @pytest.fixture(scope="module")
 def moe():
-    cfg = tiny_model_config()
-    bb = MoEBackbone(cfg, rngs=nnx.Rngs(21), n_experts=E, expert_dim=16)
-    router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=3), E, cfg.vocab_size, cfg.max_seq_len,
-                         backbone_embed_VD=bb.embed[...])
-    return ReadMEModel.from_modules(router, bb)
+    return tiny_readme(E, backbone_seed=21, router_seed=3)
 
 
 def _specs(seed, n=10):
