@@ -55,6 +55,9 @@ class TrainConfig:
     # also checkpoint every N optimizer steps inside a stage (0: only at stage ends); a rerun after a
     # kill resumes mid-stage, bitwise equal to an uninterrupted run. Changes no result.
     checkpoint_every: int = 0
+    # also log the training curves to this Weights & Biases project ("" = off; TensorBoard and JSONL
+    # are written either way). Needs `pip install wandb`; changes no result.
+    wandb_project: str = ""
 
     def __post_init__(self):
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \

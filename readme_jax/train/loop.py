@@ -34,7 +34,7 @@ from readme_jax.model.moe import routed_ffn
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.train import distill, schedule, steps
 from readme_jax.train.sharded_step import ShardedLMStep
-from readme_jax.train.tracking import EventLog
+from readme_jax.train.tracking import Trackers
 
 
 class TrainData(Protocol):
@@ -86,7 +86,7 @@ class Trainer:
         self._expert_step = None  # built on the first expert stage: every round reuses it
         self._expert_pad = 1
         self._stage_info = {}
-        self._events = EventLog(self.out_dir / "tensorboard")
+        self._events = Trackers(self.out_dir, tc.wandb_project, config={"train": dataclasses.asdict(tc)})
         self._ckpt = ocp.CheckpointManager(
             (self.out_dir / "ckpt").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
 

@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 from readme_jax.config import RunConfig
+from readme_jax.train.tracking import check_wandb
 from readme_jax.workflow.dense_eval import run_dense_eval
 from readme_jax.workflow.final_eval import run_final_eval
 from readme_jax.workflow.refactor import run_refactor, run_refactor_eval
@@ -29,6 +30,8 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = prin
     changed keys, unless ``recompute`` (then it and the stages after it are redone). ``force``
     redoes the named stages even when they are up to date.
     """
+    if "train" in cfg.stages:
+        check_wandb(cfg.train.wandb_project)  # asked-for tracking that cannot work: refused before any stage
     ws = Workspace(cfg, progress=progress, log=log).prepare(recompute=recompute)
     try:
         t_all = time.time()
