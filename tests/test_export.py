@@ -66,10 +66,33 @@ def test_export_target_guards(trained_ws, tmp_path):
         export_workspace(ws, x)
     assert (x / "notes.txt").read_text() == "mine"
     export_workspace(ws, x, overwrite=True)
-    assert sorted(p.name for p in x.iterdir()) == ["readme_moe.json", "readme_moe.safetensors", "tokenizer.json",
+    assert sorted(p.name for p in x.iterdir()) == ["README.md", "readme_moe.json", "readme_moe.safetensors", "tokenizer.json",
                                                    "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temp or aside folder left
     for target in (ws.out, ws.out.parent):
         with pytest.raises(CheckpointError, match="holds the run folder"):
             export_workspace(ws, target, overwrite=True)
     assert (ws.out / "train" / "final").is_dir()
+
+
+def test_export_writes_a_model_card_from_the_export_and_the_report(trained_ws, tmp_path):
+    ws, model = trained_ws
+    report = ws.out / "report" / "metrics.json"
+    report.parent.mkdir(exist_ok=True)
+    ppl = {"dense": {"pydoc": 10.0, "code": 11.0}, "pruned_tuned": {"pydoc": 30.5, "code": 31.25},
+           "readme_final": {"pydoc": 20.125, "code": 21.0}}
+    write_json(report, {"ppl": ppl, "router_accuracy": 0.875, "locality": 0.5})
+    try:
+        path = export_workspace(ws, tmp_path / "x")
+    finally:
+        report.unlink()
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: readme-jax\n") and "\n---\n" in card
+    assert "Experts: 2 (0: pydoc, 1: code); layout `split`" in card
+    assert "| **this model** (Read-ME, trained) | 20.12 | 21.00 |" in card
+    assert "| pruned dense, same active width, tuned | 30.50 | 31.25 |" in card
+    assert "Router accuracy against the domain label 0.875" in card and "rounds 1" in card
+    assert f"{model.backbone_cfg.n_layers} layers, width {model.backbone_cfg.d_model}" in card
+    # without a report the card still describes the model, with no table
+    card2 = (export_workspace(ws, tmp_path / "y") / "README.md").read_text()
+    assert "Measured" not in card2 and "readme_jax.load" in card2

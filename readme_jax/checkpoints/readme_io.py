@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -135,7 +136,8 @@ def unflatten(tensors: dict[str, np.ndarray], prefix: str) -> dict:
 
 
 def save_export(out_dir, model: ReadMEModel, *, extra_tensors: dict[str, np.ndarray] | None = None,
-                info: dict | None = None, tokenizer=None, overwrite: bool = False) -> Path:
+                info: dict | None = None, tokenizer=None, overwrite: bool = False,
+                card: Callable[[dict], str] | None = None) -> Path:
     """Write the export (format v1) into ``out_dir``: a new or empty folder, or any folder with ``overwrite``;
     written atomically (:func:`readme_jax.checkpoints.atomic.write_folder`: all or nothing).
 
@@ -148,6 +150,7 @@ def save_export(out_dir, model: ReadMEModel, *, extra_tensors: dict[str, np.ndar
     router (``head [W,E]``). ``extra_tensors`` (e.g. ``experts.channel_index [L,E,R]``,
     ``experts.shared_index [L,P]``, ``experts.permanent [L,F]``) are written as given. Route of a token =
     argmax of the router's logits; the backbone uses that expert in every layer, with no gate weight.
+    ``card(doc)`` (the JSON document) gives the model card written as ``README.md`` (docs/EXPORT.md).
     """
     check_target(Path(out_dir).absolute(), overwrite, "export")  # refuse before copying any tensor
     tensors = {**flatten(model.backbone_params, "backbone"), **flatten(model.router_params, "router"),
@@ -162,6 +165,8 @@ def save_export(out_dir, model: ReadMEModel, *, extra_tensors: dict[str, np.ndar
     def write(d: Path) -> None:
         save_file(tensors, str(d / EXPORT_TENSORS))
         (d / EXPORT_INFO).write_text(text)
+        if card is not None:
+            (d / "README.md").write_text(card(doc))
         if tokenizer is not None:
             tokenizer.save_hf(d)
 

@@ -20,13 +20,17 @@ import numpy as np
 
 from readme_jax.checkpoints.atomic import check_target
 from readme_jax.checkpoints.expert_hf import save_experts_hf
+from readme_jax.checkpoints.model_card import model_card
 from readme_jax.checkpoints.readme_io import save_export
 from readme_jax.errors import CheckpointError
+from readme_jax.jsonfile import read_json
 from readme_jax.workflow.training import load_trained, trained_meta
 from readme_jax.workflow.workspace import Workspace
 
 # provenance keys the export copies from the trained backbone's meta.json
 META_KEYS = ("expert_width", "ffn_dim", "r")
+# the hub id of the model the embedded GGUF was quantized from (the card's base_model)
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def export_workspace(ws: Workspace, out_dir: Path, *, overwrite: bool = False, hf_experts: bool = False) -> Path:
@@ -57,7 +61,23 @@ def export_workspace(ws: Workspace, out_dir: Path, *, overwrite: bool = False, h
     info = {k: meta[k] for k in META_KEYS}
     if meta.get("router_config") is not None:  # the trained router's own settings (its meta.json)
         info = {"router_config": meta["router_config"], **info}
-    save_export(out, model, extra_tensors=extra, info=info, tokenizer=ws.tokenizer, overwrite=overwrite)
+    card = _card_inputs(ws)
+    save_export(out, model, extra_tensors=extra, info=info, tokenizer=ws.tokenizer, overwrite=overwrite,
+                card=lambda doc: model_card(doc, **card))
     if hf_experts:
         save_experts_hf(out / "hf_experts", model, tokenizer=ws.tokenizer)
     return out
+
+
+def _card_inputs(ws: Workspace) -> dict:
+    """What the model card says beyond the export's own JSON: the source model, the training budget
+    (the train stage's done.json) and the report's measured perplexities when the run has a report."""
+    train = read_json(ws.out / "train" / "done.json")
+    budget = {k.replace("_", " "): train[k] for k in ("rounds", "lm_tokens", "router_tokens") if k in train}
+    report = ws.out / "report" / "metrics.json"
+    metrics = read_json(report) if report.is_file() else None
+    source = ws.cfg.model or "embedded"
+    if source == "embedded":
+        return {"metrics": metrics, "budget": budget, "base_model": EMBEDDED_HUB_ID,
+                "source": f"{EMBEDDED_HUB_ID} (the embedded Q4_1 GGUF, dequantized to float32)"}
+    return {"metrics": metrics, "budget": budget, "source": source}
