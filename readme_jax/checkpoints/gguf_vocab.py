@@ -11,11 +11,14 @@ Two vocabulary kinds (``tokenizer.ggml.model``):
   (:func:`merges_from_scores`). Spaces are spelled ``▁`` and one is put in front of the text when
   ``tokenizer.ggml.add_space_prefix`` (default true, SentencePiece's ``add_dummy_prefix``); a
   character that is no token is spelled with the byte tokens ``<0xNN>`` (type BYTE, byte fallback).
+  As in llama.cpp the prefix space also goes in front of text that follows a special token;
+  transformers' GGUF loader (``Metaspace(prepend_scheme="first")``) adds none there, and none to
+  text that already starts with a space, where SentencePiece and llama.cpp do.
 """
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from readme_jax.errors import CheckpointError
@@ -147,8 +150,10 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], 
                                   f"(and {len(missing) - 1} more) is missing: byte fallback needs all 256")
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores, types), unk_token=unk,
                                 fuse_unk=True, byte_fallback=byte_fallback))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, split=False,
-                                                prepend_scheme="first" if add_space_prefix else "never")
+    # a normalizer, not Metaspace: Metaspace adds no prefix to text that already starts with a space,
+    # SentencePiece and llama.cpp always do (also to text after a special token, as llama.cpp does)
+    spell = normalizers.Replace(" ", SPACE)
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), spell]) if add_space_prefix else spell
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     _add_tokens(tk, tokens, types, {TOKEN_CONTROL, TOKEN_UNKNOWN})

@@ -17,8 +17,9 @@ Pre-tokenizer ``smollm`` follows SmolLM2's own ``tokenizer.json``: ASCII digits 
 ``\\p{N}`` character instead, which differs only on non-ASCII numerals such as "²". ``llama-bpe``
 is Llama 3's split regex (digits in groups of up to 3) followed by byte-level spelling.
 
-SentencePiece text after a special token gets no dummy prefix space here (as in transformers'
-GGUF loader); llama.cpp adds one there.
+SentencePiece follows the sentencepiece library and llama.cpp where transformers' GGUF loader
+differs: the dummy prefix space goes also in front of text that already starts with a space, and
+(llama.cpp) in front of text that follows a special token.
 """
 
 from __future__ import annotations
