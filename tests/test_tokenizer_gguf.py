@@ -45,6 +45,10 @@ def _lines() -> list[str]:
 
 @pytest.fixture(scope="module")
 def sp():
+    return train_sentencepiece()
+
+
+def train_sentencepiece():
     """A tiny SentencePiece BPE trained with Llama 2's settings (byte fallback, digits split, identity
     normalization, whitespace kept, dummy prefix)."""
     buf = io.BytesIO()
