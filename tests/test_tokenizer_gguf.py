@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -97,6 +99,16 @@ def test_sentencepiece_ids_match_sentencepiece_and_transformers(sp_tok, sp, sp_r
     assert sp_tok.decode(ids) == text == sp.decode(ids)
     if not text.startswith(" "):  # transformers' Metaspace adds no dummy prefix to text starting with " "
         assert ids == sp_ref.encode(text, add_special_tokens=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from([" ", "  ", "\t", "\n", "the ", "12345", "é"])),
+                max_size=8))
+def test_sentencepiece_random_text_matches_sentencepiece(sp_tok, sp, parts):
+    text = "".join(parts)
+    ids = sp_tok.encode(text, add_bos=False)
+    assert ids == sp.encode(text)
+    assert sp_tok.decode(ids) == text
 
 
 def test_sentencepiece_byte_fallback_spaces_and_bos(sp_tok, sp):
@@ -186,11 +198,20 @@ def l3_gguf(tmp_path_factory, gguf_writer):
     return path
 
 
-def test_llama3_ids_match_transformers(l3_gguf):
+@pytest.fixture(scope="module")
+def l3_tok(l3_gguf):
+    return tokenizer_from_gguf(l3_gguf)
+
+
+@pytest.fixture(scope="module")
+def l3_ref(l3_gguf):
     from transformers import AutoTokenizer
 
-    tok = tokenizer_from_gguf(l3_gguf)
-    ref = AutoTokenizer.from_pretrained(str(l3_gguf.parent), gguf_file=l3_gguf.name)
+    return AutoTokenizer.from_pretrained(str(l3_gguf.parent), gguf_file=l3_gguf.name)
+
+
+def test_llama3_ids_match_transformers(l3_tok, l3_ref):
+    tok, ref = l3_tok, l3_ref
     assert tok.add_bos and tok.bos_token == "<|begin_of_text|>"
     for text in TEXTS + ["<|begin_of_text|>hi<|eot_id|>", "a<|end_of_text|>  b"]:
         ids = tok.encode(text, add_bos=False)
@@ -199,8 +220,18 @@ def test_llama3_ids_match_transformers(l3_gguf):
     assert tok.encode("x")[0] == 0
 
 
-def test_llama3_digits_in_groups_of_three(l3_gguf):
-    tok = tokenizer_from_gguf(l3_gguf)
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from(LLAMA3_SPECIALS + [" 1234567", "\r\n", "  x", "'S"])),
+                max_size=6))
+def test_llama3_random_text_matches_transformers(l3_tok, l3_ref, parts):
+    text = "".join(parts)
+    ids = l3_tok.encode(text, add_bos=False)
+    assert ids == l3_ref.encode(text, add_special_tokens=False)
+    assert l3_tok.decode(ids) == text
+
+
+def test_llama3_digits_in_groups_of_three(l3_tok):
+    tok = l3_tok
     ids = tok.encode("12345 3.14", add_bos=False)
     assert [tok.id_to_token(i) for i in ids][:2] == ["123", "45"]
     assert tok.decode(ids) == "12345 3.14"
