@@ -27,8 +27,8 @@ from readme_jax.config import ModelConfig, from_dict, to_dict
 from readme_jax.errors import CheckpointError, ConfigError
 from readme_jax.model.llama import Llama
 
-__all__ = ["load_model", "is_hub_id", "save_model", "load_gguf", "load_hf", "save_hf", "save_params", "restore_params",
-           "embedded_gguf_path", "check_finite", "check_finite_tree", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
+__all__ = ["load_model", "is_hub_id", "save_model", "load_gguf", "load_hf", "save_hf", "save_params",
+           "restore_params", "embedded_gguf_path", "check_finite", "check_finite_tree", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
 
 
 def load_model(source: str | Path | None = None, dtype: str = "float32"):
