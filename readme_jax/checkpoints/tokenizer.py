@@ -2,14 +2,24 @@
 
 Two sources:
 
-- :func:`tokenizer_from_gguf` rebuilds the byte-level BPE a GGUF describes from its own metadata
-  (``tokenizer.ggml.tokens/merges/token_type/pre``); control tokens become special tokens and
-  user-defined tokens plain added tokens, so both stay whole in text.
+- :func:`tokenizer_from_gguf` rebuilds the tokenizer a GGUF describes from its own metadata
+  (``tokenizer.ggml.*``, built in :mod:`readme_jax.checkpoints.gguf_vocab`): ``model = "gpt2"``
+  (byte-level BPE; pre-tokenizers ``gpt2``/``default``, ``smollm``, ``llama-bpe``) or
+  ``model = "llama"`` (SentencePiece BPE with byte fallback, merges ranked by
+  ``tokenizer.ggml.scores``, ``▁`` for spaces, a dummy prefix space unless
+  ``tokenizer.ggml.add_space_prefix`` is false; BOS added unless ``add_bos_token`` is false).
+  Control tokens become special tokens and user-defined tokens plain added tokens, so both stay
+  whole in text. Any other model or pre-tokenizer raises CheckpointError naming the supported ones.
 - :func:`tokenizer_from_hf` reads ``tokenizer.json`` (+ ``tokenizer_config.json``).
 
 Pre-tokenizer ``smollm`` follows SmolLM2's own ``tokenizer.json``: ASCII digits split one by one
 (``Digits(individual_digits=True)``), then GPT-2 byte-level splitting. llama.cpp isolates every
-``\\p{N}`` character instead, which differs only on non-ASCII numerals such as "²".
+``\\p{N}`` character instead, which differs only on non-ASCII numerals such as "²". ``llama-bpe``
+is Llama 3's split regex (digits in groups of up to 3) followed by byte-level spelling.
+
+SentencePiece follows the sentencepiece library and llama.cpp where transformers' GGUF loader
+differs: the dummy prefix space goes also in front of text that already starts with a space, and
+(llama.cpp) in front of text that follows a special token.
 """
 
 from __future__ import annotations
@@ -20,15 +30,15 @@ from typing import Sequence
 
 import jinja2
 import jinja2.sandbox
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from readme_jax.checkpoints.gguf import gguf_field as _field
 from readme_jax.checkpoints.gguf import open_gguf
+from readme_jax.checkpoints.gguf_vocab import (MODELS, TOKEN_NORMAL, bytes_to_unicode, byte_level_bpe,
+                                               sentencepiece_bpe)
 from readme_jax.errors import CheckpointError, ShapeError
 
-# llama.cpp token types (tokenizer.ggml.token_type)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+__all__ = ["Tokenizer", "tokenizer_from_gguf", "tokenizer_from_hf", "bytes_to_unicode"]
 
 
 class Tokenizer:
@@ -69,6 +79,7 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, never with BOS (whatever ``add_bos``): the data pipeline adds its own."""
         return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
@@ -116,74 +127,32 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- GGUF
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used to spell byte-level tokens."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _pre_tokenizer(pre: str | None, where: str):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in (None, "default", "gpt2", "gpt-2"):
-        return byte_level
-    if pre == "smollm":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    raise CheckpointError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported (supported: smollm, gpt2, default)")
-
-
 def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
-    """Build the byte-level BPE tokenizer stored in a GGUF file's metadata."""
-
+    """Build the tokenizer a GGUF file's metadata describes (byte-level BPE or SentencePiece BPE)."""
     reader, where = open_gguf(path_or_reader)
     kind = _field(reader, "tokenizer.ggml.model", where)
-    if kind != "gpt2":
-        raise CheckpointError(f"{where}: tokenizer.ggml.model must be 'gpt2' (byte-level BPE), found {kind!r}")
+    if kind not in MODELS:
+        raise CheckpointError(f"{where}: tokenizer.ggml.model {kind!r} is not supported (supported: "
+                              "'gpt2' = byte-level BPE, 'llama' = SentencePiece BPE)")
     tokens = list(_field(reader, "tokenizer.ggml.tokens", where))
-    merges = list(_field(reader, "tokenizer.ggml.merges", where))
-    types = list(_field(reader, "tokenizer.ggml.token_type", where, [TOKEN_NORMAL] * len(tokens)))
-    if len(types) != len(tokens):
-        raise CheckpointError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries, "
-                              f"tokenizer.ggml.tokens has {len(tokens)}")
-    spell = bytes_to_unicode()
-    alphabet = set(spell.values())
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        key = t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))
-        vocab.setdefault(key, i)
-    pairs = []
-    for m in merges:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise CheckpointError(f"{where}: merge {m!r} is not two tokens separated by one space")
-        pairs.append((parts[0], parts[1]))
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-    tk.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", where, None), where)
-    tk.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == TOKEN_CONTROL and set(t) <= alphabet]
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
-            if ty == TOKEN_USER_DEFINED and t in vocab]
-    tk.add_special_tokens(special)
-    tk.add_tokens(user)
-    if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise CheckpointError(f"{where}: rebuilt tokenizer has {tk.get_vocab_size(with_added_tokens=True)} "
-                              f"tokens, the file lists {len(tokens)} (duplicate token strings?)")
+    types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", where, [TOKEN_NORMAL] * len(tokens))]
+    if kind == "gpt2":
+        tk = byte_level_bpe(tokens, types, list(_field(reader, "tokenizer.ggml.merges", where)),
+                            _field(reader, "tokenizer.ggml.pre", where, None), where)
+    else:
+        tk = sentencepiece_bpe(tokens, list(_field(reader, "tokenizer.ggml.scores", where)), types,
+                               bool(_field(reader, "tokenizer.ggml.add_space_prefix", where, True)), where)
 
     def opt_id(key):
         v = _field(reader, key, where, None)
         return None if v is None else int(v)
 
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", where, kind == "llama"))
     return Tokenizer(tk, bos_id=opt_id("tokenizer.ggml.bos_token_id"), eos_id=opt_id("tokenizer.ggml.eos_token_id"),
                      pad_id=opt_id("tokenizer.ggml.padding_token_id"),
                      chat_template=_field(reader, "tokenizer.chat_template", where, None),
-                     add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", where, False)), source=where)
+                     add_bos=add_bos, source=where)
 
 
 # ----------------------------------------------------------------------------- HF

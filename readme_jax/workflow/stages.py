@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from readme_jax import config as config_mod
-from readme_jax.checkpoints import embedded_gguf_path
+from readme_jax.checkpoints import embedded_gguf_path, is_hub_id
 from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import RunConfig
 
@@ -92,6 +92,8 @@ def source_identity(cfg: RunConfig) -> dict:
     """What identifies the source model's files: name, size and modification time of each."""
     if cfg.model == TINY_RANDOM_SOURCE:
         return {"tiny-random": cfg.seed}
+    if is_hub_id(cfg.model):  # the id, not the files: a new hub revision does not invalidate finished stages
+        return {"hub": cfg.model}
     path = embedded_gguf_path() if cfg.model in ("embedded", "") else Path(cfg.model)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     out = {}

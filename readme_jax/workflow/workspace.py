@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from readme_jax import config as config_mod
-from readme_jax.checkpoints import embedded_gguf_path, load_model, save_hf, tokenizer_from_gguf
+from readme_jax.checkpoints import embedded_gguf_path, is_hub_id, load_model, save_hf, tokenizer_from_gguf
 from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import ModelConfig, RunConfig
 from readme_jax.data import prepare_domains, token_stream
@@ -97,8 +97,9 @@ class Workspace:
 
     def _check_model_source(self):
         m = self.cfg.model
-        if m not in ("embedded", "", TINY_RANDOM_SOURCE) and not Path(m).exists():
-            raise ConfigError(f"model: path {m!r} does not exist (expected 'embedded', a .gguf file or an HF directory)")
+        if m not in ("embedded", "", TINY_RANDOM_SOURCE) and not Path(m).exists() and not is_hub_id(m):
+            raise ConfigError(f"model: path {m!r} does not exist (expected 'embedded', a .gguf file, an HF directory "
+                              "or a Hugging Face hub id org/name)")
 
     # ------------------------------------------------------------------ before any work
 
