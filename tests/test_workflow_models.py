@@ -1,6 +1,6 @@
 """`readme-jax run --config tiny_test model=PATH` end to end on the model formats users bring, each made
-here offline: a Llama-3.1-style HF directory (llama3 RoPE scaling, GQA, untied head, bf16 weights) and a
-GGUF whose matrices are all Q4_K. Logit parity of each loader is pinned in test_checkpoints_hf.py /
+here offline: a Llama-3.1-style HF directory (llama3 RoPE scaling, GQA, untied head, bf16 weights), a
+GGUF whose matrices are all Q4_K, and a Llama-2-style GGUF with a SentencePiece tokenizer. Logit parity of each loader is pinned in test_checkpoints_hf.py /
 test_checkpoints_gguf.py (transformers, float64 block references); here: the loaded model is the file's
 model, and the stages run on it to finite perplexities (every stage under `-m slow`)."""
 
@@ -62,7 +62,7 @@ def _q4_k_rows(rng, rows: int, cols: int) -> np.ndarray:
 def test_run_on_a_q4_k_gguf(tmp_path, gguf_writer, llama_arrays, cache_dir, stages):
     from test_checkpoints_gguf import gguf_tensors, llama_md, ref_q4_k
 
-    tokens = SPECIALS + sorted(bytes_to_unicode().values())
+    tokens = SPECIALS + sorted(bytes_to_unicode().values()) + ["Ġt"]
     # K-quant rows are 256 values: every matrix's input width is 256
     cfg = tiny_model_config(d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=256, n_layers=2,
                             vocab_size=len(tokens), tie_embeddings=True)
@@ -73,11 +73,27 @@ def test_run_on_a_q4_k_gguf(tmp_path, gguf_writer, llama_arrays, cache_dir, stag
         tensors[name] = (_q4_k_rows(rng, *w.shape), Q.Q4_K) if quantize else (w, Q.F32)
     md = {k: v for k, v in llama_md(cfg).items() if k != "llama.vocab_size"}
     path = gguf_writer(tmp_path / "q4k.gguf", metadata=md, tensors=tensors, tokenizer={
-        "tokens": tokens, "types": [3] * 3 + [1] * (len(tokens) - 3), "merges": [], "pre": "smollm"})
+        "tokens": tokens, "types": [3] * 3 + [1] * (len(tokens) - 3), "merges": ["Ġ t"], "pre": "smollm"})
     model, tok = load_model(path)
     assert tok.vocab_size == cfg.vocab_size
     # the loaded FFN down matrix is the Q4_K blocks' float64 reference (ours: [in, out])
     raw = tensors["blk.1.ffn_down.weight"][0].reshape(cfg.d_model, -1, 144)
     want = np.stack([np.concatenate([ref_q4_k(raw[r, b]) for b in range(raw.shape[1])]) for r in range(raw.shape[0])])
     np.testing.assert_allclose(np.asarray(model.arrays()["layers"]["wd"][1]).T, want, rtol=1e-5, atol=1e-6)
+    _run(path, tmp_path / "run", cache_dir, stages)
+
+
+@pytest.mark.parametrize("stages", [FAST, pytest.param(FULL, marks=SLOW)], ids=["fast", "all_stages"])
+def test_run_on_a_sentencepiece_gguf(tmp_path, gguf_writer, llama_arrays, cache_dir, stages):
+    pytest.importorskip("sentencepiece")
+    from test_checkpoints_gguf import gguf_tensors, llama_md
+    from test_tokenizer_gguf import sp_vocab, train_sentencepiece
+
+    vocab = sp_vocab(train_sentencepiece())
+    cfg = tiny_model_config(vocab_size=len(vocab["tokens"]), ffn_dim=64, tie_embeddings=True, max_seq_len=128)
+    md = {k: v for k, v in llama_md(cfg).items() if k != "llama.vocab_size"}  # vocab from the token list
+    path = gguf_writer(tmp_path / "spm-llama.gguf", metadata=md, tensors=gguf_tensors(cfg, llama_arrays(cfg, seed=3)),
+                       tokenizer=vocab)
+    _, tok = load_model(path)
+    assert tok.encode("hello world")[0] == tok.bos_id  # Llama-2 convention: BOS added
     _run(path, tmp_path / "run", cache_dir, stages)
