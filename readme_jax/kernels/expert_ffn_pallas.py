@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 from readme_jax.errors import ShapeError
 from readme_jax.kernels import block_sizes as bsz
 from readme_jax.kernels import grouping
+from readme_jax.kernels.vma import out_struct, union_axes, vary_all
 from readme_jax.kernels.xla_tiles import compute_dtype, tiled_ffn_bwd
 
 F32 = jnp.float32
@@ -107,12 +108,13 @@ def fused_tiles_tpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: 
         aliases = {len(args): 0}
         args.append(out_init.astype(out_dtype))
 
+    args = vary_all(*args)  # inside shard_map: one manual-axis type for operands and output
     itemsize = jnp.dtype(x_PD.dtype).itemsize
     cost = pl.CostEstimate(flops=6 * P * D * F, transcendentals=P * F,
                            bytes_accessed=3 * E * D * F * itemsize + 2 * P * D * itemsize)
     return pl.pallas_call(
         _tpu_kernel,
-        out_shape=jax.ShapeDtypeStruct((P, D), out_dtype),
+        out_shape=out_struct((P, D), out_dtype, *args),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(N, nf),
@@ -175,11 +177,11 @@ def fused_tiles_gpu(x_PD, tile_expert_N, num_tiles, wg, wu, wd, *, tm: int, bf: 
     full = lambda a: pl.BlockSpec(a.shape, lambda n, f: (0,) * a.ndim)  # noqa: E731
     nt = jnp.reshape(num_tiles, (1,)).astype(jnp.int32)
     y0 = jnp.zeros((P, D), F32) if out_init is None else out_init.astype(F32)
-    args = [tile_expert_N, nt, x_PD, wg, wu, wd, y0]
+    args = vary_all(tile_expert_N, nt, x_PD, wg, wu, wd, y0)  # shard_map: one manual-axis type
     kernel = functools.partial(_gpu_kernel, tm=tm, bf=bf, bk=bk, bd=bd)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((P, D), F32),
+        out_shape=out_struct((P, D), F32, *args),
         grid=(N, nf),
         in_specs=[full(a) for a in args],
         out_specs=full(y0),
@@ -239,6 +241,23 @@ def _fused_bwd(kernel, bs, interpret, res, dy):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _shard_map_interpreter(kernel: str):
+    """The interpreter for a kernel called inside ``jax.shard_map`` (inputs with manual axes).
+
+    jax 0.10's default interpreter (``interpret=True``) evaluates index maps and kernel bodies
+    with program ids that vary over no mesh axis next to operands that do, and its manual-axis
+    check rejects that; the Mosaic TPU interpreter (``pltpu.InterpretParams``) is built to run
+    per device inside shard_map and accepts it. The Triton kernel has no such interpreter (its
+    atomic adds are Triton primitives), so it runs inside shard_map only compiled on a GPU.
+    """
+    if kernel == "gpu":
+        raise ShapeError("expert_ffn(impl='pallas', kernel='gpu'): the GPU kernel cannot be "
+                         "interpreted inside jax.shard_map (jax's interpreter rejects its manual "
+                         "axes); inside shard_map use kernel='tpu' with interpret, or run the "
+                         "compiled kernel on a GPU")
+    return pltpu.InterpretParams()
+
+
 def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = None,
                kernel: str | None = None, block_sizes: bsz.BlockSizes | None = None,
                interpret: bool | None = None):
@@ -258,6 +277,8 @@ def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = 
         raise ShapeError(f"expert_ffn(impl='pallas'): kernel must be one of {KERNELS}, got {kernel!r}")
     if interpret is None:  # compile only where the kernel matches the device; else interpret
         interpret = platform() != kernel
+    if interpret and union_axes(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD):
+        interpret = _shard_map_interpreter(kernel)
     T, D = x_TD.shape
     E, _, F = wg_EDF.shape
     itemsize = jnp.dtype(compute_dtype(x_TD, wg_EDF)).itemsize
