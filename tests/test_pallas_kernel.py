@@ -236,3 +236,64 @@ def test_compiled_kernel_on_device(dtype, tol, T, unique):
 
     for g, w in zip(grads("pallas"), grads("xla")):
         assert rel_err(g, np.asarray(w, np.float64)) < tol, SEED
+
+
+# --------------------------------------------------------------------------- precision by dtype
+
+
+def _kernel_dots(jaxpr):
+    """(precision, preferred_element_type) of every dot_general inside the pallas_call kernels."""
+    found, in_kernel = [], []
+
+    def walk(jx, inside):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "dot_general" and inside:
+                found.append((eqn.params["precision"], eqn.params["preferred_element_type"]))
+            sub_inside = inside or eqn.primitive.name == "pallas_call"
+            in_kernel.append(eqn.primitive.name == "pallas_call")
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub, sub_inside)
+
+    walk(jaxpr.jaxpr, False)
+    assert any(in_kernel), "no pallas_call found"
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_precision_by_dtype(kernel, dtype):
+    """bf16/f16 operands: DEFAULT precision (native tensor-core/MXU rate); f32: HIGHEST (Triton
+    would use TF32 otherwise); every dot accumulates in f32."""
+    rng = np.random.default_rng(SEED)
+    args = make(rng, np.array([0, 1, 1, 3], np.int32), dtype)
+    bs = BlockSizes(tm=4, bf=4, bk=4, bd=4)
+    jaxpr = jax.make_jaxpr(lambda *a: expert_ffn(*a, impl="pallas", kernel=kernel, interpret=True,
+                                                 block_sizes=bs))(*args)
+    dots = _kernel_dots(jaxpr)
+    assert len(dots) == 3  # gate, up, down
+    HIGHEST = jax.lax.Precision.HIGHEST
+    for precision, acc in dots:
+        assert acc == jnp.float32
+        if dtype == jnp.float32:
+            assert precision == (HIGHEST, HIGHEST), precision
+        else:
+            assert precision is None or HIGHEST not in precision, precision
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 1e-2), (jnp.float16, 2e-3), (jnp.float32, 1e-5)])
+def test_each_dtype_against_f32_reference(kernel, dtype, tol):
+    """The kernel in bf16/f16/f32 against the f32 XLA reference on the same (rounded) inputs: the
+    16-bit tolerances allow the rounding of the hidden and the output to the input dtype."""
+    rng = np.random.default_rng([SEED, 7])
+    ids = rng.integers(0, E_FIX, 24).astype(np.int32)
+    x, e, wg, wu, wd = make(rng, ids, dtype)
+    y = expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel=kernel, interpret=True,
+                   block_sizes=BlockSizes(tm=8, bf=4, bk=4, bd=4))
+    assert y.dtype == dtype
+    f32 = [a.astype(jnp.float32) for a in (x, wg, wu, wd)]
+    want = expert_ffn(f32[0], e, *f32[1:], impl="reference")
+    assert rel_err(y, np.asarray(want, np.float64)) < tol, (SEED, dtype)

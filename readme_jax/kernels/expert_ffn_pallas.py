@@ -42,7 +42,6 @@ from readme_jax.kernels.vma import out_struct, union_axes, vary_all
 from readme_jax.kernels.xla_tiles import compute_dtype, tiled_ffn_bwd
 
 F32 = jnp.float32
-HIGHEST = jax.lax.Precision.HIGHEST  # IEEE f32 on Triton (its default is TF32); no-op for bf16
 KERNELS = ("tpu", "gpu")
 
 
@@ -50,8 +49,23 @@ def _silu(g):
     return g / (1.0 + jnp.exp(-g))
 
 
+def dot_precision(dtype) -> jax.lax.Precision:
+    """Matmul precision for operands of ``dtype``; every dot accumulates in f32 regardless.
+
+    - bf16 / f16: ``DEFAULT``: the tensor cores / MXU take these natively, and f32 accumulation
+      comes from ``preferred_element_type``; a higher precision buys nothing and may cost passes.
+    - f32 (and f64, interpret only): ``HIGHEST``, because both accelerator lowerings need it to
+      match an f32 reference: Pallas->Triton lowers ``DEFAULT`` on f32 operands to TF32 (10-bit
+      mantissa; ``HIGHEST`` gives IEEE f32), and Pallas->Mosaic emits no contract precision for
+      ``DEFAULT`` (``HIGHEST`` gives ``#tpu.contract_precision<fp32>``), leaving f32 matmuls to
+      Mosaic's default, which may use fewer bf16 MXU passes, as XLA:TPU's ``DEFAULT`` does (not
+      checked on a TPU here). On CPU (interpret mode) precision changes nothing.
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else jax.lax.Precision.DEFAULT
+
+
 def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=F32, precision=HIGHEST)
+    return jnp.dot(a, b, preferred_element_type=F32, precision=dot_precision(a.dtype))
 
 
 # --------------------------------------------------------------------------- TPU (Mosaic)
