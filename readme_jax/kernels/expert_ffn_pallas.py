@@ -321,7 +321,8 @@ def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = 
 
     ``backend``: block-size table row, default from ``jax.default_backend()``. ``kernel``:
     "tpu" or "gpu"; default "gpu" on GPU, else "tpu". ``interpret``: default False only when
-    the kernel matches the device (gpu kernel on a GPU, tpu kernel on a TPU), else True.
+    the kernel matches the device (gpu kernel on a GPU, tpu kernel on a TPU), else True; inside
+    ``jax.shard_map`` True means the Mosaic TPU interpreter (``_shard_map_interpreter``).
     ``block_sizes``: override the table (``kernels.block_sizes.choose``).
     """
     backend = backend or platform()
@@ -333,8 +334,8 @@ def pallas_ffn(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD, *, backend: str | None = 
         raise ShapeError(f"expert_ffn(impl='pallas'): kernel must be one of {KERNELS}, got {kernel!r}")
     if interpret is None:  # compile only where the kernel matches the device; else interpret
         interpret = platform() != kernel
-    if interpret and union_axes(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD):
-        interpret = _shard_map_interpreter(kernel)
+    if interpret is True and union_axes(x_TD, expert_T, wg_EDF, wu_EDF, wd_EFD):
+        interpret = _shard_map_interpreter(kernel)  # an explicit pltpu.InterpretParams is kept
     T, D = x_TD.shape
     E, _, F = wg_EDF.shape
     itemsize = jnp.dtype(compute_dtype(x_TD, wg_EDF)).itemsize
