@@ -131,7 +131,7 @@ def test_tpu_kernel_writes_every_row():
     tm = 2
     m, x_PD, wg, wu, wd, want, used = _layout_inputs(rng, tm)
     poison = jnp.full(x_PD.shape, jnp.nan, jnp.float32)
-    y = np.asarray(fused_tiles_tpu(x_PD, m.tile_expert_N, m.num_tiles, wg, wu, wd, tm=tm, bf=4,
+    y = np.asarray(fused_tiles_tpu(x_PD, m.tile_expert_N, m.num_tiles, m.tile_rows_N, wg, wu, wd, tm=tm, bf=4,
                                    interpret=True, out_init=poison))
     assert not np.isnan(y).any()
     assert np.all(y[~used] == 0) and np.all(y[np.asarray(m.row_src_P) == 9] == 0)
@@ -145,10 +145,81 @@ def test_gpu_kernel_adds_exactly_the_ffn():
     tm = 2
     m, x_PD, wg, wu, wd, want, used = _layout_inputs(rng, tm)
     base = jnp.asarray(rng.standard_normal(x_PD.shape), jnp.float32)
-    y = np.asarray(fused_tiles_gpu(x_PD, m.tile_expert_N, m.num_tiles, wg, wu, wd, tm=tm, bf=4,
+    y = np.asarray(fused_tiles_gpu(x_PD, m.tile_expert_N, m.num_tiles, m.tile_rows_N, wg, wu, wd, tm=tm, bf=4,
                                    bk=4, bd=4, interpret=True, out_init=base))
     np.testing.assert_array_equal(y[~used], np.asarray(base)[~used])
     assert rel_err(y[used] - np.asarray(base)[used], want[used]) < 1e-5, SEED
+
+
+def _garbage_padding(rng, m, x_PD):
+    """x_PD with NaN and huge values in its padding rows (row_src_P == T): a kernel that reads
+    or adds padding rows shows it in the output."""
+    pad = np.asarray(m.row_src_P) == len(m.pos_T)
+    x = np.asarray(x_PD).copy()
+    x[pad] = 1e4 * rng.standard_normal(x[pad].shape)
+    x[pad, 0] = np.nan
+    return jnp.asarray(x), pad
+
+
+def test_tpu_kernel_masks_padding_rows():
+    """Ragged tails (groups of 5 and 1 rows in tiles of 2) and an empty expert: padding rows hold
+    garbage, yet they come out as exact zeros and the real rows equal the FFN."""
+    rng = np.random.default_rng([SEED, 11])
+    tm = 2
+    m, x_PD, wg, wu, wd, want, used = _layout_inputs(rng, tm)
+    x_bad, pad = _garbage_padding(rng, m, x_PD)
+    assert (pad & used).sum() == 2  # two padding rows inside used tiles
+    poison = jnp.full(x_PD.shape, jnp.nan, jnp.float32)
+    y = np.asarray(fused_tiles_tpu(x_bad, m.tile_expert_N, m.num_tiles, m.tile_rows_N, wg, wu, wd,
+                                   tm=tm, bf=4, interpret=True, out_init=poison))
+    assert np.all(y[pad] == 0)
+    assert rel_err(y[~pad], want[~pad]) < 1e-5, SEED
+
+
+def test_gpu_kernel_leaves_padding_rows_untouched():
+    """The GPU kernel neither reads padding rows of x nor adds into padding rows of its
+    accumulator: those rows of the aliased buffer come back bit for bit as they went in."""
+    rng = np.random.default_rng([SEED, 12])
+    tm = 2
+    m, x_PD, wg, wu, wd, want, used = _layout_inputs(rng, tm)
+    x_bad, pad = _garbage_padding(rng, m, x_PD)
+    base = np.asarray(rng.standard_normal(x_PD.shape), np.float32)
+    y = np.asarray(fused_tiles_gpu(x_bad, m.tile_expert_N, m.num_tiles, m.tile_rows_N, wg, wu, wd,
+                                   tm=tm, bf=4, bk=4, bd=4, interpret=True, out_init=jnp.asarray(base)))
+    np.testing.assert_array_equal(y[pad], base[pad])
+    assert rel_err(y[~pad] - base[~pad], want[~pad]) < 1e-5, SEED
+
+
+def _kernel_eqns(jaxpr, name):
+    """Every ``name`` equation anywhere inside ``jaxpr`` (sub-jaxprs included)."""
+    out = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == name:
+                out.append(eqn)
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return out
+
+
+def test_compiled_gpu_kernel_uses_masked_atomics():
+    """The compiled (non-interpret) GPU kernel adds with masked atomics (the interpreter runs the
+    equivalent masked read-modify-write, tested above); cross-lowering to Triton checks they lower."""
+    rng = np.random.default_rng(SEED)
+    m, x_PD, wg, wu, wd, _, _ = _layout_inputs(rng, 2)
+    jaxpr = jax.make_jaxpr(lambda x: fused_tiles_gpu(x, m.tile_expert_N, m.num_tiles, m.tile_rows_N, wg, wu,
+                                                     wd, tm=2, bf=4, bk=4, bd=4, interpret=False))(x_PD)
+    atomics = _kernel_eqns(jaxpr, "atomic_rmw")
+    assert atomics
+    for eqn in atomics:
+        _, _, _, mask = eqn.params["args_tree"].unflatten(eqn.invars)
+        assert mask is not None
 
 
 @pytest.mark.parametrize("backend, platform, call", [("gpu", "cuda", "__gpu$xla.gpu.triton"),
@@ -236,3 +307,64 @@ def test_compiled_kernel_on_device(dtype, tol, T, unique):
 
     for g, w in zip(grads("pallas"), grads("xla")):
         assert rel_err(g, np.asarray(w, np.float64)) < tol, SEED
+
+
+# --------------------------------------------------------------------------- precision by dtype
+
+
+def _kernel_dots(jaxpr):
+    """(precision, preferred_element_type) of every dot_general inside the pallas_call kernels."""
+    found, in_kernel = [], []
+
+    def walk(jx, inside):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "dot_general" and inside:
+                found.append((eqn.params["precision"], eqn.params["preferred_element_type"]))
+            sub_inside = inside or eqn.primitive.name == "pallas_call"
+            in_kernel.append(eqn.primitive.name == "pallas_call")
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub, sub_inside)
+
+    walk(jaxpr.jaxpr, False)
+    assert any(in_kernel), "no pallas_call found"
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_precision_by_dtype(kernel, dtype):
+    """bf16/f16 operands: DEFAULT precision (native tensor-core/MXU rate); f32: HIGHEST (Triton
+    would use TF32 otherwise); every dot accumulates in f32."""
+    rng = np.random.default_rng(SEED)
+    args = make(rng, np.array([0, 1, 1, 3], np.int32), dtype)
+    bs = BlockSizes(tm=4, bf=4, bk=4, bd=4)
+    jaxpr = jax.make_jaxpr(lambda *a: expert_ffn(*a, impl="pallas", kernel=kernel, interpret=True,
+                                                 block_sizes=bs))(*args)
+    dots = _kernel_dots(jaxpr)
+    assert len(dots) == 3  # gate, up, down
+    HIGHEST = jax.lax.Precision.HIGHEST
+    for precision, acc in dots:
+        assert acc == jnp.float32
+        if dtype == jnp.float32:
+            assert precision == (HIGHEST, HIGHEST), precision
+        else:
+            assert precision is None or HIGHEST not in precision, precision
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 1e-2), (jnp.float16, 2e-3), (jnp.float32, 1e-5)])
+def test_each_dtype_against_f32_reference(kernel, dtype, tol):
+    """The kernel in bf16/f16/f32 against the f32 XLA reference on the same (rounded) inputs: the
+    16-bit tolerances allow the rounding of the hidden and the output to the input dtype."""
+    rng = np.random.default_rng([SEED, 7])
+    ids = rng.integers(0, E_FIX, 24).astype(np.int32)
+    x, e, wg, wu, wd = make(rng, ids, dtype)
+    y = expert_ffn(x, e, wg, wu, wd, impl="pallas", kernel=kernel, interpret=True,
+                   block_sizes=BlockSizes(tm=8, bf=4, bk=4, bd=4))
+    assert y.dtype == dtype
+    f32 = [a.astype(jnp.float32) for a in (x, wg, wu, wd)]
+    want = expert_ffn(f32[0], e, *f32[1:], impl="reference")
+    assert rel_err(y, np.asarray(want, np.float64)) < tol, (SEED, dtype)

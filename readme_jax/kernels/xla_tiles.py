@@ -6,7 +6,7 @@ then unsorted; every permutation's backward is the inverse gather (``custom_vjp`
 Two strategies (``xla_ffn``): a loop over expert tiles of a tile-padded layout
 (``kernels.grouping.tile_layout``; default off TPU) or ``lax.ragged_dot`` (default on TPU).
 
-A leaf of ``readme_jax.kernels``: imports only ``kernels.grouping`` and ``readme_jax.errors``,
+A leaf of ``readme_jax.kernels``: imports only ``kernels.grouping``, ``kernels.vma`` and ``readme_jax.errors``,
 so both the dispatcher (``ops.expert_ffn``) and the Pallas kernel (``kernels.expert_ffn_pallas``)
 can import it without a cycle.
 """
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from readme_jax.errors import ShapeError
 from readme_jax.kernels import grouping
+from readme_jax.kernels.vma import sum_to_vma, vary_like
 
 
 # --------------------------------------------------------------------------- compute dtype
@@ -126,29 +127,6 @@ def _swiglu_tile(xb, wg, wu, wd, cdt):
     return jnp.dot(h, wd, preferred_element_type=jnp.float32)
 
 
-def _vary_like(a, *refs):
-    """``a`` marked as varying over the manual mesh axes any of ``refs`` varies over.
-
-    Inside ``jax.shard_map`` a loop carry initialised with constants must have the same
-    varying-axes type as the body's output; outside shard_map this is the identity.
-    """
-    axes = set().union(*(_varying_axes(r) for r in refs))
-    return jax.lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
-
-
-def _varying_axes(x) -> set:
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; older jax: aval.vma
-    return set(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
-
-
-def _sum_to_vma(ct, primal):
-    """Sum a cotangent over the manual mesh axes it varies over and its primal does not
-    (a primal invariant over an axis was used by every device on it: gradients add up)."""
-    extra = _varying_axes(ct) - _varying_axes(primal)
-    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
 def _tiles_forward(x_NMD, tile_expert_N, num_tiles, wg, wu, wd):
     cdt = x_NMD.dtype
 
@@ -157,7 +135,7 @@ def _tiles_forward(x_NMD, tile_expert_N, num_tiles, wg, wu, wd):
         yb = _swiglu_tile(x_NMD[n], wg[e], wu[e], wd[e], cdt)
         return jax.lax.dynamic_update_index_in_dim(y, yb, n, 0)
 
-    y0 = _vary_like(jnp.zeros(x_NMD.shape[:2] + (wd.shape[2],), jnp.float32), x_NMD, tile_expert_N, wg, wu, wd)
+    y0 = vary_like(jnp.zeros(x_NMD.shape[:2] + (wd.shape[2],), jnp.float32), x_NMD, tile_expert_N, wg, wu, wd)
     return jax.lax.fori_loop(0, num_tiles, body, y0)
 
 
@@ -185,7 +163,7 @@ def _tiles_backward(x_NMD, dy_NMD, tile_expert_N, num_tiles, wg, wu, wd):
 
     f32 = jnp.float32
     refs = (x_NMD, dy_NMD, tile_expert_N, wg, wu, wd)
-    init = tuple(_vary_like(jnp.zeros(s, f32), *refs) for s in (x_NMD.shape, wg.shape, wu.shape, wd.shape))
+    init = tuple(vary_like(jnp.zeros(s, f32), *refs) for s in (x_NMD.shape, wg.shape, wu.shape, wd.shape))
     return jax.lax.fori_loop(0, num_tiles, body, init)
 
 
@@ -216,7 +194,7 @@ def tiled_ffn_bwd(res, dy_TD):
     dx_NMD, dwg, dwu, dwd = _tiles_backward(x_NMD, dy_NMD, tile_expert_N, num_tiles,
                                             wg.astype(cdt), wu.astype(cdt), wd.astype(cdt))
     dx = jnp.take(dx_NMD.reshape(row_src_P.shape[0], -1), pos_T, axis=0, mode="fill", fill_value=0)
-    dx, dwg, dwu, dwd = (_sum_to_vma(c, p) for c, p in ((dx, x_NMD), (dwg, wg), (dwu, wu), (dwd, wd)))
+    dx, dwg, dwu, dwd = (sum_to_vma(c, p) for c, p in ((dx, x_NMD), (dwg, wg), (dwu, wu), (dwd, wd)))
     return (dx.astype(dy_TD.dtype), None, None, None, None,
             dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
 
