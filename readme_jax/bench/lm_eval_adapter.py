@@ -35,6 +35,7 @@ from readme_jax.checkpoints.readme_io import dense_source, load_readme, load_tok
 from readme_jax.config import EngineConfig, ModelConfig
 from readme_jax.errors import CheckpointError, ConfigError
 from readme_jax.eval.loglik import score_rows
+from readme_jax.eval.mc_task import separator_id
 from readme_jax.model.readme_model import DenseModel
 from readme_jax.serve.llm import LLM
 
@@ -94,8 +95,7 @@ class ReadmeJaxLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        sep = self.tok.token_to_id("<|endoftext|>")
-        return sep if sep is not None else self.tok.eos_id
+        return separator_id(self.tok)  # the document separator of the project's token streams
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tok.encode(string, add_bos=add_special_tokens)
@@ -109,11 +109,14 @@ class ReadmeJaxLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
 
+    def _score(self, rows, disable_tqdm: bool, desc: str) -> list[tuple[float, bool]]:
+        with tqdm(total=len(rows), desc=f"readme-jax {desc}", disable=disable_tqdm) as bar:
+            return score_rows(self.model, rows, batch_size=self.batch_size, max_length=self.max_length,
+                              pad_id=self.eot_token_id, progress=bar.update)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        rows = [(list(ctx) + list(cont), len(cont)) for _, ctx, cont in requests]
-        with tqdm(total=len(rows), desc="readme-jax loglikelihood", disable=disable_tqdm) as bar:
-            out = score_rows(self.model, rows, batch_size=self.batch_size, max_length=self.max_length,
-                             pad_id=self.eot_token_id, progress=bar.update)
+        out = self._score([(list(ctx) + list(cont), len(cont)) for _, ctx, cont in requests], disable_tqdm,
+                          "loglikelihood")
         for (key, _, _), res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", key, res)
         return out
@@ -126,9 +129,9 @@ class ReadmeJaxLM(TemplateLM):
             windows = map(make_disjoint_window, get_rolling_token_windows(
                 self.tok_encode(text), self.eot_token_id, self.max_length, 1))
             for ctx, cont in windows:
-                rows.append(((text, ""), ctx, cont))
+                rows.append((ctx + cont, len(cont)))
                 owner.append(i)
-        scores = self._loglikelihood_tokens(rows, disable_tqdm=disable_tqdm)
+        scores = self._score(rows, disable_tqdm, "loglikelihood_rolling")
         totals = [0.0] * len(requests)
         for i, (lp, _) in zip(owner, scores):
             totals[i] += lp
