@@ -123,6 +123,13 @@ def cmd_data(args):
         print(f"{n:12s} MISSING: {why}")
 
 
+def cmd_lm_eval(argv: list[str]) -> None:
+    """lm_eval's own command line with the ``readme-jax`` model registered (see bench/lm_eval_adapter.py)."""
+    from readme_jax.bench import lm_eval_adapter  # local import: lm-eval is an optional extra (pip install .[eval])
+
+    lm_eval_adapter.main(argv)
+
+
 def _model_args(p: argparse.ArgumentParser):
     p.add_argument("path", help="a run folder (its trained Read-ME model), its train/final, or an export")
     p.add_argument("--dense", action="store_true", help="the run's dense source model instead (A/B)")
@@ -181,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domains", nargs="*")
     p.add_argument("--no-apt", action="store_true")
     p.set_defaults(fn=cmd_data)
+    p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with --model readme-jax (lm_eval's "
+                       "arguments follow; docs/EVALUATION.md)")
+    p.set_defaults(fn=lambda args: cmd_lm_eval(["--help"]))
     return ap
 
 
@@ -190,6 +200,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm_eval's, not ours
+        cmd_lm_eval(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

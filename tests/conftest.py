@@ -33,9 +33,10 @@ def random_llama_arrays(cfg: ModelConfig, seed: int = 0) -> dict:
     return out
 
 
-def tiny_readme(n_experts: int, backbone_seed: int, router_seed: int, expert_dim: int = 16):
+def tiny_readme(n_experts: int, backbone_seed: int, router_seed: int, expert_dim: int = 16,
+                cfg: ModelConfig | None = None):
     """A tiny random Read-ME model (fixed-layout experts, router embedding from the backbone's)."""
-    cfg = tiny_model_config()
+    cfg = cfg or tiny_model_config()
     bb = MoEBackbone(cfg, rngs=nnx.Rngs(backbone_seed), n_experts=n_experts, expert_dim=expert_dim)
     router = make_router(RouterConfig(width=16, n_heads=2, ffn_dim=16, seed=router_seed), n_experts, cfg.vocab_size,
                          cfg.max_seq_len, backbone_embed_VD=bb.embed[...])
