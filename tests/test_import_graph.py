@@ -167,3 +167,21 @@ def test_low_layers_import_alone(name):
             todo += EDGES.get(v, ())
     limit = _layer(name)
     assert all(_layer(m) is None or _layer(m) <= limit for m in seen), sorted(m for m in seen if _layer(m) > limit)
+
+
+def test_every_module_imports():
+    """Each module under readme_jax imports (a bench or CLI module nobody else imports cannot rot
+    unseen). Optional heavy packages are allowed to be missing only where the module says so."""
+    import importlib
+    import pkgutil
+
+    import readme_jax
+
+    bad = {}
+    for m in pkgutil.walk_packages(readme_jax.__path__, "readme_jax."):
+        try:
+            importlib.import_module(m.name)
+        except ImportError as e:  # an optional extra not installed here is fine; a missing module of ours is not
+            if "readme_jax" in str(e):
+                bad[m.name] = repr(e)
+    assert not bad, bad

@@ -11,6 +11,7 @@ and the ratio. transformers loads the same GGUF file (needs torch, transformers,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -22,8 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.checkpoints import embedded_gguf_path, load_model
-from readme_jax.eval.generate import _step
+from readme_jax.config import ModelConfig
 from readme_jax.model import decoder
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _step(params, cfg: ModelConfig, tokens_BT, positions_BT, cache):
+    """One greedy step through the KV cache (the cache buffers donated): next token ids and the cache."""
+    logits, cache, _ = decoder.forward(params, cfg, tokens_BT, positions_BT, cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
 def _median_time(fn, repeats: int) -> float:
