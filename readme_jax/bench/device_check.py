@@ -311,6 +311,8 @@ def run(args) -> dict:
 
     step("peaks", 10, lambda: res.update(peaks=measure_peaks(args.quick)))
     if res["peaks"] is None:
+        res["skipped"].append("everything after peaks (no peaks to compare against)")
+        done()
         return res
     for s in shapes:
         for dt in args.dtypes:
