@@ -60,6 +60,19 @@ def test_time_budget_skips_and_records(tmp_path):
     assert any(s.startswith("peaks") for s in res["skipped"])
 
 
+def test_a_failing_task_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    from readme_jax.bench import device_check
+
+    def boom(quick):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(device_check, "measure_peaks", boom)
+    assert device_check.main(["--quick", "--out", str(tmp_path)]) == 1
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    assert res["errors"] == [{"task": "peaks", "error": "RuntimeError: planted failure"}]
+    assert res["skipped"] and "## Errors" in (tmp_path / "device_check.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("device_check")
@@ -73,11 +86,11 @@ def dry_run(tmp_path_factory):
 def test_dry_run_report(dry_run):
     out, res = dry_run
     for key in ("device", "platform", "dry_run", "jax", "date", "peaks", "correctness", "perf",
-                "sweep", "skipped", "all_correct", "wall_s", "budget_s"):
+                "sweep", "skipped", "errors", "all_correct", "wall_s", "budget_s"):
         assert key in res, key
     assert res["platform"] == "cpu" and res["dry_run"] is True and "not results" in res["note"]
     assert res["peaks"]["copy_GBps"] > 0 and res["peaks"]["matmul_TFLOPs"] > 0
-    assert res["skipped"] == [] and res["wall_s"] < res["budget_s"]
+    assert res["skipped"] == [] and res["errors"] == [] and res["wall_s"] < res["budget_s"]
     md = (out / "device_check.md").read_text()
     assert "NOT results" in md and "## Correctness" in md and "## Block-size sweep" in md
     assert (out / "device_check.log").stat().st_size > 0

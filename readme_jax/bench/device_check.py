@@ -22,7 +22,8 @@ after every section, so a run stopped early still leaves what it measured. Secti
 4. ``sweep``: 2-4 block-size configurations (``kernels.block_sizes.choose`` and neighbours).
 
 A time budget (``--budget-s``) is checked before each task; tasks that would not fit are listed
-under ``skipped`` instead of run. ``--quick`` uses tiny shapes (on CPU the kernel runs in interpret
+under ``skipped`` instead of run. A task that raises (a failed compile, say) is listed under
+``errors`` and the run goes on; the exit status is 1 unless every correctness check passed. ``--quick`` uses tiny shapes (on CPU the kernel runs in interpret
 mode): a dry run whose numbers are NOT results (``"dry_run": true`` in the JSON).
 Imports only jax, numpy and the kernel layers (no gguf, grain, tokenizers): the lent GPU image
 lacks some of those.
@@ -271,6 +272,8 @@ def format_tables(res: dict) -> str:
                          f"| {r['x_vs_ragged']:.2f} |")
     if res["skipped"]:
         lines += ["\n## Skipped (time budget)\n"] + [f"- {s}" for s in res["skipped"]]
+    if res["errors"]:
+        lines += ["\n## Errors\n"] + [f"- {e['task']}: {e['error'][:300]}" for e in res["errors"]]
     lines.append(f"\nWall time {res['wall_s']:.1f} s of a {res['budget_s']:.0f} s budget; "
                  f"all correctness checks pass: {res['all_correct']}.")
     return "\n".join(lines)
@@ -288,13 +291,14 @@ def run(args) -> dict:
                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), num_experts=E,
                shapes={s: SHAPES[s] for s in shapes}, tokens=args.tokens, dtypes=args.dtypes,
                budget_s=args.budget_s, peaks=None, correctness=[], perf=[], sweep=[], skipped=[],
-               all_correct=None, wall_s=0.0)
+               errors=[], all_correct=None, wall_s=0.0)
     if res["dry_run"]:
         res["note"] = "CPU dry run: the kernel runs in interpret mode; timings are not results"
 
     def done():
         res["wall_s"] = budget.elapsed()
-        res["all_correct"] = bool(res["correctness"]) and all(r["pass"] for r in res["correctness"])
+        res["all_correct"] = (bool(res["correctness"]) and all(r["pass"] for r in res["correctness"])
+                              and not any(e["task"].startswith("correctness") for e in res["errors"]))
         write_report(res, args.out)
 
     def step(label, need_s, fn):
@@ -303,7 +307,11 @@ def run(args) -> dict:
             print(f"[device_check] skip {label}", file=sys.stderr)
             return
         t0 = time.perf_counter()
-        fn()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  a failed compile or launch: record it, go on
+            res["errors"].append({"task": label, "error": f"{type(e).__name__}: {e}"[:2000]})
+            print(f"[device_check] FAILED {label}: {type(e).__name__}: {e}", file=sys.stderr)
         print(f"[device_check] {label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         done()
 
