@@ -19,7 +19,8 @@ after every section, so a run stopped early still leaves what it measured. Secti
    > 200 MB together (more than an H100/H200 L2), so every call reads its weights from HBM.
    GB/s = bytes of the touched experts' weights (3 D F each) / time; TFLOP/s = 6 T D F / time;
    both also as fractions of the measured peaks; ``x_vs_ragged`` = ragged time / method time.
-4. ``sweep``: 2-4 block-size configurations (``kernels.block_sizes.choose`` and neighbours).
+4. ``sweep``: 2-4 block-size configurations (``kernels.block_sizes.choose`` and neighbours, see
+   ``sweep_configs``).
 
 A time budget (``--budget-s``) is checked before each task; tasks that would not fit are listed
 under ``skipped`` instead of run. A task that raises (a failed compile, say) is listed under
@@ -215,14 +216,15 @@ def ragged_time(perf: list[dict], shape: str, dtype_name: str, T: int) -> float 
                  == (shape, dtype_name, T, "ragged_dot x3")), None)
 
 
-def sweep_configs(T: int, D: int, F: int, itemsize: int, limit: int = 4) -> list:
-    """The table's choice and up to 3 neighbours (bf x2, bf /2, tm x2 or /2) that validate."""
-    backend = platform()
+def sweep_configs(T: int, D: int, F: int, itemsize: int, limit: int = 4, backend: str | None = None) -> list:
+    """The table's choice and the first up-to-3 neighbours (bf x2, bf /2, tm /2 or x2, bf /4) that validate."""
+    backend = backend or platform()
     kernel = "gpu" if backend == "gpu" else "tpu"
     base = bsz.choose(backend, T, E, D, F, itemsize)
     tm_min = bsz.TABLE[backend]["tm_min"]
     cands = [base, dataclasses.replace(base, bf=base.bf * 2), dataclasses.replace(base, bf=base.bf // 2),
-             dataclasses.replace(base, tm=base.tm // 2 if base.tm >= 2 * tm_min else base.tm * 2)]
+             dataclasses.replace(base, tm=base.tm // 2 if base.tm >= 2 * tm_min else base.tm * 2),
+             dataclasses.replace(base, bf=base.bf // 4)]
     out = []
     for c in cands:
         if c in out or c.bf < 16 or (backend == "gpu" and c.bf & (c.bf - 1)):
