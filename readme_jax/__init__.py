@@ -46,7 +46,12 @@ if TYPE_CHECKING:  # static analysers see the real names
 
 def __getattr__(name: str):
     target = _LAZY.get(name)
-    if target is None:
+    if target is None:  # a subpackage (``readme_jax.serve`` after a bare ``import readme_jax``)
+        try:
+            return importlib.import_module(f"readme_jax.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"readme_jax.{name}":
+                raise
         raise AttributeError(f"module 'readme_jax' has no attribute {name!r}")
     mod, attr = target if isinstance(target, tuple) else (target, name)
     value = getattr(importlib.import_module(mod), attr)

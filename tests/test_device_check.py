@@ -45,6 +45,16 @@ def test_module_imports_without_packages_the_device_lacks(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_package_root_still_gives_every_public_name():
+    import readme_jax  # its names load lazily; each must still resolve
+
+    missing = [n for n in readme_jax.__all__ if getattr(readme_jax, n, None) is None]
+    assert not missing and readme_jax.load.__name__ == "load_readme"
+    assert readme_jax.checkpoints.load_model is readme_jax.load_model  # subpackages by attribute
+    with pytest.raises(AttributeError):
+        readme_jax.no_such_name
+
+
 def test_blocker_blocks(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import gguf"], env=_env(tmp_path / "site"),
                        capture_output=True, text=True, timeout=60)
