@@ -329,40 +329,40 @@ def run(args) -> dict:
             step(f"correctness {s} {dt}", small(s) * 2,
                  lambda s=s, dt=dt: res["correctness"].extend(check_correctness(s, dt, seed=len(res["correctness"]))))
     fns = method_fns()
-    for dt in args.dtypes:  # perf in --dtypes order (bf16 first by default), then the sweep
+    # priority: perf of the first dtype (both shapes), its block sweep, then the other dtypes' perf
+    phases = [("perf", args.dtypes[0]), ("sweep", args.dtypes[0])] + [("perf", d) for d in args.dtypes[1:]]
+    for phase, dt in phases:
         for s in shapes:
             D, F = SHAPES[s]
             itemsize = jnp.dtype(DTYPES[dt]).itemsize
-            set_bytes = 3 * E * D * F * itemsize
-            n_sets = max(4, -(-ROTATE_BYTES // set_bytes))
-            wsets = None
+            n_sets = max(4, -(-ROTATE_BYTES // (3 * E * D * F * itemsize)))
+            todo = []  # (label, fns, block sizes or None, T)
             for T in args.tokens:
-                label = f"perf {s} {dt} T={T}"
-                if not budget.fits(small(s) * 3):
+                if phase == "perf":
+                    todo.append((f"perf {s} {dt} T={T}", fns, None, T))
+                    continue
+                for bs in sweep_configs(T, D, F, itemsize, limit=2 if args.quick else 4):
+                    table = [dict(r, block_sizes=dataclasses.asdict(bs)) for r in res["perf"]
+                             if (r["shape"], r["dtype"], r["T"], r["method"]) == (s, dt, T, "pallas")
+                             and r.get("block_sizes") == dataclasses.asdict(bs)]
+                    if table:  # the table's choice was timed in perf already
+                        res["sweep"].extend(table)
+                        continue
+                    fn = {"pallas": jax.jit(lambda x, e, *w, bs=bs: expert_ffn(x, e, *w, impl="pallas",
+                                                                               block_sizes=bs))}
+                    todo.append((f"sweep {s} {dt} T={T} tm={bs.tm} bf={bs.bf}", fn, bs, T))
+            need = small(s) * (3 if phase == "perf" else 2)
+            wsets = None
+            for label, fn, bs, T in todo:
+                if not budget.fits(need):
                     res["skipped"].append(f"{label} (time budget)")
                     continue
                 if wsets is None:
                     wsets = weights(jax.random.key(7), D, F, DTYPES[dt], n_sets)
-                step(label, small(s) * 3, lambda s=s, dt=dt, T=T, w=wsets: res["perf"].extend(
-                    perf_rows(s, dt, T, w, res["peaks"], fns, args.quick)))
-            if dt == args.dtypes[0]:
-                for T in args.tokens:
-                    for bs in sweep_configs(T, D, F, itemsize, limit=2 if args.quick else 4):
-                        label = f"sweep {s} {dt} T={T} tm={bs.tm} bf={bs.bf}"
-                        table = [dict(r, block_sizes=dataclasses.asdict(bs)) for r in res["perf"]
-                                 if (r["shape"], r["dtype"], r["T"], r["method"]) == (s, dt, T, "pallas")
-                                 and r.get("block_sizes") == dataclasses.asdict(bs)]
-                        if table:  # the table's choice was timed in perf already
-                            res["sweep"].extend(table)
-                            continue
-                        if wsets is None or not budget.fits(small(s) * 2):
-                            res["skipped"].append(f"{label} (time budget)")
-                            continue
-                        fn = {"pallas": jax.jit(lambda x, e, *w, bs=bs: expert_ffn(x, e, *w, impl="pallas",
-                                                                                   block_sizes=bs))}
-                        step(label, small(s) * 2, lambda s=s, dt=dt, T=T, w=wsets, fn=fn, bs=bs: res["sweep"].extend(
-                            perf_rows(s, dt, T, w, res["peaks"], fn, args.quick, block_sizes=bs,
-                                      ragged_s=ragged_time(res["perf"], s, dt, T))))
+                out = res["perf"] if phase == "perf" else res["sweep"]
+                step(label, need, lambda s=s, dt=dt, T=T, fn=fn, bs=bs, out=out, w=wsets: out.extend(
+                    perf_rows(s, dt, T, w, res["peaks"], fn, args.quick, block_sizes=bs,
+                              ragged_s=ragged_time(res["perf"], s, dt, T))))
             del wsets
     done()
     return res
