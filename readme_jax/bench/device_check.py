@@ -4,7 +4,8 @@
         [--tokens 8,4096] [--dtypes bf16,f32] [--quick] [--budget-s 420]
 
 Writes ``DIR/device_check.json`` (everything) and ``DIR/device_check.md`` (the tables), rewritten
-after every section, so a run stopped early still leaves what it measured. Sections, in order:
+after every task, so a run stopped early still leaves what it measured. Sections (run in the
+order peaks, correctness, perf of the first dtype, its sweep, perf of the other dtypes):
 
 1. ``peaks``: this device's copy bandwidth (``a * 2`` over a large array, bytes read + written)
    and bf16 matmul rate (random ``n x n`` operands), each the best of several timed repeats after
