@@ -14,7 +14,8 @@ order peaks, correctness, perf of the first dtype, its sweep, perf of the other 
    (rounded) inputs, forward and ``jax.vjp`` gradients (x, wg, wu, wd), E=7 experts with empty
    experts, dropped tokens (id -1) and ragged group sizes; dropped rows must be exactly 0.
    float32 cases run under ``jax.default_matmul_precision("highest")`` (the kernel sets its own
-   precision; this keeps XLA's TF32 default out of the reference and of the XLA backward).
+   precision; this keeps XLA's default f32 precision, which can be TF32 on a GPU, out of the reference
+   and of the XLA backward).
 3. ``perf``: decode / prefill at each ``--tokens`` T for ``pallas``, ``ragged_dot x3`` (sort +
    three ``lax.ragged_dot`` + unsort) and ``xla``, cycling through >= 4 distinct weight sets of
    > 200 MB together (more than an H100/H200 L2), so every call reads its weights from HBM.
