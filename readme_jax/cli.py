@@ -16,6 +16,8 @@ from pathlib import Path
 
 from readme_jax import config as config_mod
 from readme_jax.data import prepare_domains
+from readme_jax.distributed.lead import is_lead, lead_only
+from readme_jax.distributed.multihost import detect_launch, initialize_from_env
 from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ReadmeError
 from readme_jax.serve.http import serve
@@ -74,7 +76,7 @@ def cmd_run(args):
 def cmd_eval_dense(args):
     ws = _run_stages(args, ("dense_eval",))
     info = ws.done_info("dense_eval")
-    if args.json:
+    if args.json and is_lead():
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(json.dumps({"ppl": info["ppl"], "completion": info["completion"]}, indent=1))
 
@@ -93,8 +95,9 @@ def cmd_serve_bench(args):
 
 def cmd_export(args):
     ws = Workspace(load_run_config(args), progress=not args.no_progress)
-    path = export_workspace(ws, Path(args.out), overwrite=args.overwrite, hf_experts=args.hf_experts)
-    print(f"exported to {path}")
+    path = lead_only("export", lambda: export_workspace(ws, Path(args.out), overwrite=args.overwrite,
+                                                        hf_experts=args.hf_experts))
+    print(f"exported to {path}" if path is not None else f"process 0 exported to {args.out}")
 
 
 def cmd_generate(args):
@@ -194,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+MAIN_JOB_COMMANDS = ("run", "eval-dense", "refactor", "train", "serve-bench", "export")
+
+
+def join_from_env() -> dict | None:
+    """Join ``jax.distributed`` when the environment describes a multi-process launch (SLURM, TPU pod,
+    explicit ``READMEJAX_*``; distributed/multihost.py), before any JAX work; then process 0 runs
+    the command and the others wait (workflow/run.py). Single-process: nothing happens."""
+    if detect_launch().method == "single":
+        return None
+    info = initialize_from_env()
+    print(f"readme-jax: process {info['process_id']} of {info['process_count']} ({info['method']} launch, "
+          f"{info['global_devices']} {info['platform']} devices)", file=sys.stderr, flush=True)
+    return info
+
+
 def main(argv=None) -> int:
     """Exit 0 on success; 2 with one line on a user or environment error (``--debug``: the
     traceback too); 130 on Ctrl-C (a rerun of the same command resumes)."""
@@ -205,6 +223,8 @@ def main(argv=None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
+        if args.command in MAIN_JOB_COMMANDS:
+            join_from_env()
         args.fn(args)
     except KeyboardInterrupt:
         if debug:

@@ -72,7 +72,7 @@ def _restore_spec(path, shape_leaf, mesh: Mesh) -> P:
 
 def restore_sharded(path, mesh: Mesh) -> tuple[dict, dict]:
     """Read a checkpoint onto ``mesh``: ``(tree, meta)`` with E padded to the expert axis."""
-    d, meta, ckptr, tree = open_checkpoint(path)
+    d, meta, ckptr, tree = open_checkpoint(path, local=False)
     shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
     target = jax.tree_util.tree_map_with_path(
         lambda p, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, _restore_spec(p, s, mesh))),

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from readme_jax.checkpoints.orbax_io import local_checkpointer, local_manager_options, savable
 from readme_jax.config import ROUTER_TARGETS, MeshConfig, TrainConfig
 from readme_jax.distributed.mesh import gather_tree, pad_experts, unpad_experts
 from readme_jax.errors import ConfigError, TrainingError
@@ -87,8 +88,9 @@ class Trainer:
         self._expert_pad = 1
         self._stage_info = {}
         self._events = Trackers(self.out_dir, tc.wandb_project, config={"train": dataclasses.asdict(tc)})
-        self._ckpt = ocp.CheckpointManager(
-            (self.out_dir / "ckpt").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        (self.out_dir / "ckpt").mkdir(parents=True, exist_ok=True)
+        self._ckpt = ocp.CheckpointManager(  # this process's arrays only (the main job's process 0)
+            (self.out_dir / "ckpt").absolute(), options=local_manager_options(max_to_keep=2))
 
     # ------------------------------------------------------------------ public
 
@@ -120,8 +122,8 @@ class Trainer:
             self._write_stage_summary(s, name, weights, step_metrics)
             if self.on_stage_end is not None:  # before the checkpoint: a kill in it redoes the stage
                 self.on_stage_end(s, name, weights)
-            self._ckpt.save(s + 1, args=ocp.args.StandardSave({"router": weights.router_params,
-                                                               "backbone": weights.backbone_params}))
+            self._ckpt.save(s + 1, args=ocp.args.StandardSave(savable({"router": weights.router_params,
+                                                                       "backbone": weights.backbone_params})))
             self._ckpt.wait_until_finished()
             remove_tree(self._mid_dir)  # this stage's mid-stage state is superseded
         self._events.close()
@@ -255,8 +257,8 @@ class Trainer:
         if not every or next_step % every or next_step >= n_steps:
             return
         with atomic_dir(self._mid_dir, overwrite=True) as tmp:
-            ck = ocp.StandardCheckpointer()
-            ck.save(tmp / "state", state)
+            ck = local_checkpointer()
+            ck.save(tmp / "state", savable(state))
             ck.wait_until_finished()
             write_json(tmp / "meta.json", {"stage": stage, "next_step": next_step, "rows": rows,
                                            "stage_info": self._stage_info})
@@ -273,9 +275,9 @@ class Trainer:
             raise TrainingError(f"{meta_path}: unreadable ({e}); delete {self._mid_dir} to redo the stage") from None
         if meta.get("stage") != stage:
             return 0, like, []
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), like)
-        state = ocp.StandardCheckpointer().restore(self._mid_dir / "state", abstract)
+        state = local_checkpointer().restore(self._mid_dir / "state", abstract)
         self._stage_info = meta.get("stage_info", {})
         self.log(f"resuming stage {stage} at optimizer step {meta['next_step']} from {self._mid_dir}")
         return int(meta["next_step"]), state, list(meta["rows"])
