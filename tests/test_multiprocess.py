@@ -218,10 +218,56 @@ def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
     args = (tmp_path / "args").read_text().splitlines()
     assert args[:9] == ["compute", "tpus", "tpu-vm", "ssh", "pod1", "--zone", "z1", "--project", "p1"]
     assert "--worker=all" in args
-    assert args[-1] == r"cd readme-jax && READMEJAX_LAUNCH=tpu python -m x.y --out a\ b "
+    assert args[-1] == ("cd readme-jax && . .venv/bin/activate && bash launch/python_check.sh python3 >/dev/null && "
+                        r"READMEJAX_LAUNCH=tpu python -m x.y --out a\ b ")
+    r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "main", "--config", "tiny_test", "train.rounds=1"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "args").read_text().splitlines()[-1].endswith(
+        "&& READMEJAX_LAUNCH=tpu python3 -m readme_jax.cli run --no-progress --config tiny_test train.rounds=1 ")
+    r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "setup"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    setup = (tmp_path / "args").read_text().splitlines()[-1]
+    assert "PY=$(bash launch/python_check.sh '') && $PY -m venv .venv" in setup and ".[tpu]" in setup
     r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "deploy"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "unknown action 'deploy'" in r.stderr
     r = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh")], env={**env, "TPU_NAME": ""},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "set TPU_NAME" in r.stderr
+
+
+def test_python_check_finds_311_or_says_how_to_get_it(tmp_path):
+    check = ROOT / "launch" / "python_check.sh"
+    r = subprocess.run(["bash", str(check), sys.executable], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == subprocess.run(
+        ["bash", "-c", f"command -v {sys.executable}"], capture_output=True, text=True).stdout.strip()
+    old = tmp_path / "python3"  # a stock TPU VM's python3: 3.10
+    old.write_text('#!/usr/bin/env bash\nif [[ "$2" == *print* ]]; then echo 3.10; else exit 1; fi\n')
+    old.chmod(0o755)
+    r = subprocess.run(["bash", str(check), str(old)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert f"needs Python >= 3.11; found: {old} (3.10)" in r.stderr
+    assert "uv python install 3.11" in r.stderr and "deadsnakes" in r.stderr
+
+
+def test_slurm_script_runs_the_main_job(tmp_path):
+    """`sbatch launch/slurm_train.sbatch main ...` with a stand-in srun: 2 tasks join through SLURM
+    detection, process 0 runs the stage, both exit 0."""
+    (tmp_path / "srun").write_text(FAKE_SRUN)
+    (tmp_path / "srun").chmod(0o755)
+    env = dict(os.environ, SRUN=str(tmp_path / "srun"), SRUN_LOG=str(tmp_path / "srun.log"), PYTHON=sys.executable,
+               FAKE_JOB=str(np.random.default_rng().integers(1, 1 << 20)), SLURM_SUBMIT_DIR=str(ROOT),
+               JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}")
+    env.pop("VENV", None)
+    out = tmp_path / "run"
+    r = subprocess.run(["bash", str(ROOT / "launch" / "slurm_train.sbatch"), "main", "--config", "tiny_test",
+                        f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "stages=[dense_eval]"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{sys.executable} -m readme_jax.cli run --no-progress --config tiny_test" in r.stdout
+    for i in (0, 1):
+        assert f"readme-jax: process {i} of 2 (slurm launch" in r.stderr
+    assert r.stdout.count("== dense_eval") == 2, r.stdout  # "== dense_eval" and "== dense_eval: N s", process 0 only
+    assert r.stdout.count(": process 0 runs the stages") == 2 and (out / "dense_eval" / "done.json").is_file()
