@@ -141,3 +141,13 @@ def test_multiprocess_refuses_train_on_a_mesh(tmp_path, cache_dir):
     for log in logs:
         assert "stage 'train' with a mesh: section is not supported under a multi-process launch" in log
     assert not (tmp_path / "out").exists()
+
+
+def test_process_zero_failure_reaches_the_others(tmp_path, cache_dir):
+    blocker = tmp_path / "file"  # output_dir under a plain file: process 0's prepare fails
+    blocker.write_text("x")
+    rcs, logs, writes = _two_process_run(blocker / "out", cache_dir, tmp_path)
+    assert rcs == [2, 2], logs
+    assert "is not writable" in logs[0]
+    assert "process 0 failed 'run' (ConfigError: output_dir" in logs[1] and "is not writable" in logs[1]
+    assert writes == []
