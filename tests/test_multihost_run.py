@@ -29,7 +29,8 @@ def under(p):
 def hook(event, args):
     if event == "open" and under(args[0]):
         mode, flags = args[1], args[2]
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & writes):
             seen.append([event, os.fsdecode(args[0])])
     elif event in WRITE_EVENTS and args and under(args[0]):
         seen.append([event, os.fsdecode(args[0])])
