@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from readme_jax.eval.spread import paired_difference, t_interval
+from readme_jax.eval.spread import domain_comparison, t_interval
 from readme_jax.figures import new_figure
 from readme_jax.jsonfile import read_json, write_json
 
@@ -34,11 +34,9 @@ def compare(docs: list[dict]) -> dict:
     """Paired bootstrap per domain on the block NLLs averaged over ``docs``; win counts."""
     a = [_blocks(doc, CANDIDATE) for doc in docs]
     b = [_blocks(doc, REFERENCE) for doc in docs]
-    domains = list(a[0])
-    c = {d: paired_difference(np.mean([x[d] for x in a], 0), np.mean([x[d] for x in b], 0)) for d in domains}
-    return {"comparison": c, "better": sum(c[d]["mean_diff"] < 0 for d in domains),
-            "significant": sum(c[d]["hi"] < 0 for d in domains),
-            "significant_losses": sum(c[d]["lo"] > 0 for d in domains)}
+    comp, counts = domain_comparison({d: np.mean([x[d] for x in a], 0) for d in a[0]},
+                                     {d: np.mean([x[d] for x in b], 0) for d in b[0]})
+    return {"comparison": comp, **counts}
 
 
 def across(docs: list[dict]) -> dict:

@@ -48,6 +48,16 @@ def paired_difference(nll_a_N, nll_b_N, n_boot: int = 1000, seed: int = 0, level
     return {"mean_diff": float(diff.mean()), "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)}
 
 
+def domain_comparison(a_by_domain: dict, b_by_domain: dict) -> tuple[dict, dict]:
+    """Paired difference (a minus b) per domain both hold, and the counts: ``better`` (mean below 0),
+    ``significant`` (interval below 0), ``significant_losses`` (interval above 0)."""
+    comp = {d: paired_difference(a_by_domain[d], b_by_domain[d]) for d in a_by_domain if d in b_by_domain}
+    counts = {"better": sum(c["mean_diff"] < 0 for c in comp.values()),
+              "significant": sum(c["significant"] and c["hi"] < 0 for c in comp.values()),
+              "significant_losses": sum(c["significant"] and c["lo"] > 0 for c in comp.values())}
+    return comp, counts
+
+
 def t_interval(xs) -> dict:
     """``{mean, ci95_low, ci95_high, n}`` of repeated measurements (``None`` entries skipped):
     the Student-t 95 % interval of the mean; a single value gives a zero-width interval."""

@@ -20,7 +20,7 @@ from readme_jax.checkpoints import restore_params
 from readme_jax.config import ModelConfig
 from readme_jax.eval.perplexity import dense_block_nll, domain_ppl
 from readme_jax.eval.routing import expert_load, locality, readme_domain_block_nll, route_accuracy, routes_for
-from readme_jax.eval.spread import domain_ppl_ci, paired_difference
+from readme_jax.eval.spread import domain_comparison, domain_ppl_ci
 from readme_jax.workflow.training import load_router_only, load_trained
 from readme_jax.jsonfile import write_json
 from readme_jax.workflow.workspace import Workspace
@@ -85,11 +85,9 @@ def compare(nll: dict, candidate: str = CANDIDATE, reference: str = REFERENCE) -
     (domains where the candidate's ppl is lower, and where that holds beyond the 95 % interval)."""
     if candidate not in nll or reference not in nll:
         return {"comparison": {}, "wins": None}
-    domains = [d for d in nll[candidate] if d in nll[reference]]
-    comp = {d: paired_difference(nll[candidate][d], nll[reference][d]) for d in domains}
-    wins = {"candidate": candidate, "reference": reference, "n_domains": len(domains),
-            "better": sum(c["mean_diff"] < 0 for c in comp.values()),
-            "significant": sum(c["significant"] and c["hi"] < 0 for c in comp.values())}
+    comp, counts = domain_comparison(nll[candidate], nll[reference])
+    wins = {"candidate": candidate, "reference": reference, "n_domains": len(comp),
+            "better": counts["better"], "significant": counts["significant"]}
     return {"comparison": comp, "wins": wins}
 
 
