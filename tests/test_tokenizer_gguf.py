@@ -85,11 +85,16 @@ def sp_tok(sp_gguf):
     return tokenizer_from_gguf(sp_gguf)
 
 
-@pytest.fixture(scope="module")
-def sp_ref(sp_gguf):
+def transformers_tokenizer(gguf_path):
+    """transformers' own reading of a GGUF's tokenizer (the reference)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(sp_gguf.parent), gguf_file=sp_gguf.name)
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="module")
+def sp_ref(sp_gguf):
+    return transformers_tokenizer(sp_gguf)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -205,9 +210,7 @@ def l3_tok(l3_gguf):
 
 @pytest.fixture(scope="module")
 def l3_ref(l3_gguf):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(l3_gguf.parent), gguf_file=l3_gguf.name)
+    return transformers_tokenizer(l3_gguf)
 
 
 def test_llama3_ids_match_transformers(l3_tok, l3_ref):
