@@ -1,6 +1,8 @@
 """The real expert store: outputs with a small device pool equal all-resident outputs exactly,
 the pool never holds more than its capacity, and its hit accounting equals a brute-force reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import tiny_readme
@@ -107,3 +109,71 @@ def test_benchmark_loops_run_and_agree(moe):
         outs[pol] = r.pop("outputs")
         assert r["p95_norm_latency"] >= r["mean_norm_latency"] * 0.5 > 0 and 1 <= r["unique_experts_per_call"] <= E
     assert all(o == ref["outputs"] for o in outs.values())
+    # the FFN sweep: both mixed-step FFNs, interleaved, every expert count
+    cond = Engine(moe, dataclasses.replace(eng.cfg, mixed_ffn="cond"))
+    cond.warm_mixed(8)
+    sw = blat.expert_sweep({"grouped": eng, "cond": cond}, 8, eng.cfg.window(8), repeats=2)
+    assert list(sw["engines"]) == ["grouped", "cond"] and sw["tokens"] == 8
+    assert all(sorted(v["ms_by_experts"]) == list(range(1, E + 1)) for v in sw["engines"].values())
+    assert all(x == 1.0 for x in sw["engines"]["grouped"]["ratio_to_first"].values())
+
+
+# ----------------------------------------------------------------------------- the store in the one-call engine
+
+MIXED = EngineConfig(n_slots=4, max_len=24, prefill_buckets=(8, 16), row_buckets=(4,), mixed_step=True)
+
+
+def _serve_chunked(engine, specs, lookahead=False):
+    sched = Scheduler(SchedulerConfig(policy="expert_aware", token_budget=6, n_slots=4, max_queue=100,
+                                      max_wait_steps=4, n_experts=E, chunked_prefill=True))
+    if lookahead:
+        engine.lookahead = lambda: sched.lookahead(4)
+    calls = []
+    inner = engine._mixed
+    engine._mixed = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    res = simulate(specs, sched, runner=EngineRunner(engine, cost_model=CostModel()), keep_batches=True)
+    engine._mixed = inner
+    assert all(r.status is Status.FINISHED for r in res.requests)
+    return ({s.rid: engine.output(s.rid) for s in specs}, {s.rid: engine.routes(s.rid).tolist() for s in specs},
+            len(calls), len(res.batches))
+
+
+@pytest.mark.parametrize("capacity,policy,prefetch", [(1, "lru", False), (2, "belady", True), (4, "lru", False)])
+def test_mixed_engine_with_small_pool_equals_all_resident(moe, all_resident, capacity, policy, prefetch):
+    """One-call engine + expert store: chunks cut where they would exceed the pool, calls packed
+    resident-first; tokens and routes equal the all-resident one-at-a-time outputs exactly. With
+    every expert resident it is one call per step."""
+    specs, (want_out, want_routes) = all_resident
+    store = ExpertStore(moe, capacity, policy, prefetch=prefetch, seed=1)
+    eng = Engine(moe, MIXED, store=store)
+    assert eng.warm_mixed(6) > 0 and store.stats.calls == 0 and store.cache.stats.misses == 0  # warm-up: no store use
+    out, routes, calls, steps = _serve_chunked(eng, specs, lookahead=prefetch)
+    assert out == want_out and routes == want_routes
+    assert all(len(c) <= store.max_call_experts for c in store.calls_log) and len(store._buf) <= capacity
+    assert store.stats.transient_loads == 0  # chunks are cut to fit the pool
+    assert store.stats.calls == calls  # every call acquired its experts
+    if capacity == E:
+        assert calls == steps  # fits the pool: one call per step
+    else:
+        assert calls > steps and store.cache.stats.evictions > 0
+    if prefetch:
+        assert store.stats.prefetch_loads > 0
+    hits, misses = step_hits_bruteforce(store.calls_log, capacity, policy) if policy != "belady" else (None, None)
+    if hits is not None:
+        assert (store.cache.stats.hits, store.cache.stats.misses) == (hits, misses)
+
+
+def test_cut_and_pack_pieces():
+    from readme_jax.serve.mixed_step import Piece, cut_by_experts, pack_calls
+
+    assert cut_by_experts([0, 0, 1, 2, 2, 1, 3], 2) == [(0, 3), (3, 6), (6, 7)]
+    assert cut_by_experts([5, 5], 1) == [(0, 2)]
+
+    def pc(rid, start, ex):
+        return Piece(rid, start, 1, False, True, frozenset(ex))
+
+    items = [[pc(0, 0, {0}), pc(0, 1, {1})], [pc(1, 0, {2})], [pc(2, 0, {1})]]
+    calls = pack_calls(items, resident={2}, cap=2)
+    # resident expert 2 first, then the smallest id; request 0's second piece only after its first
+    assert [[(p.st, p.start) for p in c] for c in calls] == [[(1, 0), (0, 0)], [(0, 1), (2, 0)]]
+    assert all(len(frozenset().union(*(p.experts for p in c))) <= 2 for c in calls)

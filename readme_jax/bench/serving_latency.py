@@ -20,6 +20,7 @@ left out). Across seeds: means with 95 % t-intervals. Nothing else may run while
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from readme_jax.checkpoints.readme_io import load_readme
 from readme_jax.eval.spread import t_interval
 from readme_jax.jsonfile import write_json
-from readme_jax.config import EngineConfig
+from readme_jax.config import MIXED_FFNS, EngineConfig
 from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
@@ -86,31 +87,42 @@ def serve_wall_clock(engine: Engine, work, policy: str, *, budget: int, slots: i
             "outputs": {r.rid: engine.output(r.rid) for r in reqs}}
 
 
-def expert_sweep(engine: Engine, n_tokens: int, window: int, repeats: int = 7) -> dict:
+def expert_sweep(engines: dict, n_tokens: int, window: int, repeats: int = 7) -> dict:
     """Measured ms of one mixed step of ``n_tokens`` tokens whose routes cover K experts, K = 1..E
-    (tokens on padding slots: the same compute, nothing written), median of ``repeats``; and a
-    least-squares line ms = a + b*K with its R^2."""
-    E = engine.model.n_experts
-    N = engine.cfg.tokens(n_tokens)
-    med = {}
-    for K in range(1, E + 1):
-        R, args = engine.padding_mixed_args(N, np.arange(N) % K)
-        ts = [engine._run_compiled(engine._mixed, ("mixed", N, R, window), args, True, window=window)[2]
-              for _ in range(repeats)]
-        med[K] = 1e3 * float(np.median(ts))
-    k = np.array(list(med), float)
-    y = np.array(list(med.values()))
-    b, a = np.polyfit(k, y, 1)
-    r2 = 1 - float(((y - (a + b * k)) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-    return {"tokens": N, "window": window, "ms_by_experts": med, "fit": {"intercept_ms": float(a),
-                                                                          "ms_per_expert": float(b), "r2": r2}}
+    (tokens on padding slots: the same compute, nothing written), for each engine of ``engines``
+    (name -> Engine over the same model; e.g. the two mixed-step FFNs), interleaved: every
+    repeat times each K on each engine in turn. Per engine: the median of ``repeats`` per K and
+    a least-squares line ms = a + b*K with its R^2; ``ratio_to_first``: each engine's median
+    over the first engine's, per K."""
+    first = next(iter(engines.values()))
+    E = first.model.n_experts
+    N = first.cfg.tokens(n_tokens)
+    ts: dict = {name: {K: [] for K in range(1, E + 1)} for name in engines}
+    for _ in range(repeats):
+        for K in range(1, E + 1):
+            for name, eng in engines.items():
+                R, args = eng.padding_mixed_args(N, np.arange(N) % K)
+                ts[name][K].append(eng._run_compiled(eng._mixed, ("mixed", N, R, window), args, True, window=window)[2])
+    out: dict = {"tokens": N, "window": window, "repeats": repeats, "engines": {}}
+    base = None
+    for name, by_k in ts.items():
+        med = {K: 1e3 * float(np.median(v)) for K, v in by_k.items()}
+        k = np.array(list(med), float)
+        y = np.array(list(med.values()))
+        b, a = np.polyfit(k, y, 1)
+        r2 = 1 - float(((y - (a + b * k)) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+        base = base or med
+        out["engines"][name] = {"ms_by_experts": med, "fit": {"intercept_ms": float(a), "ms_per_expert": float(b),
+                                                              "r2": r2},
+                                "ratio_to_first": {K: med[K] / base[K] for K in med}}
+    return out
 
 
 def run(args) -> dict:
     model = load_readme(args.model)
     prompt_fn, _ = corpus_prompt_fn(_embedded_tokenizer())
     ecfg = EngineConfig(n_slots=args.slots, max_len=96, prefill_buckets=(8, 16, 32, 64), decode_windows=(32, 64),
-                        mixed_step=True)
+                        mixed_step=True, mixed_ffn=args.ffn)
     engine = Engine(model, ecfg)
     t0 = time.perf_counter()
     warm_s = engine.warm_mixed(args.budget)
@@ -124,8 +136,15 @@ def run(args) -> dict:
     burn = workload(prompt_fn, args.requests, max(args.rates), 10_000)
     for pol in POLICIES:
         serve_wall_clock(engine, burn, pol, budget=args.budget, slots=args.slots, max_wait=args.max_wait, seed=0)
-    sweep = expert_sweep(engine, args.budget, ecfg.window(64))
-    print(f"step ms vs experts present (N={sweep['tokens']}): {sweep['ms_by_experts']} fit {sweep['fit']}", flush=True)
+    engines = {args.ffn: engine}
+    if args.sweep_only:  # both mixed-step FFNs, same model and shapes, interleaved
+        other = "cond" if args.ffn == "grouped" else "grouped"
+        engines[other] = Engine(model, dataclasses.replace(ecfg, mixed_ffn=other))
+        engines[other].warm_mixed(args.budget)
+    sweep = expert_sweep(engines, args.budget, ecfg.window(64), repeats=args.sweep_repeats)
+    for name, v in sweep["engines"].items():
+        print(f"{name}: step ms vs experts present (N={sweep['tokens']}): "
+              f"{ {k: round(x, 1) for k, x in v['ms_by_experts'].items()} } fit {v['fit']}", flush=True)
     if args.sweep_only:
         return {"step_ms_vs_experts": sweep}
     runs = []
@@ -156,7 +175,7 @@ def run(args) -> dict:
     return {"command": "python -m readme_jax.bench.serving_latency " + " ".join(args.argv),
             "machine": f"{platform.machine()}, 2-core CPU, jax CPU", "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                           time.gmtime()),
-            "model": str(args.model), "warmup_seconds": {"mixed_step_programs": warm_s, "with_prompt_router": warm_total},
+            "model": str(args.model), "mixed_ffn": args.ffn, "warmup_seconds": {"mixed_step_programs": warm_s, "with_prompt_router": warm_total},
             "workload": {"requests": args.requests, "rates_per_s": args.rates, "prompt_tokens": [8, 48],
                          "output_tokens": [8, 40], "token_budget": args.budget, "slots": args.slots,
                          "max_wait_steps": args.max_wait, "arrivals": "Poisson, open loop, wall clock"},
@@ -172,7 +191,10 @@ def main(argv=None) -> None:
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--max-wait", type=int, default=16)
-    p.add_argument("--sweep-only", action="store_true", help="only the step-time vs experts-present sweep")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="only the step-time vs experts-present sweep, of both mixed-step FFNs")
+    p.add_argument("--sweep-repeats", type=int, default=7)
+    p.add_argument("--ffn", choices=MIXED_FFNS, default="grouped", help="the mixed step's expert FFN")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

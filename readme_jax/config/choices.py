@@ -21,6 +21,7 @@ FfnComm = Literal["psum", "all_to_all"]
 SchedulerPolicy = Literal["expert_aware", "decode_first", "prefill_first", "fcfs"]
 CachePolicy = Literal["belady", "lru", "fifo", "random"]
 MoeFfn = Literal["present", "expert_ffn"]  # serving: only the call's experts | all of them through expert_ffn
+MixedFfn = Literal["grouped", "cond"]  # mixed step: tokens sorted by expert, row tiles | each present expert on all rows
 
 
 def choices(lit) -> tuple:
@@ -35,6 +36,7 @@ MESH_FFN_COMMS = choices(FfnComm)
 SCHEDULER_POLICIES = choices(SchedulerPolicy)
 CACHE_POLICIES = choices(CachePolicy)
 MOE_FFNS = choices(MoeFfn)
+MIXED_FFNS = choices(MixedFfn)
 
 
 def check_choices(cfg, prefix: str) -> None:

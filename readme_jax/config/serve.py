@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 
-from readme_jax.config.choices import (CACHE_POLICIES, SCHEDULER_POLICIES, CachePolicy, Impl, MoeFfn,
+from readme_jax.config.choices import (CACHE_POLICIES, SCHEDULER_POLICIES, CachePolicy, Impl, MixedFfn, MoeFfn,
                                        SchedulerPolicy, Split, check_choices)
 from readme_jax.errors import ConfigError
 
@@ -236,6 +236,7 @@ class EngineConfig:
     decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
     mixed_step: bool = False  # one call per step: prefill chunks and decodes as one token list (serve/flat.py)
     token_buckets: tuple[int, ...] | None = None  # mixed step: tokens per call; None: the length buckets
+    mixed_ffn: MixedFfn = "grouped"  # mixed step's expert FFN (serve/flat.py): grouped | cond (the older one)
 
     def __post_init__(self):
         check_engine_fields("engine.", self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets,

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -53,7 +53,8 @@ from readme_jax.serve.cache_policy import split_calls
 from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
 from readme_jax.serve.expert_store import ExpertStore
 from readme_jax.serve.flat import mixed_fn
-from readme_jax.serve.requests import Batch, Kind, Request
+from readme_jax.serve.mixed_step import MixedStep
+from readme_jax.serve.requests import Batch, Kind, Request, StepOutput
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["Engine", "EngineConfig", "EngineRunner", "SamplingParams", "ServedModel", "StepOutput",
@@ -80,16 +81,7 @@ class _ReqState:
     done: bool = False
 
 
-class StepOutput(NamedTuple):
-    next_routes: dict  # rid -> expert of the token just sampled, None when the request finished
-    tokens: dict  # rid -> the token just sampled
-    prefill_s: float  # measured: the step's prefill calls (host prep + device + readback)
-    decode_s: float  # measured: the step's decode call(s)
-    stall_s: float = 0.0  # measured: waiting for expert copies (expert store only)
-    experts: frozenset = frozenset()  # the true experts the step's calls ran (union over calls)
-
-
-class Engine:
+class Engine(MixedStep):
     """Slot-based engine over one model, Read-ME or dense (see the module doc for the contract).
 
     Times are measured wall clock. The first call of each compiled shape runs once untimed
@@ -118,9 +110,7 @@ class Engine:
             self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
         self._present = model.is_moe and cfg.moe_ffn == "present"
         if cfg.mixed_step:
-            if store is not None:
-                raise ConfigError("engine: mixed_step with an expert store is not built yet (use mixed_step=False)")
-            self._mixed = mixed_fn(model)
+            self._mixed = mixed_fn(model, cfg.mixed_ffn)
         self.rparams = jax.device_put(model.router_params) if model.is_moe else None
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
@@ -270,102 +260,6 @@ class Engine:
         stall = (self.store.stats.stall_s - stall0) if self.store is not None else 0.0
         return StepOutput(out_route, out_tok, times["prefill"], times["decode"], stall, frozenset().union(*sets))
 
-    def _step_mixed(self, batch: Batch) -> StepOutput:
-        """The whole batch as ONE call (serve/flat.py): prefill chunks and decodes as one token
-        list, one sampled token per decode and per prompt's last chunk. Its time is ``decode_s``."""
-        t0 = time.perf_counter()
-        S = self.cfg.n_slots
-        n = sum(it.n_tokens for it in batch.items)
-        N = self.cfg.tokens(n)
-        R = self.cfg.rows(min(N, S))
-        tok = np.zeros((N,), np.int32)
-        pos = np.zeros((N,), np.int32)
-        slot = np.full((N,), S, np.int32)  # padding tokens: out-of-range slot (never attended, never written)
-        ctx = np.zeros((N,), np.int32)
-        route = np.full((N,), -1, np.int32)
-        is_prompt = np.zeros((N,), bool)
-        sample = np.zeros((R,), np.int32)
-        rslot = np.full((R,), S, np.int32)
-        rctx = np.zeros((R,), np.int32)
-        seeds, counters, top_ks = (np.zeros((R,), np.int32) for _ in range(3))
-        temps, tops = np.zeros((R,), np.float32), np.ones((R,), np.float32)
-        plan, i, r = [], 0, 0
-        for it in batch.items:
-            st = self._state(it.request)
-            if it.kind is Kind.PREFILL:
-                if st.slot is None:
-                    if not 0 <= it.slot < S or it.slot in self._slot_owner:
-                        raise ReadmeError(f"engine: slot {it.slot} of request {st.rid} is out of range or held by "
-                                          f"request {self._slot_owner.get(it.slot)}")
-                    st.slot = it.slot
-                    self._slot_owner[it.slot] = st.rid
-                elif st.slot != it.slot or st.tokens:
-                    raise ReadmeError(f"engine: request {st.rid} is already prefilled or runs in slot {st.slot}")
-                m, start, P = it.n_tokens, st.pos, st.prompt.size
-                if start + m > P:
-                    raise ReadmeError(f"engine: prefill chunk of {m} tokens from {start} exceeds request {st.rid}'s "
-                                      f"prompt of {P}")
-                tok[i:i + m] = st.prompt[start:start + m]
-                pos[i:i + m] = np.arange(start, start + m)
-                route[i:i + m] = it.request.prompt_routes[start:start + m]
-                slot[i:i + m], ctx[i:i + m], is_prompt[i:i + m] = st.slot, start, True
-                last = start + m == P
-                if last:
-                    sample[r], rslot[r], rctx[r], counters[r] = i + m - 1, st.slot, start, 0
-            else:
-                self._check_decode(st, it.request, it.slot)
-                m, last = 1, True
-                tok[i], pos[i], slot[i], ctx[i], route[i] = st.tokens[-1], st.pos, st.slot, st.pos, st.route
-                sample[r], rslot[r], rctx[r], counters[r] = i, st.slot, st.pos + 1, len(st.tokens)
-            if last:
-                seeds[r], temps[r], tops[r], top_ks[r] = st.seed, st.temperature, st.top_p, st.top_k
-                plan.append((st, m, r))
-                r += 1
-            else:
-                plan.append((st, m, None))
-            i += m
-        W = self.cfg.window(int(pos[:n].max()))
-        greedy = bool((temps[:r] <= 0).all())
-        prep = time.perf_counter() - t0
-        nxt, nroute, call_s = self._run_compiled(
-            self._mixed, ("mixed", N, R, W), (tok, pos, slot, ctx, route, is_prompt, sample, rslot, rctx, seeds,
-                                             counters, temps, tops, top_ks), greedy, window=W)
-        out_tok: dict = {}
-        out_route: dict = {}
-        for st, m, row in plan:
-            st.pos += m
-            if row is not None:
-                self._finish_token(st, int(nxt[row]), int(nroute[row]), out_tok, out_route)
-        experts = frozenset(int(e) for e in np.unique(route[route >= 0])) if self.model.is_moe else frozenset()
-        return StepOutput(out_route, out_tok, 0.0, prep + call_s, 0.0, experts)
-
-    def warm_mixed(self, max_tokens: int, greedy: bool = True) -> float:
-        """Compile (and run once, on padding only: nothing is written) every mixed-step program a
-        step of at most ``max_tokens`` tokens can use: each token bucket up to
-        ``cfg.tokens(max_tokens)`` times each attention window. Returns the seconds it took."""
-        if not self.cfg.mixed_step:
-            raise ConfigError("warm_mixed: the engine is not in mixed_step mode")
-        top = self.cfg.tokens(max_tokens)
-        windows = sorted({self.cfg.window(p) for p in range(self.cfg.max_len - 1)})
-        t0 = time.perf_counter()
-        for N in [b for b in self.cfg.mixed_buckets() if b <= top]:
-            # padding routed to every expert, so each expert's branch runs once here (XLA:CPU's
-            # first run of a branch is slow)
-            R, args = self.padding_mixed_args(N, np.arange(N) % self.model.n_experts)
-            for W in windows:
-                self._warmup(("mixed", N, R, W, greedy), lambda: self._run_compiled(
-                    self._mixed, ("mixed", N, R, W), args, greedy, window=W)[:2])
-        return time.perf_counter() - t0
-
-    def padding_mixed_args(self, N: int, routes) -> tuple[int, tuple]:
-        """``(R, args)`` of a mixed step of N padding tokens with the given routes: full compute,
-        nothing attended to or written (every slot out of range). For warm-up and measurement."""
-        S = self.cfg.n_slots
-        R = self.cfg.rows(min(N, S))
-        z, zr = np.zeros((N,), np.int32), np.zeros((R,), np.int32)
-        return R, (z, z, np.full((N,), S, np.int32), z, np.asarray(routes, np.int32), np.zeros((N,), bool), zr,
-                   np.full((R,), S, np.int32), zr, zr, zr, np.zeros((R,), np.float32), np.ones((R,), np.float32), zr)
-
     def _call_experts(self, kind: str, group) -> frozenset:
         if kind == "prefill":
             return frozenset(int(e) for _, st, _ in group for e in st.prompt_routes)
@@ -402,25 +296,30 @@ class Engine:
             st.route = route
             out_route[st.rid] = route
 
-    def _run_compiled(self, fn, key, args: tuple, greedy: bool, experts: tuple = (),
-                      **static) -> tuple[np.ndarray, np.ndarray, float]:
+    def _run_compiled(self, fn, key, args: tuple, greedy: bool, experts: tuple = (), pool_size: int | None = None,
+                      params: dict | None = None, **static) -> tuple[np.ndarray, np.ndarray, float]:
         """Run a donating step function on the engine's caches: ``(tokens, routes, timed seconds)``.
 
         The first use of a shape is warmed untimed; that is safe because a call is idempotent
         (it rewrites the same cache entries with the same values). With an expert store, the
         call's experts are acquired first (the wait is the store's stall, not in the returned
-        seconds) and the next call's copies start while this one computes.
+        seconds) and the next call's copies start while this one computes. ``pool_size`` pads the
+        call's buffers to that many (the mixed step's fixed pool shape); ``params`` (warm-up) runs
+        on the given params, the store untouched.
         """
-        params = self.params
-        if self.store is not None:
-            bufs = self.store.acquire(experts, self._future)
+        store = self.store if params is None else None
+        params = self.params if params is None else params
+        if store is not None:
+            bufs = store.acquire(experts, self._future)
+            if pool_size:
+                bufs = tuple(bufs) + (bufs[0],) * (pool_size - len(bufs))
             params = {**params, "layers": {**params["layers"], "pool": bufs}}
 
         def run(prefetch: bool = False):
             nxt, nroute, self.cache, self.rcache = fn(params, self.rparams, self.cache, self.rcache, *args,
                                                       greedy=greedy, **static)
-            if prefetch and self.store is not None:
-                self.store.prefetch(self._future, busy=experts)
+            if prefetch and store is not None:
+                store.prefetch(self._future, busy=experts)
             return nxt, nroute
 
         self._warmup(key + (greedy,), run)

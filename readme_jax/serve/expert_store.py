@@ -99,6 +99,12 @@ class ExpertStore:
     def resident(self) -> frozenset:
         return self.cache.resident
 
+    def scratch_pool(self) -> tuple[dict, ...]:
+        """``capacity`` references to one device copy of expert 0, outside the cache (no stats):
+        the pool shape the mixed step compiles for, for warm-up."""
+        buf = jax.device_put(self._host[0], self._dev)
+        return (buf,) * self.capacity
+
     def _load(self, e: int) -> None:
         self._buf[e] = jax.device_put(self._host[e], self._dev)  # asynchronous: returns before the copy ends
         self.stats.bytes_copied += self.expert_bytes

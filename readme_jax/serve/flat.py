@@ -15,10 +15,17 @@ router on the step's prompt tokens (its cache rows) and on every sampled token (
 Compiled shapes: ``(N tokens, R sample rows, W window, greedy)``; the engine takes R from N,
 so the programs number ``len(token buckets) x len(windows) x 2`` at most.
 
-The Read-ME FFN here is :func:`experts_cond_ffn`: every expert's part is behind a
-``lax.cond`` on "some token of this call routes here", so the experts read and computed are
-those present, and their number K is a runtime value, not a compiled shape. The shared part
-runs once on all tokens.
+The Read-ME FFN here (``EngineConfig.mixed_ffn``) is one of two; in both, the experts read
+are those present in the call, their number K is a runtime value (not a compiled shape), and
+the shared part runs once on all tokens:
+
+* ``grouped`` (default, :func:`experts_grouped_ffn`): the call's tokens are sorted by expert
+  once (:func:`group_plan`, shared by every layer); each expert with tokens runs on ONE row tile
+  of its contiguous group, the smallest of :data:`ROW_TILES` (then N) that holds it, chosen by
+  ``lax.switch`` at run time. Rows computed: at most ``sum_e max(8, 4 * n_e)``, not K x N.
+* ``cond`` (:func:`experts_cond_ffn`): each expert behind a ``lax.cond`` on "some token routes
+  here", run on every row of the call and keeping its own (K x N rows): the earlier design,
+  kept as the baseline ``bench.serving_latency --sweep-only`` measures the grouped one against.
 """
 
 from __future__ import annotations
@@ -35,18 +42,71 @@ from readme_jax.model.router import route_ids, router_ffn
 from readme_jax.serve.engine_core import backbone_of, pick
 
 
+def expert_weights(lp: dict) -> list:
+    """One layer's experts as ``[(wg, wu, wd), ...]``: the stack's, or (expert store) the call's
+    pool buffers ``lp["pool"]``, whose index is what the routes hold."""
+    if "pool" in lp:
+        return [(w["wg"], w["wu"], w["wd"]) for w in lp["pool"]]
+    return [(lp["wg"][e], lp["wu"][e], lp["wd"][e]) for e in range(lp["wg"].shape[0])]
+
+
+def n_experts_of(params: dict, model) -> int:
+    """Experts the routes of a call index: the pool's slots (expert store) or the model's experts."""
+    pool = params["layers"].get("pool")
+    return len(pool) if pool is not None else model.n_experts
+
+
 def experts_cond_ffn(lp: dict, h_BTD, route_BT):
     """Read-ME FFN with a runtime number of experts: expert e runs (on every row, keeping its
     own) only when some token routes to it; rows routed to -1 get 0. Shared part once."""
     B, T, D = h_BTD.shape
     x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
-    E = lp["wg"].shape[0]
     y = jnp.zeros((B * T, D), jnp.float32)
-    for e in range(E):
-        def run(y, e=e):
-            return y + expert_rows(x, r, e, lp["wg"][e], lp["wu"][e], lp["wd"][e])
+    for e, w in enumerate(expert_weights(lp)):
+        def run(y, e=e, w=w):
+            return y + expert_rows(x, r, e, *w)
 
         y = jax.lax.cond(jnp.any(r == e), run, lambda y: y, y)
+    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+
+
+ROW_TILES = (8, 32)  # row tiles an expert's group may run in (then the whole call, N rows)
+
+
+def group_plan(route_N, n_experts: int):
+    """``(order_N, starts_E, counts_E)``: the stable permutation that sorts tokens by expert
+    (padding, route -1, last), where each expert's group starts in that order, and its size."""
+    key = jnp.where(route_N < 0, n_experts, route_N)
+    order = jnp.argsort(key, stable=True)
+    counts = jnp.bincount(key, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+    return order.astype(jnp.int32), (jnp.cumsum(counts) - counts).astype(jnp.int32), counts
+
+
+def experts_grouped_ffn(lp: dict, h_BTD, plan):
+    """Read-ME FFN over the call's experts with tokens sorted by expert (``plan`` from
+    :func:`group_plan`): expert e runs once, on the smallest row tile of :data:`ROW_TILES` (or
+    all N rows) that holds its group, chosen at run time; experts with no token are skipped.
+    Tile rows past the group belong to the next group (or are zero padding) and are masked
+    to 0, so every token gets exactly its own expert's output; padding tokens get 0. Shared
+    part once on all tokens."""
+    order, starts, counts = plan
+    B, T, D = h_BTD.shape
+    N = B * T
+    sizes = tuple(t for t in ROW_TILES if t < N) + (N,)
+    x = h_BTD.reshape(N, D)[order]
+    x = jnp.concatenate([x, jnp.zeros((sizes[-1], D), x.dtype)])  # a tile may start at any row
+    y = jnp.zeros((N + sizes[-1], D), jnp.float32)
+    for e, w in enumerate(expert_weights(lp)):
+        def tile(y, rows, e=e, w=w):
+            start, n = starts[e], counts[e]
+            xt = jax.lax.dynamic_slice_in_dim(x, start, rows)
+            yt = expert_rows(xt, jnp.where(jnp.arange(rows) < n, 0, -1), 0, *w)
+            return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, start, rows) + yt, start, 0)
+
+        branches = [lambda y: y] + [lambda y, rows=rows, tile=tile: tile(y, rows) for rows in sizes]
+        pick = jnp.where(counts[e] == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes, jnp.int32), counts[e]))
+        y = jax.lax.switch(pick, branches, y)
+    y = jnp.zeros((N, D), jnp.float32).at[order].set(y[:N])
     return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
 
 
@@ -97,8 +157,9 @@ def write_columns(cache: decoder.KVCache, nk, nv, slot_N, pos_N) -> decoder.KVCa
                            cache.v.at[:, slot_N, pos_N].set(nv.astype(cache.v.dtype), mode="drop"))
 
 
-def make_mixed_fn(model):
-    """The jitted mixed step of ``model`` (a ReadMEModel or DenseModel).
+def make_mixed_fn(model, mixed_ffn: str = "grouped"):
+    """The jitted mixed step of ``model`` (a ReadMEModel or DenseModel), its Read-ME FFN
+    ``mixed_ffn`` (``grouped`` or ``cond``, module doc).
 
     ``mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N,
     sample_R, rslot_R, rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, *, greedy,
@@ -114,7 +175,12 @@ def make_mixed_fn(model):
     def mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N, sample_R, rslot_R,
               rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy, window):
         S = cache.k.shape[1]
-        ffn, ctx = (experts_cond_ffn, route_N[:, None]) if moe else (decoder.dense_ffn, None)
+        if not moe:
+            ffn, ctx = decoder.dense_ffn, None
+        elif mixed_ffn == "grouped":
+            ffn, ctx = experts_grouped_ffn, group_plan(route_N, n_experts_of(params, model))
+        else:
+            ffn, ctx = experts_cond_ffn, route_N[:, None]
         h, nk, nv = flat_forward(params, cfg, tok_N, pos_N, slot_N, ctx_N, cache, window, ffn=ffn, ffn_ctx=ctx)
         logits = decoder.logits_of_hidden(params, cfg, h[sample_R])
         nxt = pick(logits, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy)
@@ -137,8 +203,10 @@ def make_mixed_fn(model):
 _MIXED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def mixed_fn(model):
-    """The model's mixed step, built once per model object (engines over one model share compilations)."""
-    if model not in _MIXED:
-        _MIXED[model] = make_mixed_fn(model)
-    return _MIXED[model]
+def mixed_fn(model, mixed_ffn: str = "grouped"):
+    """The model's mixed step, built once per (model object, FFN) (engines over one model share
+    compilations)."""
+    fns = _MIXED.setdefault(model, {})
+    if mixed_ffn not in fns:
+        fns[mixed_ffn] = make_mixed_fn(model, mixed_ffn)
+    return fns[mixed_ffn]

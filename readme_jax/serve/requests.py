@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -188,3 +188,14 @@ def unique_experts(items: Sequence[WorkItem | BatchItem]) -> frozenset:
     for it in items:
         out |= it.experts
     return frozenset(out)
+
+
+class StepOutput(NamedTuple):
+    """What one engine step returns (serve/engine.py)."""
+
+    next_routes: dict  # rid -> expert of the token just sampled, None when the request finished
+    tokens: dict  # rid -> the token just sampled
+    prefill_s: float  # measured: the step's prefill calls (host prep + device + readback)
+    decode_s: float  # measured: the step's decode call(s)
+    stall_s: float = 0.0  # measured: waiting for expert copies (expert store only)
+    experts: frozenset = frozenset()  # the true experts the step's calls ran (union over calls)
