@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
@@ -26,7 +27,29 @@ from readme_jax.workflow.export import export_workspace
 from readme_jax.workflow.run import STAGE_FNS, run
 from readme_jax.workflow.workspace import Workspace
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def installed_config_dir(files) -> Path | None:
+    """The presets of a wheel install: ``pyproject`` ships ``configs/*.yaml`` as data files under
+    ``<prefix>/share/readme-jax/configs`` (the prefix differs between pip schemes, so the package's
+    RECORD ``files`` say where)."""
+    for f in files or ():
+        if f.suffix == ".yaml" and tuple(f.parts[-3:-1]) == ("readme-jax", "configs"):
+            return Path(f.locate()).resolve().parent
+    return None
+
+
+def _config_dir() -> Path:
+    """``configs/`` of a source checkout (editable installs too), else the installed presets."""
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    if checkout.is_dir():
+        return checkout
+    try:
+        return installed_config_dir(importlib.metadata.files("readme-jax")) or checkout
+    except importlib.metadata.PackageNotFoundError:
+        return checkout
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_PRESET = "smollm2_135m_quick"
 
 
