@@ -99,6 +99,10 @@ def test_benchmark_loops_run_and_agree(moe):
     got = bstore.serve(Engine(moe, ECFG, store=ExpertStore(moe, 2, "belady", prefetch=True)), work, budget=16,
                        slots=4, lookahead_steps=2)
     assert got["outputs"] == ref["outputs"] and got["stall_seconds"] >= 0
+    mixed = Engine(moe, EngineConfig(n_slots=4, max_len=24, prefill_buckets=(8, 16), row_buckets=(4,),
+                                     mixed_step=True), store=ExpertStore(moe, 2, "belady", prefetch=True))
+    got = bstore.serve(mixed, work, budget=8, slots=4, lookahead_steps=2)  # chunked prefill, store in the one call
+    assert got["outputs"] == ref["outputs"] and got["stall_seconds"] >= 0
     lat_work = [(i, 0.01 * i, p, n) for i, p, n in work]
     eng = Engine(moe, EngineConfig(n_slots=4, max_len=24, prefill_buckets=(8, 16), row_buckets=(4,),
                                    mixed_step=True))

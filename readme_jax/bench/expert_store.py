@@ -13,6 +13,10 @@ from the held-out text of every domain, all queued at time 0, ``--slots`` KV slo
   for the incoming copy. ``lru_prefetch`` is the control that separates prefetching from
   Belady's eviction choice.
 
+With ``--mixed`` the engine is the one-call engine (``EngineConfig.mixed_step``, chunked
+prefill): a step is one call when its experts fit the pool, else calls packed resident-first
+(serve/mixed_step.py).
+
 Measured per run: ``stall_seconds`` (time the engine waited for expert copies before calls),
 ``compute_seconds`` (the calls themselves), hit ratio, loads. Every run's tokens are checked
 equal to the all-resident run (capacity = n_experts) of the same seed. Prints the table and
@@ -53,11 +57,12 @@ def workload(prompt_fn, n: int, seed: int, prompt_range=(8, 32), output_range=(8
 
 
 def serve(engine: Engine, work, *, budget: int, slots: int, lookahead_steps: int) -> dict:
-    """Serve ``work`` to the end; measured seconds (warm-up runs excluded) and every output."""
+    """Serve ``work`` to the end; measured seconds (warm-up runs excluded) and every output. The
+    one-call engine gets chunked prefill."""
     engine.reset()
     E = engine.model.n_experts
     sched = Scheduler(SchedulerConfig(policy="expert_aware", token_budget=budget, n_slots=slots,
-                                      max_queue=len(work), n_experts=E))
+                                      max_queue=len(work), n_experts=E, chunked_prefill=engine.cfg.mixed_step))
     engine.lookahead = lambda: sched.lookahead(lookahead_steps)
     for rid, prompt, n_out in work:
         sched.add(engine.new_request(rid, prompt, n_out))
@@ -80,7 +85,8 @@ def run(args) -> dict:
     prompt_fn, _ = corpus_prompt_fn(tok)
     E = model.n_experts
     ecfg = EngineConfig(n_slots=args.slots, max_len=args.max_len, prefill_buckets=(16, 32),
-                        row_buckets=(1, 2, 4, 8), decode_windows=(32, 64))
+                        row_buckets=(1, 2, 4, 8), decode_windows=(32, 64), mixed_step=args.mixed,
+                        token_buckets=(8, 16, 32) if args.mixed else None)
     rows = []
     policies = list(POLICIES)
     for si, seed in enumerate(args.seeds):
@@ -122,7 +128,8 @@ def run(args) -> dict:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return {"command": "python -m readme_jax.bench.expert_store " + " ".join(args.argv),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, jax CPU", "date": stamp,
-            "model": str(args.model), "n_experts": E, "expert_bytes": ref_store.expert_bytes,
+            "model": str(args.model), "engine": "one call per step (mixed)" if args.mixed else "split",
+            "n_experts": E, "expert_bytes": ref_store.expert_bytes,
             "workload": {"requests": args.requests, "slots": args.slots, "token_budget": args.budget,
                          "prompt_tokens": [8, 32], "output_tokens": [8, 32], "scheduler": "expert_aware",
                          "lookahead_steps": args.lookahead, "source": "held-out text of every domain"},
@@ -140,6 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--max-len", type=int, default=72)
     p.add_argument("--lookahead", type=int, default=4)
+    p.add_argument("--mixed", action="store_true", help="the one-call engine (chunked prefill), not the split one")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -22,7 +22,7 @@ import time
 from typing import Sequence
 
 from readme_jax.config import SamplingParams
-from readme_jax.errors import ReadmeError, RequestError
+from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.serve.engine import Engine
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -71,7 +71,13 @@ class LiveEngine:
     def __init__(self, engine: Engine, *, policy: str = "expert_aware", token_budget: int | None = None,
                  max_queue: int = 64, max_wait_steps: int | None = 16, metrics: LiveMetrics | None = None):
         self.engine = engine
-        budget = token_budget or max(engine.max_prompt_len, engine.cfg.n_slots)
+        if engine.cfg.mixed_step:  # one call per step: prompts run in chunks up to the largest token bucket
+            budget = token_budget or max(engine.cfg.mixed_buckets())
+            if budget > max(engine.cfg.mixed_buckets()):
+                raise ConfigError(f"token budget {budget} exceeds the engine's largest token bucket "
+                                  f"{max(engine.cfg.mixed_buckets())} (engine.token_buckets)")
+        else:
+            budget = token_budget or max(engine.max_prompt_len, engine.cfg.n_slots)
         self.max_queue = int(max_queue)
         if self.max_queue < 0:
             raise RequestError(f"max_queue must be >= 0, got {max_queue}")
@@ -79,6 +85,7 @@ class LiveEngine:
         # requests only later, must not refuse what submit accepted, so its own queue limit is open
         self.scheduler = Scheduler(SchedulerConfig(policy=policy, token_budget=budget, n_slots=engine.cfg.n_slots,
                                                    max_queue=2**31 - 1, max_wait_steps=max_wait_steps,
+                                                   chunked_prefill=engine.cfg.mixed_step,
                                                    n_experts=engine.model.n_experts))
         self.metrics = metrics or LiveMetrics()
         self._rids = itertools.count()

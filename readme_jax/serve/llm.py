@@ -82,11 +82,21 @@ class TextStream:
         return delta
 
 
+SERVING_TOKEN_BUCKETS = (16, 64)  # tokens per step of the served engine: decodes + prompt chunks
+
+
+def serving_engine_config(n_slots: int, max_len: int, eos_id) -> EngineConfig:
+    """The served engine: one call per step (prompt chunks and decodes together, chunked prefill),
+    token buckets :data:`SERVING_TOKEN_BUCKETS` (capped at ``max_len``)."""
+    buckets = tuple(b for b in SERVING_TOKEN_BUCKETS if b <= max_len) or (max_len,)
+    return EngineConfig(n_slots=n_slots, max_len=max_len, eos_id=eos_id, mixed_step=True, token_buckets=buckets)
+
+
 class LLM:
     def __init__(self, model: ServedModel, tokenizer: Tokenizer, engine_config: EngineConfig | None = None, *,
                  policy: str = "expert_aware", max_queue: int = 64, token_budget: int | None = None,
                  metrics: LiveMetrics | None = None, name: str = "readme"):
-        cfg = engine_config or EngineConfig(n_slots=8, max_len=min(512, _max_len(model)), eos_id=tokenizer.eos_id)
+        cfg = engine_config or serving_engine_config(8, min(512, _max_len(model)), tokenizer.eos_id)
         if cfg.eos_id is None:
             cfg = dataclasses.replace(cfg, eos_id=tokenizer.eos_id)
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -101,7 +111,7 @@ class LLM:
         dense source model (the A/B twin), or a dense checkpoint path (GGUF, HF directory). The engine
         gets ``n_slots`` KV slots of ``max_len`` tokens (capped at the model's context)."""
         model, tok, name = open_model(path, dense=dense)
-        cfg = EngineConfig(n_slots=n_slots, max_len=min(max_len, _max_len(model)), eos_id=tok.eos_id)
+        cfg = serving_engine_config(n_slots, min(max_len, _max_len(model)), tok.eos_id)
         return cls(model, tok, cfg, name=kw.pop("name", name), **kw)
 
     # ------------------------------------------------------------------ lifecycle
