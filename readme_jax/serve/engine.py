@@ -53,6 +53,7 @@ from readme_jax.serve.cache_policy import split_calls
 from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
 from readme_jax.serve.expert_store import ExpertStore
 from readme_jax.serve.flat import mixed_fn
+from readme_jax.serve.placement import engine_placement
 from readme_jax.serve.requests import Batch, Kind, Request
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -108,20 +109,25 @@ class Engine:
         self.store = store
         self.lookahead: Callable[[], Sequence] | None = None  # known future expert sets (prefetch, Belady)
         self._future: list = []
+        self.placement = pl = engine_placement(model, cfg, store)  # None: one device (serve/placement.py)
         if store is not None:
             if not model.is_moe or store.n_experts != model.n_experts:
                 raise ConfigError("engine: the expert store must be built from the Read-ME model it serves")
             self._route_prompt, self._prefill, self._decode = step_fns(model, "pool", cfg.impl)
             self.params = store.base_params  # the experts' own weights come from the store per call
+        elif pl is not None:  # experts sharded over the mesh, the rest replicated
+            self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl, ffn=pl.ffn)
+            self.params = pl.backbone(params)
         else:
             self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl)
             self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
-        self._present = model.is_moe and cfg.moe_ffn == "present"
+        self._present = model.is_moe and cfg.moe_ffn == "present" and pl is None
         if cfg.mixed_step:
             if store is not None:
                 raise ConfigError("engine: mixed_step with an expert store is not built yet (use mixed_step=False)")
-            self._mixed = mixed_fn(model)
-        self.rparams = jax.device_put(model.router_params) if model.is_moe else None
+            self._mixed = mixed_fn(model, ffn=pl.ffn if pl is not None else None)
+        put = jax.device_put if pl is None else pl.replicate
+        self.rparams = put(model.router_params) if model.is_moe else None
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
         self.reset()
@@ -132,6 +138,8 @@ class Engine:
         m, c = self.model, self.cfg
         self.cache = decoder.init_cache(self.backbone_cfg, c.n_slots, c.max_len)
         self.rcache = decoder.init_cache(m.router_cfg, c.n_slots, c.max_len) if m.is_moe else None
+        if self.placement is not None:  # on a mesh: the caches are replicated
+            self.cache, self.rcache = self.placement.replicate((self.cache, self.rcache))
         self._reqs: dict[int, _ReqState] = {}
         self._slot_owner: dict[int, int] = {}
         self.router_s = 0.0  # measured: prompt routing at arrival

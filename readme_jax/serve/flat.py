@@ -97,8 +97,9 @@ def write_columns(cache: decoder.KVCache, nk, nv, slot_N, pos_N) -> decoder.KVCa
                            cache.v.at[:, slot_N, pos_N].set(nv.astype(cache.v.dtype), mode="drop"))
 
 
-def make_mixed_fn(model):
-    """The jitted mixed step of ``model`` (a ReadMEModel or DenseModel).
+def make_mixed_fn(model, ffn=None):
+    """The jitted mixed step of ``model`` (a ReadMEModel or DenseModel); ``ffn``: the Read-ME FFN
+    instead of :func:`experts_cond_ffn` (serve/placement.py's sharded one on a mesh).
 
     ``mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N,
     sample_R, rslot_R, rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, *, greedy,
@@ -114,8 +115,8 @@ def make_mixed_fn(model):
     def mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N, sample_R, rslot_R,
               rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy, window):
         S = cache.k.shape[1]
-        ffn, ctx = (experts_cond_ffn, route_N[:, None]) if moe else (decoder.dense_ffn, None)
-        h, nk, nv = flat_forward(params, cfg, tok_N, pos_N, slot_N, ctx_N, cache, window, ffn=ffn, ffn_ctx=ctx)
+        ffn_, ctx = (ffn or experts_cond_ffn, route_N[:, None]) if moe else (decoder.dense_ffn, None)
+        h, nk, nv = flat_forward(params, cfg, tok_N, pos_N, slot_N, ctx_N, cache, window, ffn=ffn_, ffn_ctx=ctx)
         logits = decoder.logits_of_hidden(params, cfg, h[sample_R])
         nxt = pick(logits, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy)
         cache = write_columns(cache, nk, nv, slot_N, pos_N)
@@ -137,8 +138,9 @@ def make_mixed_fn(model):
 _MIXED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def mixed_fn(model):
-    """The model's mixed step, built once per model object (engines over one model share compilations)."""
-    if model not in _MIXED:
-        _MIXED[model] = make_mixed_fn(model)
-    return _MIXED[model]
+def mixed_fn(model, ffn=None):
+    """The model's mixed step, built once per (model object, ffn) (engines over one model share compilations)."""
+    per = _MIXED.setdefault(model, {})
+    if ffn not in per:
+        per[ffn] = make_mixed_fn(model, ffn)
+    return per[ffn]
