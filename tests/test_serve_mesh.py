@@ -212,5 +212,21 @@ def test_serve_config_mesh_section():
         ServeBenchConfig(mesh=4)
 
 
+def test_cli_serve_mesh_flags(monkeypatch):
+    """``readme-jax serve --mesh-expert 4 --mesh-model 2`` hands the server a MeshConfig (none by default)."""
+    from readme_jax import cli
+    from readme_jax.config import MeshConfig
+
+    got = {}
+    monkeypatch.setattr(cli, "serve", lambda path, **kw: got.update(kw))
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "run_dir", "--mesh-expert", "4", "--mesh-model", "2"])
+    args.fn(args)
+    assert got["mesh"] == MeshConfig(data=1, expert=4, model=2)
+    args = parser.parse_args(["serve", "run_dir"])
+    args.fn(args)
+    assert got["mesh"] is None
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
     _worker(sys.argv[2], sys.argv[3])

@@ -96,12 +96,13 @@ class LLM:
         self._threaded = False
 
     @classmethod
-    def open(cls, path, *, dense: bool = False, n_slots: int = 8, max_len: int = 512, **kw) -> "LLM":
+    def open(cls, path, *, dense: bool = False, n_slots: int = 8, max_len: int = 512, mesh=None, **kw) -> "LLM":
         """The Read-ME model of a run folder, its ``train/final`` or an export; ``dense=True``: the run's
         dense source model (the A/B twin), or a dense checkpoint path (GGUF, HF directory). The engine
-        gets ``n_slots`` KV slots of ``max_len`` tokens (capped at the model's context)."""
+        gets ``n_slots`` KV slots of ``max_len`` tokens (capped at the model's context) and, with
+        ``mesh`` (a MeshConfig or jax Mesh), its experts sharded over devices (serve/placement.py)."""
         model, tok, name = open_model(path, dense=dense)
-        cfg = EngineConfig(n_slots=n_slots, max_len=min(max_len, _max_len(model)), eos_id=tok.eos_id)
+        cfg = EngineConfig(n_slots=n_slots, max_len=min(max_len, _max_len(model)), eos_id=tok.eos_id, mesh=mesh)
         return cls(model, tok, cfg, name=kw.pop("name", name), **kw)
 
     # ------------------------------------------------------------------ lifecycle
