@@ -33,6 +33,9 @@ from arrival, then each sampled token's), so what the scheduler planned is what 
   may start copying the next call's experts (the rest of the step, then ``engine.lookahead()``,
   e.g. the scheduler's queued work). A prompt whose tokens span more experts than the pool
   holds runs with the extra experts copied for that call only (``store.stats.transient_loads``).
+* On a mesh (``EngineConfig.mesh``, serve/placement.py): the experts are sharded over the
+  mesh's ``expert`` axis and run through a ``shard_map`` FFN (one all-reduce per layer, no weight
+  moves); params and caches are placed at construction, outputs equal the one-device engine's.
 * Sampling: greedy (temperature 0), temperature, top-p; each request has its own key
   ``fold_in(key(seed), token index)``, so what a request samples does not depend on its batch.
 """
