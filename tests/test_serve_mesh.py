@@ -99,8 +99,8 @@ def _part(part: str) -> dict:
         d, e, m = shape
         r = rep[str(shape)] = {"hlo": {}}
         for mixed in (False, True):
-            out, routes, eng = run(dataclasses.replace(base, mixed_step=mixed, mesh=MeshConfig(data=d, expert=e, model=m)),
-                                   r["hlo"])
+            cfg = dataclasses.replace(base, mixed_step=mixed, mesh=MeshConfig(data=d, expert=e, model=m))
+            out, routes, eng = run(cfg, r["hlo"])
             r[str(mixed)] = {"tokens": out, "routes": routes}
         wg = eng.params["layers"]["wg"]
         mesh = eng.placement.mesh
@@ -200,6 +200,23 @@ def test_refused_on_a_mesh():
         Engine(moe, dataclasses.replace(cfg, mesh=MeshConfig(data=1, expert=N_DEVICES)))
     with pytest.raises(ConfigError, match="engine.mesh must be"):
         EngineConfig(mesh={"expert": 2})
+
+
+def test_engine_takes_a_jax_mesh():
+    """``EngineConfig.mesh`` may be a jax Mesh (axes data, expert, model); here one device, no call compiled."""
+    import jax
+
+    from conftest import tiny_readme
+    from readme_jax.distributed.mesh import AXES, EXPERT_SPECS
+    from readme_jax.serve.engine import Engine
+    from readme_jax.serve.placement import sharded_experts_ffn
+
+    mesh = jax.make_mesh((1, 1, 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    eng = Engine(tiny_readme(E, backbone_seed=11, router_seed=5), dataclasses.replace(_engine_cfg(), mesh=mesh))
+    assert eng.placement.mesh is mesh
+    want = jax.sharding.NamedSharding(mesh, EXPERT_SPECS["wd"])  # one device: placed arrays may keep their own type
+    assert eng.params["layers"]["wd"].sharding.is_equivalent_to(want, 4)
+    assert eng.placement.ffn is sharded_experts_ffn(mesh)
 
 
 def test_serve_config_mesh_section():

@@ -84,7 +84,7 @@ def check_engine_fields(prefix: str, n_slots, max_len, prefill_buckets, row_buck
 
 
 def check_mesh_field(key: str, mesh) -> None:
-    """None, a MeshConfig, or (engine only) a jax Mesh with axes (data, expert, model); checked without importing jax."""
+    """None, a MeshConfig, or (engine only) a jax Mesh with axes (data, expert, model); no jax import here."""
     if mesh is None or isinstance(mesh, MeshConfig):
         return
     if tuple(getattr(mesh, "axis_names", ())) == ("data", "expert", "model"):
