@@ -19,7 +19,7 @@ from readme_jax import config as config_mod
 from readme_jax.data import prepare_domains
 from readme_jax.distributed.lead import is_lead, lead_only
 from readme_jax.distributed.multihost import detect_launch, initialize_from_env
-from readme_jax.config import SCHEDULER_POLICIES
+from readme_jax.config import SCHEDULER_POLICIES, MeshConfig
 from readme_jax.errors import ReadmeError
 from readme_jax.serve.http import serve
 from readme_jax.serve.llm import LLM
@@ -137,8 +137,11 @@ def cmd_generate(args):
 
 
 def cmd_serve(args):
+    mesh = None
+    if args.mesh_expert * args.mesh_model > 1:  # experts sharded over the first expert x model devices
+        mesh = MeshConfig(data=1, expert=args.mesh_expert, model=args.mesh_model)
     serve(args.path, host=args.host, port=args.port, dense=args.dense, policy=args.policy, n_slots=args.slots,
-          max_len=args.max_len, max_queue=args.max_queue)
+          max_len=args.max_len, max_queue=args.max_queue, mesh=mesh)
 
 
 def cmd_data(args):
@@ -209,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="expert_aware", choices=SCHEDULER_POLICIES, help="batching policy")
     p.add_argument("--slots", type=int, default=8, help="KV slots (requests decoding at once)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--mesh-expert", type=int, default=1,
+                   help="shard the experts over this many devices (docs/SERVING.md, 'On a mesh')")
+    p.add_argument("--mesh-model", type=int, default=1, help="and each expert's columns over this many")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("data", help="fetch and cache the offline text domains")
     p.add_argument("domains", nargs="*")

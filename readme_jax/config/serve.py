@@ -12,6 +12,7 @@ import numbers
 
 from readme_jax.config.choices import (CACHE_POLICIES, SCHEDULER_POLICIES, CachePolicy, Impl, MixedFfn, MoeFfn,
                                        SchedulerPolicy, Split, check_choices)
+from readme_jax.config.train import MeshConfig
 from readme_jax.errors import ConfigError
 
 # Recalled from arXiv 2309.11998 Table 1 (LMSYS-Chat-1M); NOT verified in this project.
@@ -80,6 +81,16 @@ def check_engine_fields(prefix: str, n_slots, max_len, prefill_buckets, row_buck
         raise ConfigError(f"{prefix}row_buckets must be integers in [1, n_slots={n_slots}] including n_slots, "
                           f"got {row_buckets!r}")
     check_int_tuple(f"{prefix}decode_windows", decode_windows, 2, max_len, f"[2, max_len={max_len}]", empty_ok=True)
+
+
+def check_mesh_field(key: str, mesh) -> None:
+    """None, a MeshConfig, or (engine only) a jax Mesh with axes (data, expert, model); no jax import here."""
+    if mesh is None or isinstance(mesh, MeshConfig):
+        return
+    if tuple(getattr(mesh, "axis_names", ())) == ("data", "expert", "model"):
+        return
+    raise ConfigError(f"{key} must be a mesh section (data, expert, model) or a jax Mesh with axes "
+                      f"(data, expert, model), got {mesh!r}")
 
 
 WORKLOAD_KEY = "serve.workload."  # where a WorkloadConfig lives in the run config (messages name its keys so)
@@ -165,6 +176,7 @@ class ServeBenchConfig:
     decode_windows: tuple[int, ...] | None = (64, 128)
     moe_ffn: MoeFfn = "present"
     impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
+    mesh: MeshConfig | None = None  # experts sharded over devices (EngineConfig.mesh, serve/placement.py)
     stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
     temperature: float = 0.0
     capacities: tuple[int, ...] = (2, 3, 4, 5)
@@ -198,6 +210,8 @@ class ServeBenchConfig:
         check_number(f"{k}max_wait_steps", self.max_wait_steps, lo=0, integer=True, none_ok=True)
         check_engine_fields(k, self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets, self.decode_windows)
         check_number(f"{k}temperature", self.temperature, lo=0)
+        if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
+            raise ConfigError(f"serve.mesh must be a mesh section (data, expert, model) or null, got {self.mesh!r}")
         if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1 for c in self.capacities):
             raise ConfigError(f"serve.capacities must be integers >= 1, got {self.capacities!r}")
         check_number(f"{k}lookahead_steps", self.lookahead_steps, lo=0, integer=True)
@@ -237,10 +251,14 @@ class EngineConfig:
     mixed_step: bool = False  # one call per step: prefill chunks and decodes as one token list (serve/flat.py)
     token_buckets: tuple[int, ...] | None = None  # mixed step: tokens per call; None: the length buckets
     mixed_ffn: MixedFfn = "grouped"  # mixed step's expert FFN (serve/flat.py): grouped | cond (the older one)
+    # experts sharded over a device mesh (serve/placement.py): a MeshConfig, or a jax Mesh with axes
+    # (data, expert, model); None: one device
+    mesh: MeshConfig | None = None
 
     def __post_init__(self):
         check_engine_fields("engine.", self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets,
                             self.decode_windows)
+        check_mesh_field("engine.mesh", self.mesh)
         check_int_tuple("engine.token_buckets", self.token_buckets, 1, self.max_len, f"[1, max_len={self.max_len}]")
         if not isinstance(self.mixed_step, bool):
             raise ConfigError(f"engine.mixed_step must be true or false, got {self.mixed_step!r}")

@@ -248,7 +248,7 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
     eos = getattr(models.tokenizer, "eos_id", None) if cfg.stop_at_eos else None
     ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, prefill_buckets=cfg.prefill_buckets,
                         row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn, impl=cfg.impl,
-                        decode_windows=cfg.decode_windows)
+                        decode_windows=cfg.decode_windows, mesh=cfg.mesh)
     engine = Engine(moe, ecfg)
     policies, outputs, step_sets, routes = {}, {}, {}, {}
     for policy in cfg.policies:

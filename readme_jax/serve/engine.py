@@ -33,6 +33,9 @@ from arrival, then each sampled token's), so what the scheduler planned is what 
   may start copying the next call's experts (the rest of the step, then ``engine.lookahead()``,
   e.g. the scheduler's queued work). A prompt whose tokens span more experts than the pool
   holds runs with the extra experts copied for that call only (``store.stats.transient_loads``).
+* On a mesh (``EngineConfig.mesh``, serve/placement.py): the experts are sharded over the
+  mesh's ``expert`` axis and run through a ``shard_map`` FFN (one all-reduce per layer, no weight
+  moves); params and caches are placed at construction, outputs equal the one-device engine's.
 * Sampling: greedy (temperature 0), temperature, top-p; each request has its own key
   ``fold_in(key(seed), token index)``, so what a request samples does not depend on its batch.
 """
@@ -54,6 +57,7 @@ from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns
 from readme_jax.serve.expert_store import ExpertStore
 from readme_jax.serve.flat import mixed_fn
 from readme_jax.serve.mixed_step import MixedStep
+from readme_jax.serve.placement import engine_placement
 from readme_jax.serve.requests import Batch, Kind, Request, StepOutput
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -100,18 +104,23 @@ class Engine(MixedStep):
         self.store = store
         self.lookahead: Callable[[], Sequence] | None = None  # known future expert sets (prefetch, Belady)
         self._future: list = []
+        self.placement = pl = engine_placement(model, cfg, store)  # None: one device (serve/placement.py)
         if store is not None:
             if not model.is_moe or store.n_experts != model.n_experts:
                 raise ConfigError("engine: the expert store must be built from the Read-ME model it serves")
             self._route_prompt, self._prefill, self._decode = step_fns(model, "pool", cfg.impl)
             self.params = store.base_params  # the experts' own weights come from the store per call
+        elif pl is not None:  # experts sharded over the mesh, the rest replicated
+            self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl, ffn=pl.ffn)
+            self.params = pl.backbone(params)
         else:
             self._route_prompt, self._prefill, self._decode = step_fns(model, cfg.moe_ffn, cfg.impl)
             self.params = jax.device_put(params)  # once: host (numpy) params would be copied every call
-        self._present = model.is_moe and cfg.moe_ffn == "present"
+        self._present = model.is_moe and cfg.moe_ffn == "present" and pl is None
         if cfg.mixed_step:
-            self._mixed = mixed_fn(model, cfg.mixed_ffn)
-        self.rparams = jax.device_put(model.router_params) if model.is_moe else None
+            self._mixed = mixed_fn(model, cfg.mixed_ffn, ffn=pl.ffn if pl is not None else None)
+        put = jax.device_put if pl is None else pl.replicate
+        self.rparams = put(model.router_params) if model.is_moe else None
         self._warm: set = set()
         self.compile_s = 0.0  # untimed first calls (compilation + one run)
         self.reset()
@@ -122,6 +131,8 @@ class Engine(MixedStep):
         m, c = self.model, self.cfg
         self.cache = decoder.init_cache(self.backbone_cfg, c.n_slots, c.max_len)
         self.rcache = decoder.init_cache(m.router_cfg, c.n_slots, c.max_len) if m.is_moe else None
+        if self.placement is not None:  # on a mesh: the caches are replicated
+            self.cache, self.rcache = self.placement.replicate((self.cache, self.rcache))
         self._reqs: dict[int, _ReqState] = {}
         self._slot_owner: dict[int, int] = {}
         self.router_s = 0.0  # measured: prompt routing at arrival

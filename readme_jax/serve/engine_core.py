@@ -80,10 +80,12 @@ def _put_prefix(cache: decoder.KVCache, sub: decoder.KVCache, slots_B) -> decode
                            cache.v.at[:, slots_B, :T].set(sub.v, mode="drop"))
 
 
-def _ffn_and_ctx(model: ServedModel, moe_ffn: str, impl: str):
-    """``(ffn, ctx_fn(route_BT, present_K))`` for ``decoder.forward``."""
+def _ffn_and_ctx(model: ServedModel, moe_ffn: str, impl: str, ffn=None):
+    """``(ffn, ctx_fn(route_BT, present_K))`` for ``decoder.forward``; ``ffn`` given: it (on a mesh)."""
     if not model.is_moe:
         return decoder.dense_ffn, lambda r, p: None
+    if ffn is not None:  # serve/placement.py's sharded FFN: ctx = (route, present_K), present_K unused
+        return ffn, lambda r, p: (r, p)
     if moe_ffn == "present":
         return present_experts_ffn, lambda r, p: (r, p)
     if moe_ffn == "pool":  # expert store: routes index the call's expert buffers (params["layers"]["pool"])
@@ -94,20 +96,21 @@ def _ffn_and_ctx(model: ServedModel, moe_ffn: str, impl: str):
 _STEP_FNS: "weakref.WeakKeyDictionary[ServedModel, dict]" = weakref.WeakKeyDictionary()
 
 
-def step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla") -> tuple:
-    """The model's jitted functions, built once per (model object, moe_ffn, impl): engines share compilations."""
+def step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla", ffn=None) -> tuple:
+    """The model's jitted functions, built once per (model object, moe_ffn, impl, ffn): engines share compilations."""
     per = _STEP_FNS.setdefault(model, {})
-    if (moe_ffn, impl) not in per:
-        per[moe_ffn, impl] = make_step_fns(model, moe_ffn, impl)
-    return per[moe_ffn, impl]
+    if (moe_ffn, impl, ffn) not in per:
+        per[moe_ffn, impl, ffn] = make_step_fns(model, moe_ffn, impl, ffn)
+    return per[moe_ffn, impl, ffn]
 
 
-def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla"):
-    """``(route_prompt, prefill, decode)`` jitted functions of ``model`` (params passed in, not baked)."""
+def make_step_fns(model: ServedModel, moe_ffn: str = "present", impl: str = "xla", ffn=None):
+    """``(route_prompt, prefill, decode)`` jitted functions of ``model`` (params passed in, not baked).
+    ``ffn``: the Read-ME FFN to use instead of ``moe_ffn``'s (the sharded one on a mesh)."""
     _, cfg = backbone_of(model)
     moe = model.is_moe
     router_cfg, mlp = (model.router_cfg, model.router_mlp) if moe else (None, "swiglu")
-    ffn, ctx = _ffn_and_ctx(model, moe_ffn, impl)
+    ffn, ctx = _ffn_and_ctx(model, moe_ffn, impl, ffn)
 
     def route_prompt(rparams, tokens_BT):
         rl, _ = router_logits(rparams, router_cfg, tokens_BT, None, None, mlp=mlp)

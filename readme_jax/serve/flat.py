@@ -157,9 +157,10 @@ def write_columns(cache: decoder.KVCache, nk, nv, slot_N, pos_N) -> decoder.KVCa
                            cache.v.at[:, slot_N, pos_N].set(nv.astype(cache.v.dtype), mode="drop"))
 
 
-def make_mixed_fn(model, mixed_ffn: str = "grouped"):
+def make_mixed_fn(model, mixed_ffn: str = "grouped", ffn=None):
     """The jitted mixed step of ``model`` (a ReadMEModel or DenseModel), its Read-ME FFN
-    ``mixed_ffn`` (``grouped`` or ``cond``, module doc).
+    ``mixed_ffn`` (``grouped`` or ``cond``, module doc); ``ffn``: a Read-ME FFN taking the routes
+    ``[N, 1]`` instead (serve/placement.py's sharded one on a mesh).
 
     ``mixed(params, rparams, cache, rcache, tok_N, pos_N, slot_N, ctx_N, route_N, is_prompt_N,
     sample_R, rslot_R, rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, *, greedy,
@@ -176,12 +177,14 @@ def make_mixed_fn(model, mixed_ffn: str = "grouped"):
               rctx_R, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy, window):
         S = cache.k.shape[1]
         if not moe:
-            ffn, ctx = decoder.dense_ffn, None
+            ffn_, ctx = decoder.dense_ffn, None
+        elif ffn is not None:
+            ffn_, ctx = ffn, route_N[:, None]
         elif mixed_ffn == "grouped":
-            ffn, ctx = experts_grouped_ffn, group_plan(route_N, n_experts_of(params, model))
+            ffn_, ctx = experts_grouped_ffn, group_plan(route_N, n_experts_of(params, model))
         else:
-            ffn, ctx = experts_cond_ffn, route_N[:, None]
-        h, nk, nv = flat_forward(params, cfg, tok_N, pos_N, slot_N, ctx_N, cache, window, ffn=ffn, ffn_ctx=ctx)
+            ffn_, ctx = experts_cond_ffn, route_N[:, None]
+        h, nk, nv = flat_forward(params, cfg, tok_N, pos_N, slot_N, ctx_N, cache, window, ffn=ffn_, ffn_ctx=ctx)
         logits = decoder.logits_of_hidden(params, cfg, h[sample_R])
         nxt = pick(logits, seeds_R, counters_R, temps_R, top_ps_R, top_ks_R, greedy)
         cache = write_columns(cache, nk, nv, slot_N, pos_N)
@@ -203,10 +206,10 @@ def make_mixed_fn(model, mixed_ffn: str = "grouped"):
 _MIXED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def mixed_fn(model, mixed_ffn: str = "grouped"):
+def mixed_fn(model, mixed_ffn: str = "grouped", ffn=None):
     """The model's mixed step, built once per (model object, FFN) (engines over one model share
     compilations)."""
     fns = _MIXED.setdefault(model, {})
-    if mixed_ffn not in fns:
-        fns[mixed_ffn] = make_mixed_fn(model, mixed_ffn)
-    return fns[mixed_ffn]
+    if (mixed_ffn, ffn) not in fns:
+        fns[(mixed_ffn, ffn)] = make_mixed_fn(model, mixed_ffn, ffn)
+    return fns[(mixed_ffn, ffn)]

@@ -261,9 +261,10 @@ def _param_of(message: str) -> str | None:
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8000, dense: bool = False, policy: str = "expert_aware",
           n_slots: int = 8, max_len: int = 512, max_queue: int = 64, name: str | None = None,
-          log_level: str = "info") -> None:
-    """Load the model at ``path`` and serve it until SIGINT/SIGTERM."""
+          log_level: str = "info", mesh=None) -> None:
+    """Load the model at ``path`` and serve it until SIGINT/SIGTERM (``mesh``: experts sharded over
+    devices, ``EngineConfig.mesh``)."""
     metrics = PrometheusMetrics()
     llm = LLM.open(path, dense=dense, n_slots=n_slots, max_len=max_len, policy=policy, max_queue=max_queue,
-                   metrics=metrics, **({"name": name} if name else {}))
+                   metrics=metrics, mesh=mesh, **({"name": name} if name else {}))
     uvicorn.run(create_app(llm, metrics), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)

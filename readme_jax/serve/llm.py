@@ -85,11 +85,12 @@ class TextStream:
 SERVING_TOKEN_BUCKETS = (16, 64)  # tokens per step of the served engine: decodes + prompt chunks
 
 
-def serving_engine_config(n_slots: int, max_len: int, eos_id) -> EngineConfig:
+def serving_engine_config(n_slots: int, max_len: int, eos_id, mesh=None) -> EngineConfig:
     """The served engine: one call per step (prompt chunks and decodes together, chunked prefill),
-    token buckets :data:`SERVING_TOKEN_BUCKETS` (capped at ``max_len``)."""
+    token buckets :data:`SERVING_TOKEN_BUCKETS` (capped at ``max_len``); ``mesh``: experts sharded."""
     buckets = tuple(b for b in SERVING_TOKEN_BUCKETS if b <= max_len) or (max_len,)
-    return EngineConfig(n_slots=n_slots, max_len=max_len, eos_id=eos_id, mixed_step=True, token_buckets=buckets)
+    return EngineConfig(n_slots=n_slots, max_len=max_len, eos_id=eos_id, mixed_step=True, token_buckets=buckets,
+                        mesh=mesh)
 
 
 class LLM:
@@ -106,12 +107,13 @@ class LLM:
         self._threaded = False
 
     @classmethod
-    def open(cls, path, *, dense: bool = False, n_slots: int = 8, max_len: int = 512, **kw) -> "LLM":
+    def open(cls, path, *, dense: bool = False, n_slots: int = 8, max_len: int = 512, mesh=None, **kw) -> "LLM":
         """The Read-ME model of a run folder, its ``train/final`` or an export; ``dense=True``: the run's
         dense source model (the A/B twin), or a dense checkpoint path (GGUF, HF directory). The engine
-        gets ``n_slots`` KV slots of ``max_len`` tokens (capped at the model's context)."""
+        gets ``n_slots`` KV slots of ``max_len`` tokens (capped at the model's context) and, with
+        ``mesh`` (a MeshConfig or jax Mesh), its experts sharded over devices (serve/placement.py)."""
         model, tok, name = open_model(path, dense=dense)
-        cfg = serving_engine_config(n_slots, min(max_len, _max_len(model)), tok.eos_id)
+        cfg = serving_engine_config(n_slots, min(max_len, _max_len(model)), tok.eos_id, mesh=mesh)
         return cls(model, tok, cfg, name=kw.pop("name", name), **kw)
 
     # ------------------------------------------------------------------ lifecycle
