@@ -179,13 +179,14 @@ class Trainer:
         """The LM step of expert tuning (sharded over a mesh when several devices exist), built once."""
         if self._expert_step is None:
             route_fn = steps.router_route_fn(model)
+            remat = self.train_cfg.remat == "layer"
             if self.mesh_cfg is not None and jax.device_count() > 1:
                 self._expert_step = ShardedLMStep.from_config(model.backbone_cfg, self.mesh_cfg, self._expert_tx,
-                                                              route_fn, impl=self.impl)
+                                                              route_fn, impl=self.impl, remat=remat, donate=True)
                 self._expert_pad = int(self._expert_step.mesh.shape["expert"])
             else:
                 self._expert_step = steps.make_lm_step(model.backbone_cfg, routed_ffn(self.impl), route_fn,
-                                                       self._expert_tx)
+                                                       self._expert_tx, remat=remat)
         return self._expert_step
 
     def _teacher_targets(self, round_idx, w: ReadMEModel, blocks, dom):

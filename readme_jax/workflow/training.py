@@ -132,7 +132,7 @@ def run_baseline(ws: Workspace) -> dict:
                      warmup_steps=t.experts.warmup_steps * t.rounds)
     trainable, frozen = steps.split_params(params, steps.frozen_keys(t.train_embeddings))
     tx = schedule.make_optimizer(st, t.weight_decay, t.clip_norm)
-    step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx)
+    step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx, remat=t.remat == "layer")
     opt_state = tx.init(trainable)
     data = CorpusData(ws, load_moe_domains(ws))  # the very batches the experts see, in the same order
     losses = []
