@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from readme_jax.checkpoints.hf import config_from_hf
-from readme_jax.config import MeshConfig, ModelConfig, RunConfig, StageConfig
+from readme_jax.config import MeshConfig, ModelConfig, RouterConfig, RunConfig, StageConfig
 from readme_jax.convert.experts import expert_width
 from readme_jax.data.domains import DOMAIN_NAMES
 from readme_jax.distributed.mesh import AXES, batch_shards, mesh_shape, pad_experts, param_shardings
@@ -66,7 +66,7 @@ class Setup:
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     donate: bool = True  # the Trainer's sharded step donates params and optimizer state
-    router: object = None  # RouterConfig, replicated on every device (None: not counted)
+    router: RouterConfig | None = None  # replicated on every device (None: not counted)
 
 
 def model_config(cfg: RunConfig, arch: str | None = None) -> ModelConfig:
