@@ -23,6 +23,7 @@ from readme_jax.config import SCHEDULER_POLICIES, MeshConfig
 from readme_jax.errors import ReadmeError
 from readme_jax.serve.http import serve
 from readme_jax.serve.llm import LLM
+from readme_jax.train import memory
 from readme_jax.workflow.export import export_workspace
 from readme_jax.workflow.run import STAGE_FNS, run
 from readme_jax.workflow.workspace import Workspace
@@ -152,6 +153,12 @@ def cmd_data(args):
         print(f"{n:12s} MISSING: {why}")
 
 
+def cmd_memory(args):
+    cfg = load_run_config(args)
+    setup = memory.setup_of_run(cfg, args.devices, args.arch, args.expert_width, args.shared_width)
+    print(memory.format_table(memory.estimate(setup), args.device_gib))
+
+
 def cmd_lm_eval(argv: list[str]) -> None:
     """lm_eval's own command line with the ``readme-jax`` model registered (see bench/lm_eval_adapter.py)."""
     from readme_jax.bench import lm_eval_adapter  # local import: lm-eval is an optional extra (pip install .[eval])
@@ -216,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the experts over this many devices (docs/SERVING.md, 'On a mesh')")
     p.add_argument("--mesh-model", type=int, default=1, help="and each expert's columns over this many")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("memory", help="per-device memory of the expert-tuning step (eval_shape; nothing allocated)")
+    p.add_argument("--config", default=None, help=f"YAML file or preset name in configs/ (default {DEFAULT_PRESET})")
+    p.add_argument("--arch", default=None, choices=sorted(memory.ARCHS),
+                   help="a known architecture instead of reading config.json at model=")
+    p.add_argument("--devices", type=int, default=8, help="devices of the one host the mesh spans (default 8)")
+    p.add_argument("--device-gib", type=float, default=None, help="say whether it fits devices of this size")
+    p.add_argument("--expert-width", type=int, default=None,
+                   help="R, the expert-specific width (default F_e = round(r F), the fixed layout's)")
+    p.add_argument("--shared-width", type=int, default=None, help="P, the split layout's shared width (default 0)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.remat=none")
+    p.set_defaults(fn=cmd_memory)
     p = sub.add_parser("data", help="fetch and cache the offline text domains")
     p.add_argument("domains", nargs="*")
     p.add_argument("--no-apt", action="store_true")

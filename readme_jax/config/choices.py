@@ -20,6 +20,7 @@ Split = Literal["train", "validation", "test"]
 FfnComm = Literal["psum", "all_to_all"]
 SchedulerPolicy = Literal["expert_aware", "decode_first", "prefill_first", "fcfs"]
 CachePolicy = Literal["belady", "lru", "fifo", "random"]
+Remat = Literal["none", "layer"]  # training: recompute each decoder layer in the backward pass (memory for compute)
 MoeFfn = Literal["present", "expert_ffn"]  # serving: only the call's experts | all of them through expert_ffn
 MixedFfn = Literal["grouped", "cond"]  # mixed step: tokens sorted by expert, row tiles | each present expert on all rows
 
@@ -37,6 +38,7 @@ SCHEDULER_POLICIES = choices(SchedulerPolicy)
 CACHE_POLICIES = choices(CachePolicy)
 MOE_FFNS = choices(MoeFfn)
 MIXED_FFNS = choices(MixedFfn)
+REMATS = choices(Remat)
 
 
 def check_choices(cfg, prefix: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from readme_jax.config.choices import FfnComm, RouterLoss, check_choices
+from readme_jax.config.choices import FfnComm, Remat, RouterLoss, check_choices
 from readme_jax.errors import ConfigError
 
 
@@ -58,6 +58,12 @@ class TrainConfig:
     # also log the training curves to this Weights & Biases project ("" = off; TensorBoard and JSONL
     # are written either way). Needs `pip install wandb`; changes no result.
     wandb_project: str = ""
+    # LM steps (expert tuning, the pruned baseline): "layer" recomputes each decoder layer in the backward
+    # pass (jax.checkpoint, nothing saved inside a layer), so only the layer inputs stay alive. Memory
+    # for compute; the same loss and gradients up to float32 rounding (~1e-6 relative, not bitwise:
+    # XLA fuses the recomputed layer differently; tests/test_remat.py), so it is left out of stage
+    # fingerprints, like a change of device would be.
+    remat: Remat = "none"
 
     def __post_init__(self):
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \

@@ -193,7 +193,8 @@ def pad_experts(tree, multiple: int):
     extra = padded_experts(E, multiple) - E
     if not extra:
         return tree
-    return _map_experts(tree, lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0))))
+    widths = ((0, 0), (0, extra), (0, 0), (0, 0))  # host arrays stay on the host (no device copy of them all)
+    return _map_experts(tree, lambda a: np.pad(a, widths) if isinstance(a, np.ndarray) else jnp.pad(a, widths))
 
 
 def unpad_experts(tree, n_experts: int):

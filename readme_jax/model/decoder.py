@@ -45,8 +45,12 @@ FFN = Callable[[dict, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache: KVCache | None = None,
-            *, ffn: FFN = dense_ffn, ffn_ctx: Any = None, logits: bool = True):
+            *, ffn: FFN = dense_ffn, ffn_ctx: Any = None, logits: bool = True, remat: bool = False):
     """Run the decoder.
+
+    ``remat=True`` wraps the scanned layer in ``jax.checkpoint`` with ``nothing_saveable``: under
+    differentiation only each layer's input (the scan carry) is kept and the layer is recomputed in the
+    backward pass. Same values and gradients; less memory, one more forward of the layers.
 
     Returns ``(out, cache, aux)``: ``out`` is float32 logits ``[B,T,V]`` (or the final hidden
     states ``[B,T,D]`` when ``logits=False``), the updated cache (None without one), and the
@@ -84,6 +88,8 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
             y, aux = ffn(lp, h, ffn_ctx)
         return x_BTD + y.astype(dt), (ck, cv, aux)
 
+    if remat:  # prevent_cse=False: inside scan the recomputation cannot be merged away (jax.checkpoint docs)
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
     x, (ck, cv, aux) = jax.lax.scan(layer, x, (params["layers"], ck, cv))
     x = layers.rms_norm(x, params["final_norm"], cfg.norm_eps)

@@ -115,9 +115,12 @@ class Trainer:
                 break
             round_idx, kind = divmod(s, 2)
             if kind == 0:
+                weights = self.on_device(weights)
                 weights, step_metrics = self._router_stage(round_idx, weights)
             else:
+                weights = self.offload(weights)  # sharded: device 0 holds only its part of the step's state
                 weights, step_metrics = self._expert_stage(round_idx, weights)
+                weights = self.on_device(weights)
             name = f"round{round_idx}-{'router' if kind == 0 else 'experts'}"
             self._write_stage_summary(s, name, weights, step_metrics)
             if self.on_stage_end is not None:  # before the checkpoint: a kill in it redoes the stage
@@ -128,6 +131,23 @@ class Trainer:
             remove_tree(self._mid_dir)  # this stage's mid-stage state is superseded
         self._events.close()
         return weights
+
+    @property
+    def sharded(self) -> bool:
+        """Expert tuning runs on a mesh (a ``mesh:`` section and several devices)."""
+        return self.mesh_cfg is not None and jax.device_count() > 1
+
+    def offload(self, model: ReadMEModel) -> ReadMEModel:
+        """With a sharded expert step: the backbone's params as host arrays, so no device keeps the whole
+        model while the step's state is on the mesh (pass the caller's model through this and drop the
+        device copy). One device: unchanged."""
+        return model.replace(backbone_params=jax.device_get(model.backbone_params)) if self.sharded else model
+
+    def on_device(self, model: ReadMEModel) -> ReadMEModel:
+        """The backbone back on the first device (router stages, evaluation), after :meth:`offload`."""
+        if not self.sharded:
+            return model
+        return model.replace(backbone_params=jax.device_put(model.backbone_params, jax.local_devices()[0]))
 
     # ------------------------------------------------------------------ stages
 
@@ -179,13 +199,14 @@ class Trainer:
         """The LM step of expert tuning (sharded over a mesh when several devices exist), built once."""
         if self._expert_step is None:
             route_fn = steps.router_route_fn(model)
+            remat = self.train_cfg.remat == "layer"
             if self.mesh_cfg is not None and jax.device_count() > 1:
                 self._expert_step = ShardedLMStep.from_config(model.backbone_cfg, self.mesh_cfg, self._expert_tx,
-                                                              route_fn, impl=self.impl)
+                                                              route_fn, impl=self.impl, remat=remat, donate=True)
                 self._expert_pad = int(self._expert_step.mesh.shape["expert"])
             else:
                 self._expert_step = steps.make_lm_step(model.backbone_cfg, routed_ffn(self.impl), route_fn,
-                                                       self._expert_tx)
+                                                       self._expert_tx, remat=remat)
         return self._expert_step
 
     def _teacher_targets(self, round_idx, w: ReadMEModel, blocks, dom):
@@ -215,8 +236,10 @@ class Trainer:
         tc, st = self.train_cfg, self.train_cfg.experts
         trainable, frozen = steps.split_params(w.backbone_params, steps.frozen_keys(tc.train_embeddings))
         tx, step_fn = self._expert_tx, self._expert_step_fn(w)
+        frozen_step = frozen
         if self._expert_pad > 1:  # experts sharded over the mesh: pad E to the expert axis, moments placed
             trainable = step_fn.shard(pad_experts(trainable, self._expert_pad))
+            frozen_step = step_fn.shard(frozen)  # replicated once, not on every call
             opt_state = step_fn.init_opt_state(trainable)
         else:
             opt_state = tx.init(trainable)
@@ -230,8 +253,8 @@ class Trainer:
         for i in range(start, st.steps):
             batch = self.data.expert_batch(round_idx, i, st.batch_size)
             lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i)
-            trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, w.router_params,
-                                                              batch, st.grad_accum, lr)
+            trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen_step, opt_state,
+                                                              w.router_params, batch, st.grad_accum, lr)
             for j, m in enumerate(ms):
                 self._check(m["loss"], name, i)
                 rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j,

@@ -29,22 +29,28 @@ class ShardedLMStep:
     not already placed by the placement rule is placed on every call (pre-place with
     :meth:`shard` to avoid the copies). One compiled step per tree structure. Expert weights
     must already be padded to a multiple of the expert axis (``pad_experts``).
+
+    ``remat``: recompute each decoder layer in the backward pass (``train.remat: layer``).
+    ``donate``: the step reuses the buffers of ``trainable`` and ``opt_state`` for its outputs
+    (the caller must not read the arrays it passed in again), so params and optimizer state are
+    not held twice at the step's end; the Trainer donates.
     """
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation,
                  ctx_fn: Callable | None = None, *, impl: str = "xla", comm: str = "psum",
-                 capacity_factor: float = 0.0, **impl_kw):
-        self.cfg, self.mesh, self.tx = cfg, mesh, tx
+                 capacity_factor: float = 0.0, remat: bool = False, donate: bool = False, **impl_kw):
+        self.cfg, self.mesh, self.tx, self.donate = cfg, mesh, tx, donate
         self.ffn = expert_parallel_ffn(mesh, impl=impl, comm=comm, capacity_factor=capacity_factor, **impl_kw)
-        self._inner = steps.make_lm_step(cfg, self.ffn, ctx_fn, tx)
+        self._inner = steps.make_lm_step(cfg, self.ffn, ctx_fn, tx, remat=remat)
         self._compiled: dict = {}
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, mc: MeshConfig, tx: optax.GradientTransformation,
-                    ctx_fn: Callable | None = None, *, devices=None, impl: str = "xla", **impl_kw) -> "ShardedLMStep":
+                    ctx_fn: Callable | None = None, *, devices=None, impl: str = "xla", remat: bool = False,
+                    donate: bool = False, **impl_kw) -> "ShardedLMStep":
         """Mesh from ``mc`` over ``devices`` (default all), exchange from ``mc.ffn_comm``/``capacity_factor``."""
         return cls(cfg, make_mesh(mc, devices), tx, ctx_fn, impl=impl, comm=mc.ffn_comm,
-                   capacity_factor=mc.capacity_factor, **impl_kw)
+                   capacity_factor=mc.capacity_factor, remat=remat, donate=donate, **impl_kw)
 
     def shard(self, tree):
         """Place a param/optimizer tree on the mesh by the placement rule."""
@@ -66,7 +72,8 @@ class ShardedLMStep:
             rep = replicated(self.mesh)
             metrics = {"loss": rep, "grad_norm": rep}
             self._compiled[key] = jax.jit(self._inner, in_shardings=(tr, fr, op, ctx, batch_sharding(self.mesh), rep),
-                                          out_shardings=(tr, op, metrics))
+                                          out_shardings=(tr, op, metrics),
+                                          donate_argnums=(0, 2) if self.donate else ())
         return self._compiled[key]
 
     def __call__(self, trainable, frozen, opt_state, ctx_params, blocks_BT1, lr):

@@ -57,20 +57,21 @@ def make_router_step(model: ReadMEModel, tx: optax.GradientTransformation, loss_
     return step
 
 
-def make_lm_step(cfg: ModelConfig, ffn, ctx_fn: Callable | None, tx: optax.GradientTransformation):
+def make_lm_step(cfg: ModelConfig, ffn, ctx_fn: Callable | None, tx: optax.GradientTransformation, *,
+                 remat: bool = False):
     """LM-loss step: ``step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr)``.
 
     ``ctx_fn(ctx_params, inputs_BT)`` gives the FFN context (Read-ME: routes from the frozen
-    router); ``ctx_params`` are never differentiated.
+    router); ``ctx_params`` are never differentiated. ``remat``: recompute each decoder layer in
+    the backward pass (``decoder.forward(remat=True)``, ``train.remat: layer``).
     """
 
-    @jax.jit
     def step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr):
         inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
         ctx = None if ctx_fn is None else jax.lax.stop_gradient(ctx_fn(ctx_params, inputs))
 
         def loss_fn(tr):
-            logits, _, _ = decoder.forward(merge_params(tr, frozen), cfg, inputs, ffn=ffn, ffn_ctx=ctx)
+            logits, _, _ = decoder.forward(merge_params(tr, frozen), cfg, inputs, ffn=ffn, ffn_ctx=ctx, remat=remat)
             return decoder.token_nll(logits, targets).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -78,7 +79,7 @@ def make_lm_step(cfg: ModelConfig, ffn, ctx_fn: Callable | None, tx: optax.Gradi
         trainable = optax.apply_updates(trainable, jax.tree.map(lambda u: lr * u, updates))
         return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-    return step
+    return jax.jit(step)
 
 
 def accumulated_step(step_fn, trainable, frozen, opt_state, ctx_params, batch_BT1, grad_accum: int, lr):

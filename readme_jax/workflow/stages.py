@@ -39,8 +39,10 @@ STAGE_ARTIFACTS: dict[str, tuple[str, ...]] = {
 }
 # files inside a stage folder that carry their own key and are reused only when it matches
 SELF_KEYED = frozenset({"calib_partial"})
-# settings that change no result (where and how often to checkpoint): left out of fingerprints
-NO_RESULT_KEYS = frozenset({"train.checkpoint_every", "train.wandb_project"})
+# settings that change no result (where and how often to checkpoint, what is logged, whether the backward
+# pass recomputes layers: the same gradients up to float32 rounding, tests/test_remat.py): left out of
+# fingerprints
+NO_RESULT_KEYS = frozenset({"train.checkpoint_every", "train.wandb_project", "train.remat"})
 # (stage, upstream) -> the upstream settings the stage's input depends on, where it reads only part of
 # the upstream's outputs: the baseline reads refactor's pruned model, which ignores the expert layout
 PARTIAL_READS: dict[tuple[str, str], tuple[str, ...]] = {

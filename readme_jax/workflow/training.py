@@ -84,6 +84,7 @@ def run_train(ws: Workspace) -> dict:
     trainer = Trainer(ws.cfg.train, ci, meta["ffn_dim"], CorpusData(ws, meta["domains"]), d, impl=ws.cfg.impl,
                       progress=ws.progress, log=ws.log, on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh,
                       router_target=ws.cfg.router.target)
+    model = trainer.offload(model)  # sharded expert tuning: no device keeps the whole model meanwhile
     trained = trainer.run(model)
     save_readme(d / "final", trained, router_config=ws.cfg.router, backbone_meta={**meta, "trained": True})
     info = {"rounds": ws.cfg.train.rounds, "lm_tokens": lm_token_budget(ws), "router_tokens": router_token_budget(ws)}
@@ -132,7 +133,7 @@ def run_baseline(ws: Workspace) -> dict:
                      warmup_steps=t.experts.warmup_steps * t.rounds)
     trainable, frozen = steps.split_params(params, steps.frozen_keys(t.train_embeddings))
     tx = schedule.make_optimizer(st, t.weight_decay, t.clip_norm)
-    step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx)
+    step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx, remat=t.remat == "layer")
     opt_state = tx.init(trainable)
     data = CorpusData(ws, load_moe_domains(ws))  # the very batches the experts see, in the same order
     losses = []
