@@ -53,7 +53,7 @@ def compose(lat: dict, store: dict, sweep: dict | None = None) -> dict:
                                                          "expert_bytes", "all_outputs_equal_all_resident")}}}
 
 
-def plots(lat: dict, store: dict, out_dir: Path) -> list[Path]:
+def plots(lat: dict, store: dict, out_dir: Path, prefix: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     rates = sorted(lat["summary"], key=float)
@@ -73,7 +73,7 @@ def plots(lat: dict, store: dict, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    paths.append(out_dir / "serving_latency_measured.png")
+    paths.append(out_dir / f"{prefix}serving_latency_measured.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
@@ -95,7 +95,7 @@ def plots(lat: dict, store: dict, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="y")
     a1.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "expert_store_measured.png")
+    paths.append(out_dir / f"{prefix}expert_store_measured.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
@@ -108,12 +108,13 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", type=Path, default=None, help="a --sweep-only run of serving_latency (step ms vs experts)")
     p.add_argument("--out", type=Path, default=Path("docs/results/serving.json"))
     p.add_argument("--plots", type=Path, default=Path("docs"))
+    p.add_argument("--prefix", default="", help="file-name prefix of the plots (keeps an earlier set beside)")
     a = p.parse_args(argv)
     lat, store = read_json(a.latency), read_json(a.store)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     sweep = read_json(a.sweep)["step_ms_vs_experts"] if a.sweep else None
     write_json(a.out, compose(lat, store, sweep))
-    for path in plots(lat, store, a.plots):
+    for path in plots(lat, store, a.plots, a.prefix):
         print(path)
     print(a.out)
 
