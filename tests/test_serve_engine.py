@@ -481,3 +481,14 @@ def test_token_buckets_bound_the_mixed_programs():
     assert EngineConfig(n_slots=4, max_len=64).tokens(9) == 16  # default: the length buckets 8, 16, 32, ...
     with pytest.raises(ConfigError, match="engine.token_buckets"):
         EngineConfig(n_slots=4, max_len=64, token_buckets=(0, 8))
+
+
+def test_step_breakdown_times_both_models_at_every_shape(models):
+    """bench/step_breakdown: Read-ME and dense steps, interleaved, a median per (N, W)."""
+    from readme_jax.bench.step_breakdown import breakdown
+
+    cfg = dataclasses.replace(ECFG, mixed_step=True)
+    engines = {"readme": Engine(models[0], cfg), "dense": Engine(models[1], cfg)}
+    W = cfg.window(0)
+    got = breakdown(engines, [8], [W], repeats=2)
+    assert set(got) == {"readme", "dense"} and all(v["N=8"][f"W={W}"] > 0 for v in got.values())
