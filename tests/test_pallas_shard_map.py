@@ -10,8 +10,6 @@ Like tests/test_sharding.py, the 8-device part runs this file as a script in a s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 from test_expert_ffn import np_ffn, np_grads
-from test_sharding import FAST_COMPILE, MESHES, N_DEVICES
+from test_sharding import MESHES, N_DEVICES, device_worker_reports
 
 B, T, D, E, FE = 8, 2, 8, 8, 16  # tiny: the interpreter is slow
 CAPACITY = ((2, 4, 1), 1.0)  # all_to_all with a capacity (tokens past a bucket skip the FFN)
@@ -106,13 +104,7 @@ def _worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES} {FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}")
-    out = tmp_path_factory.mktemp("pallas_shard_map") / "report.json"
-    proc = subprocess.run([sys.executable, __file__, "worker", str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"8-device worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return device_worker_reports(__file__, [None], tmp_path_factory, timeout=900)
 
 
 @pytest.mark.parametrize("shape,comm", MESHES, ids=[f"{s}-{c}" for s, c in MESHES])

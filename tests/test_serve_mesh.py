@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_sharding import FAST_COMPILE, N_DEVICES
+from test_sharding import N_DEVICES, device_worker_reports
 
 E = 3  # not a multiple of 2 or 4: the meshes get a dummy expert
 MESHES = [(1, 4, 1), (2, 2, 2)]
@@ -130,20 +128,8 @@ def _part(part: str) -> dict:
 def report(tmp_path_factory):
     """The single-device engine and both meshes in one 8-device subprocess (on the 2-core CPU, concurrent
     subprocesses took longer in wall time: compilation dominates and they compete for the cores)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES} {FAST_COMPILE} "
-                         f"{os.environ.get('XLA_FLAGS', '')}")
-    runs = {}
-    for part in ["+".join(["single"] + [",".join(map(str, s)) for s in MESHES])]:
-        out = tmp_path_factory.mktemp("serve_mesh") / "report.json"
-        runs[part] = (out, subprocess.Popen([sys.executable, __file__, "worker", part, str(out)], env=env,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    rep = {}
-    for part, (out, proc) in runs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"8-device worker {part!r} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
-        rep.update(json.loads(out.read_text()))
-    return rep
+    part = "+".join(["single"] + [",".join(map(str, s)) for s in MESHES])
+    return device_worker_reports(__file__, [part], tmp_path_factory)
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["split", "mixed"])

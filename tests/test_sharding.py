@@ -218,22 +218,30 @@ def _worker(part: str, out_path: str) -> None:
 # =========================================================================== pytest side
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """Both halves of the 8-device checks, run as two concurrent subprocesses (about half the wall time)."""
+def device_worker_reports(script, parts, tmp_path_factory, timeout: int = 600) -> dict:
+    """Run ``script worker [PART] OUT`` once per part (``None``: no part argument) as concurrent
+    subprocesses on ``N_DEVICES`` fake CPU devices with :data:`FAST_COMPILE`; their JSON reports,
+    merged. A failing worker fails the test with the end of its output."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES} {FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}")
-    runs = {}
-    for part in ("meshes", "rest"):
-        out = tmp_path_factory.mktemp(part) / "report.json"
-        runs[part] = (out, subprocess.Popen([sys.executable, __file__, "worker", part, str(out)], env=env,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    runs = []
+    for part in parts:
+        out = tmp_path_factory.mktemp(Path(script).stem) / "report.json"
+        argv = [sys.executable, str(script), "worker"] + ([part] if part is not None else []) + [str(out)]
+        runs.append((part, out, subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True)))
     rep = {}
-    for part, (out, proc) in runs.items():
-        stdout, stderr = proc.communicate(timeout=600)
+    for part, out, proc in runs:
+        stdout, stderr = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, f"8-device worker {part!r} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
         rep.update(json.loads(out.read_text()))
     return rep
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Both halves of the 8-device checks, run as two concurrent subprocesses (about half the wall time)."""
+    return device_worker_reports(__file__, ("meshes", "rest"), tmp_path_factory)
 
 
 @pytest.mark.parametrize("shape,comm", MESHES, ids=[f"{s}-{c}" for s, c in MESHES])
