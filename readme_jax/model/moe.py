@@ -90,9 +90,28 @@ def pool_ffn(lp: dict, h_BTD, local_BT):
     (``wg, wu: [D, Fe]``, ``wd: [Fe, D]`` at this layer), from the serving expert store;
     ``local_BT`` indexes that tuple (-1: padding). Same arithmetic as :func:`present_experts_ffn`."""
     B, T, D = h_BTD.shape
-    weights = [[w["wg"], w["wu"], w["wd"]] for w in lp["pool"]]
-    y = _sum_experts(h_BTD.reshape(B * T, D), local_BT.reshape(B * T), weights)
+    y = _sum_experts(h_BTD.reshape(B * T, D), local_BT.reshape(B * T), expert_weights(lp))
     return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+
+
+def expert_weights(lp: dict) -> list:
+    """One layer's experts as ``[(wg, wu, wd), ...]``: the stack's, or (expert store) the call's
+    pool buffers ``lp["pool"]``, whose index is what the routes hold."""
+    if "pool" in lp:
+        return [(w["wg"], w["wu"], w["wd"]) for w in lp["pool"]]
+    return [(lp["wg"][e], lp["wu"][e], lp["wd"][e]) for e in range(lp["wg"].shape[0])]
+
+
+def cond_sum_experts(y_ND, x_ND, route_N, experts):
+    """``y`` plus, for each ``(e, (wg, wu, wd))`` of ``experts``, :func:`expert_rows` of expert e,
+    computed only when some row routes to e (``lax.cond``; ``e`` may be traced). The experts run
+    are those present, their number a runtime value."""
+    for e, w in experts:
+        def run(y, e=e, w=w):
+            return y + expert_rows(x_ND, route_N, e, *w)
+
+        y_ND = jax.lax.cond(jnp.any(route_N == e), run, lambda y: y, y_ND)
+    return y_ND
 
 
 def expert_rows(x_ND, local_N, k, wg, wu, wd):

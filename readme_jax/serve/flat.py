@@ -37,17 +37,9 @@ import jax.numpy as jnp
 
 from readme_jax.config import ModelConfig
 from readme_jax.model import decoder, layers
-from readme_jax.model.moe import expert_rows, shared_ffn
+from readme_jax.model.moe import cond_sum_experts, expert_rows, expert_weights, shared_ffn
 from readme_jax.model.router import route_ids, router_ffn
 from readme_jax.serve.engine_core import backbone_of, pick
-
-
-def expert_weights(lp: dict) -> list:
-    """One layer's experts as ``[(wg, wu, wd), ...]``: the stack's, or (expert store) the call's
-    pool buffers ``lp["pool"]``, whose index is what the routes hold."""
-    if "pool" in lp:
-        return [(w["wg"], w["wu"], w["wd"]) for w in lp["pool"]]
-    return [(lp["wg"][e], lp["wu"][e], lp["wd"][e]) for e in range(lp["wg"].shape[0])]
 
 
 def n_experts_of(params: dict, model) -> int:
@@ -61,12 +53,7 @@ def experts_cond_ffn(lp: dict, h_BTD, route_BT):
     own) only when some token routes to it; rows routed to -1 get 0. Shared part once."""
     B, T, D = h_BTD.shape
     x, r = h_BTD.reshape(B * T, D), route_BT.reshape(B * T)
-    y = jnp.zeros((B * T, D), jnp.float32)
-    for e, w in enumerate(expert_weights(lp)):
-        def run(y, e=e, w=w):
-            return y + expert_rows(x, r, e, *w)
-
-        y = jax.lax.cond(jnp.any(r == e), run, lambda y: y, y)
+    y = cond_sum_experts(jnp.zeros((B * T, D), jnp.float32), x, r, enumerate(expert_weights(lp)))
     return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
 
 

@@ -72,10 +72,11 @@ class LiveEngine:
                  max_queue: int = 64, max_wait_steps: int | None = 16, metrics: LiveMetrics | None = None):
         self.engine = engine
         if engine.cfg.mixed_step:  # one call per step: prompts run in chunks up to the largest token bucket
-            budget = token_budget or max(engine.cfg.mixed_buckets())
-            if budget > max(engine.cfg.mixed_buckets()):
-                raise ConfigError(f"token budget {budget} exceeds the engine's largest token bucket "
-                                  f"{max(engine.cfg.mixed_buckets())} (engine.token_buckets)")
+            top = max(engine.cfg.mixed_buckets())
+            budget = token_budget or top
+            if budget > top:
+                raise ConfigError(f"token budget {budget} exceeds the engine's largest token bucket {top} "
+                                  f"(engine.token_buckets)")
         else:
             budget = token_budget or max(engine.max_prompt_len, engine.cfg.n_slots)
         self.max_queue = int(max_queue)

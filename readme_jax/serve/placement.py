@@ -47,7 +47,7 @@ from readme_jax.distributed.expert_parallel import W_IN, W_OUT
 from readme_jax.distributed.mesh import check_mesh, make_mesh, pad_experts, replicated, shard_tree
 from readme_jax.errors import ConfigError
 from readme_jax.kernels.vma import vary_like
-from readme_jax.model.moe import expert_rows, shared_ffn
+from readme_jax.model.moe import cond_sum_experts, shared_ffn
 
 EXPERT_AXES = ("expert", "model")  # the FFN's partial outputs are summed over these
 
@@ -58,11 +58,7 @@ def _local_experts(x_ND, r_N, wg, wu, wd):
     e_loc = wg.shape[0]
     base = lax.axis_index("expert") * e_loc
     y = vary_like(jnp.zeros(x_ND.shape, jnp.float32), wg, wu, wd)
-    for j in range(e_loc):
-        def run(y, j=j):
-            return y + expert_rows(x_ND, r_N, base + j, wg[j], wu[j], wd[j])
-
-        y = lax.cond(jnp.any(r_N == base + j), run, lambda y: y, y)
+    y = cond_sum_experts(y, x_ND, r_N, ((base + j, (wg[j], wu[j], wd[j])) for j in range(e_loc)))
     return lax.psum(y, EXPERT_AXES)
 
 
