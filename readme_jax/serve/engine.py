@@ -258,8 +258,7 @@ class Engine(MixedStep):
         if dec:
             calls += [("decode", None, d) for d in self._decode_groups(dec)]
         sets = [self._call_experts(kind, g) for kind, _, g in calls]
-        uses_future = self.store is not None and self.store.uses_future and self.lookahead is not None
-        known = list(self.lookahead()) if uses_future else []  # a scheduler dry run: only when it is used
+        known = self._known_future()
         times = {"prefill": 0.0, "decode": 0.0}
         stall0 = self.store.stats.stall_s if self.store is not None else 0.0
         for i, (kind, T, group) in enumerate(calls):
@@ -270,6 +269,12 @@ class Engine(MixedStep):
                 times[kind] += self._decode_call(group, out_tok, out_route)
         stall = (self.store.stats.stall_s - stall0) if self.store is not None else 0.0
         return StepOutput(out_route, out_tok, times["prefill"], times["decode"], stall, frozenset().union(*sets))
+
+    def _known_future(self) -> list:
+        """The expert sets of the work queued after this step (``lookahead()``), for the store's
+        prefetch and Belady; empty when nothing uses it (the lookahead is a scheduler dry run)."""
+        uses = self.store is not None and self.store.uses_future and self.lookahead is not None
+        return list(self.lookahead()) if uses else []
 
     def _call_experts(self, kind: str, group) -> frozenset:
         if kind == "prefill":

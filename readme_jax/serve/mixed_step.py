@@ -87,14 +87,13 @@ class MixedStep:
         else:
             calls = pack_calls(items, self.store.resident, self.store.max_call_experts)
         sets = [frozenset().union(*(p.experts for p in c)) for c in calls]
-        uses_future = self.store is not None and self.store.uses_future and self.lookahead is not None
-        known = list(self.lookahead()) if uses_future else []
+        known = self._known_future()
         stall0 = self.store.stats.stall_s if self.store is not None else 0.0
         out_tok: dict = {}
         out_route: dict = {}
         seconds = 0.0
         for i, call in enumerate(calls):
-            self._future = [s for s in sets[i + 1:]] + known
+            self._future = list(sets[i + 1:]) + known
             seconds += self._mixed_call(call, out_tok, out_route)
         stall = (self.store.stats.stall_s - stall0) if self.store is not None else 0.0
         experts = frozenset().union(*sets) if self.model.is_moe else frozenset()
