@@ -131,6 +131,34 @@ def test_held_out_sample(cache):
         pl.held_out_sample("milton", "validation", len(ref) + 1, tok, cache_dir=cache, progress=False)
 
 
+@pytest.mark.parametrize("n_tokens,seq_len,n,offset", [(1000, 100, 3, 0), (1001, 100, 9, 0), (1001, 100, 10, 0),
+                                                         (5000, 7, 16, 3), (65, 8, 100, 1), (2, 1, 1, 0)])
+def test_block_starts_head_and_spread(n_tokens, seq_len, n, offset):
+    have = (n_tokens - 1) // seq_len - offset  # blocks of seq_len + 1 tokens at stride seq_len
+    m = min(n, have)
+    head = pl.block_starts(n_tokens, seq_len, n, "head", offset)
+    assert head.tolist() == [(offset + i) * seq_len for i in range(m)]
+    spread = pl.block_starts(n_tokens, seq_len, n, "spread", offset)
+    # reference: the block whose slot holds the centre of each of m equal stretches of the `have` slots
+    ref = [(offset + int(np.floor((i + 0.5) * have / m))) * seq_len for i in range(m)]
+    assert spread.tolist() == ref
+    assert len(set(spread.tolist())) == m and np.all(np.diff(spread) >= seq_len)  # distinct, no overlap
+    assert spread[0] >= offset * seq_len and spread[-1] + seq_len + 1 <= n_tokens
+    if m == have:  # asked for at least every block: both are all of them
+        assert spread.tolist() == head.tolist()
+    else:  # spread reaches the last stretch of the stream; head stops at its first m blocks
+        assert spread[-1] >= (offset + have - have / m) * seq_len > head[-1] or m == 1
+
+
+def test_block_starts_rejects_bad_input():
+    with pytest.raises(DataError, match="block sampling must be one of"):
+        pl.block_starts(1000, 10, 4, "random")
+    with pytest.raises(DataError, match="not enough for one block of 11"):
+        pl.block_starts(10, 10, 4, "spread")
+    with pytest.raises(DataError, match="need seq_len >= 1"):
+        pl.block_starts(1000, 10, 0, "head")
+
+
 def _mixture(cache, **kw):
     args = dict(seq_len=16, batch_size=10, seed=0, cache_dir=cache, progress=False)
     args.update(kw)

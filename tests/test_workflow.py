@@ -9,8 +9,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from readme_jax import cli
+from readme_jax.convert.calibrate import load_stats
+from readme_jax.data import block_starts, token_stream
 from readme_jax.errors import ConfigError
 from readme_jax.workflow import run as run_mod
+from readme_jax.workflow.workspace import Workspace
 
 from conftest import TINY_STAGES, tiny_run_config
 
@@ -39,6 +42,7 @@ def test_run_writes_every_report_file(finished_run):
     assert "Read-ME after all rounds" in text and "![ppl_final.png](ppl_final.png)" in text
     assert text.startswith("# Read-ME on JAX: 2 rounds; router 2 steps × batch 4 × 32 tokens")
     assert "Read-ME beats the tuned pruned dense on " in text and "## Router (held-out eval blocks)" in text
+    assert "from the test split (spread); calibrated on 2 x " in text
     assert (rep / "router_accuracy.png").is_file()
     assert "### Policies (measured)" in text and "| expert_aware |" in text and "![hit_ratio.png](hit_ratio.png)" in text
 
@@ -154,3 +158,21 @@ def test_colab_notebook_cells_run_on_cpu(finished_run, cache_dir):
                       OVERRIDES=f"data.cache_dir={cache_dir} stages=[" + ",".join(STAGES) + "]")
     assert ran >= 4
     assert (out / "report" / "report.md").is_file()
+
+
+def test_calibration_and_test_blocks_are_spread_over_their_splits(finished_run):
+    out, _, _ = finished_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["convert"]["calib_sampling"] == cfg["eval"]["sampling"] == "spread"  # the defaults
+    stats = load_stats(out / "refactor" / "stats.npz")
+    assert stats.provenance["inputs"]["calib_sampling"] == "spread"
+    ws = Workspace(tiny_run_config(out, cfg["data"]["cache_dir"]), progress=False, log=lambda _: None)
+    d, L, n = ws.domains[0], cfg["eval"]["seq_len"], cfg["eval"]["blocks_per_domain"]
+    stream = token_stream(d, "test", ws.tokenizer, sep_id=ws.sep_id, cache_dir=cfg["data"]["cache_dir"], progress=False)
+    got = ws.eval_blocks()[d]
+    starts = block_starts(len(stream), L, n, "spread")
+    assert got.shape == (len(starts), L + 1)
+    assert all(np.array_equal(got[i], stream[s:s + L + 1]) for i, s in enumerate(starts))
+    if (len(stream) - 1) // L > n:  # a longer split than the sample: not its first blocks
+        assert not np.array_equal(got, ws.blocks(d, "test", L, n, sampling="head"))
+

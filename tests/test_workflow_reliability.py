@@ -1,6 +1,7 @@
 """Runs you can trust: stage fingerprints (no silent reuse), strict and complete artifacts, the
 output-folder lock, links that leave the folder, one-line errors and Ctrl-C (docs/RELIABILITY.md)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from readme_jax import cli
+from readme_jax.config import ConvertConfig
 from readme_jax.errors import ConfigError, NumericsError
 from readme_jax.fsutil import DirLock, atomic_dir, escaping_links
 from readme_jax.workflow import run as run_mod
@@ -66,6 +68,10 @@ def test_every_stage_has_dependencies_and_a_function():
     assert reads("baseline", "convert.r") and not reads("baseline", "convert.layout")  # pruned ignores layout
     assert not reads("final_eval", "serve.n_slots") and reads("serve_bench", "serve.n_slots")
     assert not reads("train", "eval.blocks_per_domain") and reads("final_eval", "eval.blocks_per_domain")
+    assert not reads("train", "eval.sampling") and reads("final_eval", "eval.sampling")
+    # the pruned twin is cut from the calibration statistics: every calibration setting reaches the baseline
+    calib = [f"convert.{f.name}" for f in dataclasses.fields(ConvertConfig) if f.name not in ("layout", "shared_fraction")]
+    assert all(reads("baseline", k) for k in calib) and not reads("baseline", "convert.shared_fraction")
     assert stages.downstream("refactor") == ("refactor_eval", "train", "baseline", "final_eval", "serve_bench",
                                              "report")
 

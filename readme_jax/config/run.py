@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from readme_jax.config.choices import ExpertLayoutKind, Impl, RunDtype, Split, check_choices
+from readme_jax.config.choices import BlockSampling, ExpertLayoutKind, Impl, RunDtype, Split, check_choices
 from readme_jax.config.model import RouterConfig
 from readme_jax.config.serve import ServeBenchConfig
 from readme_jax.config.train import MeshConfig, TrainConfig
@@ -33,6 +33,9 @@ class ConvertConfig:
     # every expert) before each domain adds its own top channels; 0 = shared part is only what every
     # domain picks on its own (docs/CONVERT.md "Shared fraction")
     shared_fraction: float = 0.0
+    # which train blocks calibrate: evenly spaced over each domain's split (spread) | its first ones (head,
+    # the behaviour before 2026-11-30: the dictionary's numerals, Genesis 1-5; RESULTS.md "Calibration sample")
+    calib_sampling: BlockSampling = "spread"
 
     def __post_init__(self):
         if not (isinstance(self.r, (int, float)) and 0 < self.r <= 1):
@@ -50,6 +53,7 @@ class EvalConfig:
     blocks_per_domain: int = 8
     batch_size: int = 4
     split: Split = "test"
+    sampling: BlockSampling = "spread"  # test blocks evenly spaced over the split | its first ones (head)
     prompt: str = "The capital of France is"
     max_new_tokens: int = 16
 

@@ -219,7 +219,7 @@ def calibrate(model_arrays: dict, cfg: ModelConfig, batches_by_domain: Mapping[s
         sums.append(s)
         toks.append(t)
         per_domain[name] = info
-    return _assemble(names, np.stack(sums), np.asarray(toks), base, per_domain)
+    return _assemble(names, np.stack(sums), np.asarray(toks), {**base, "inputs": inputs}, per_domain)
 
 
 def _check_resumed(done: CalibrationStats, path: Path, name: str, base: dict) -> None:

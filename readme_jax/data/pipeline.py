@@ -24,6 +24,7 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
+from readme_jax.config.choices import BLOCK_SAMPLINGS
 from readme_jax.data.domains import cache_root, domain_meta, load_domain, load_split, prepare_domains
 from readme_jax.data.splits import LINKED, SPLITS
 from readme_jax.errors import DataError
@@ -123,6 +124,29 @@ def token_stream(domain: str, split: str, tokenizer: TokenizerLike, *, sep_id: i
                 n_chars=sum(map(len, texts)), sep_id=sep, bos_id=bos, tokenizer=type(tokenizer).__name__)
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return np.load(path, mmap_mode="r")
+
+
+def block_starts(n_tokens: int, seq_len: int, n: int, sampling: str = "head", offset: int = 0) -> np.ndarray:
+    """Start offsets (int64 ``[m]``, ``m = min(n, available)``) of packed ``seq_len + 1``-token blocks of a
+    stream of ``n_tokens`` tokens, blocks laid at stride ``seq_len`` and the first ``offset`` skipped.
+
+    ``head``: the first ``m`` blocks. ``spread``: ``m`` blocks evenly spaced over the whole stream (the
+    centre of each of ``m`` equal stretches), so a sample sees the whole split: a stream in document
+    order starts with one part of a domain (the dictionary's numerals, Genesis), which ``head`` would
+    take for the whole domain. Both are deterministic and never overlap beyond the shared boundary token."""
+    if sampling not in BLOCK_SAMPLINGS:
+        raise DataError(f"block sampling must be one of {BLOCK_SAMPLINGS}, got {sampling!r}")
+    if seq_len < 1 or n < 1 or offset < 0:
+        raise DataError(f"block_starts: need seq_len >= 1, n >= 1, offset >= 0, got {seq_len}, {n}, {offset}")
+    have = (n_tokens - 1) // seq_len - offset
+    if have < 1:
+        raise DataError(f"{n_tokens} tokens, not enough for one block of {seq_len + 1} after {offset} blocks")
+    m = min(n, have)
+    if sampling == "head":
+        slots = np.arange(m, dtype=np.int64)
+    else:
+        slots = (2 * np.arange(m, dtype=np.int64) + 1) * have // (2 * m)
+    return (offset + slots) * seq_len
 
 
 def held_out_sample(domain: str, split: str, n_tokens: int, tokenizer: TokenizerLike, *,

@@ -29,9 +29,10 @@ def run_refactor(ws: Workspace) -> dict:
     cc = cfg.convert
     batches = {}
     for name in ws.domains:
-        blocks = ws.blocks(name, "train", cc.calib_seq_len, cc.calib_samples)[:, :-1]
+        blocks = ws.blocks(name, "train", cc.calib_seq_len, cc.calib_samples, sampling=cc.calib_sampling)[:, :-1]
         batches[name] = [blocks[i:i + cc.batch_size] for i in range(0, len(blocks), cc.batch_size)]
     inputs = {"calib_samples": cc.calib_samples, "calib_seq_len": cc.calib_seq_len, "batch_size": cc.batch_size,
+              "calib_sampling": cc.calib_sampling,
               "data": config_mod.to_dict(cfg.data), "dtype": cfg.dtype}
     stats = calibrate(dense, model.cfg, batches, model_id=cfg.model, partial_dir=d / "calib_partial",
                       progress=ws.progress, inputs=inputs)

@@ -210,8 +210,18 @@ def wins_line(wins: dict | None) -> str:
             f"({wins['significant']} of them beyond the 95% paired-bootstrap interval).")
 
 
-def results_section(fe: dict) -> list[str]:
+def samples_line(config: dict) -> str:
+    """Which tokens the run calibrated on and was scored on (the sampling decides what a domain means)."""
+    e, c = config.get("eval", {}), config.get("convert", {})
+    return (f"Scored on {e.get('blocks_per_domain')} blocks of {e.get('seq_len')} tokens per domain from the "
+            f"{e.get('split')} split ({e.get('sampling', 'head')}); calibrated on {c.get('calib_samples')} x "
+            f"{c.get('calib_seq_len')} train tokens per domain ({c.get('calib_sampling', 'head')}).")
+
+
+def results_section(fe: dict, config: dict | None = None) -> list[str]:
     md = ["## Results (held-out perplexity, 95 % bootstrap interval over blocks)", ""]
+    if config:
+        md += [samples_line(config), ""]
     md += _table(fe["ppl"], fe.get("ppl_ci")) + ["", wins_line(fe.get("wins")), ""]
     if fe.get("comparison"):
         md += ["| domain | log-ppl Read-ME − tuned pruned dense | 95 % interval | beyond the interval |",
@@ -304,7 +314,7 @@ def run_report(ws: Workspace) -> dict:
         plots.append("ppl_refactor.png")
     n_experts = len(stages["refactor"]["domains"]) if "refactor" in stages else None
     if "final_eval" in stages:
-        md += results_section(stages["final_eval"]) + router_section(stages["final_eval"])
+        md += results_section(stages["final_eval"], metrics["config"]) + router_section(stages["final_eval"])
         plots += final_eval_plots(stages["final_eval"], out)
     if (ws.out / "train" / "metrics").is_dir():
         plots += plot_training(ws.out / "train", out, n_experts)

@@ -47,7 +47,7 @@ NO_RESULT_KEYS = frozenset({"train.checkpoint_every", "train.wandb_project", "tr
 # the upstream's outputs: the baseline reads refactor's pruned model, which ignores the expert layout
 PARTIAL_READS: dict[tuple[str, str], tuple[str, ...]] = {
     ("baseline", "refactor"): ("model", "dtype", "data", "convert.r", "convert.calib_samples",
-                               "convert.calib_seq_len", "convert.batch_size"),
+                               "convert.calib_seq_len", "convert.batch_size", "convert.calib_sampling"),
 }
 
 

@@ -22,7 +22,7 @@ from readme_jax import config as config_mod
 from readme_jax.checkpoints import embedded_gguf_path, is_hub_id, load_model, save_hf, tokenizer_from_gguf
 from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import ModelConfig, RunConfig
-from readme_jax.data import prepare_domains, token_stream
+from readme_jax.data import block_starts, prepare_domains, token_stream
 from readme_jax.errors import ConfigError, DataError, NumericsError
 from readme_jax.fsutil import DirLock, atomic_dir, check_no_escaping_links, remove_tree
 from readme_jax.jsonfile import read_json, write_json
@@ -265,20 +265,22 @@ class Workspace:
         self.log(f"domains ({len(got)} experts): {', '.join(got)}")
         return got
 
-    def blocks(self, domain: str, split: str, seq_len: int, n: int, offset: int = 0) -> np.ndarray:
-        """``[n, seq_len+1]`` int32 blocks of a split, in stream order (fewer if the split is short)."""
+    def blocks(self, domain: str, split: str, seq_len: int, n: int, offset: int = 0,
+               sampling: str = "head") -> np.ndarray:
+        """``[n, seq_len+1]`` int32 blocks of a split (fewer if the split is short): the first ones, or
+        ``sampling="spread"`` evenly spaced over the split (``data.block_starts``), in stream order."""
         stream = token_stream(domain, split, self.tokenizer, sep_id=self.sep_id, cache_dir=self.cfg.data.cache_dir,
                               progress=self.progress)
-        have = (stream.shape[0] - 1) // seq_len - offset
-        if have < 1:
-            raise DataError(f"{domain}/{split}: {stream.shape[0]} tokens, not enough for one block of {seq_len + 1}")
-        n = min(n, have)
-        idx = (offset + np.arange(n))[:, None] * seq_len + np.arange(seq_len + 1)[None]
-        return np.asarray(stream[idx.reshape(-1)], np.int32).reshape(n, seq_len + 1)
+        try:
+            starts = block_starts(stream.shape[0], seq_len, n, sampling, offset)
+        except DataError as e:
+            raise DataError(f"{domain}/{split}: {e}") from None
+        idx = starts[:, None] + np.arange(seq_len + 1)[None]
+        return np.asarray(stream[idx.reshape(-1)], np.int32).reshape(len(starts), seq_len + 1)
 
     def eval_blocks(self) -> dict[str, np.ndarray]:
         e = self.cfg.eval
-        return {d: self.blocks(d, e.split, e.seq_len, e.blocks_per_domain) for d in self.domains}
+        return {d: self.blocks(d, e.split, e.seq_len, e.blocks_per_domain, sampling=e.sampling) for d in self.domains}
 
 
 def seed_of(*parts) -> int:
