@@ -32,3 +32,4 @@ def test_runs_pool_and_across(tmp_path):
     assert out["across_runs"]["t_interval"]["code"] == want
     assert json.loads((tmp_path / "o.json").read_text())["pooled"]["runs"] == ["r0", "r1", "r2"]
     assert (tmp_path / "o.png").stat().st_size > 1000
+    assert out["command"].endswith(f"--pool r0,r1,r2 --across r0,r2 --json {tmp_path / 'o.json'} --plot {tmp_path / 'o.png'}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +78,13 @@ def main(argv=None) -> dict:
     p.add_argument("--across", default="", help="comma-separated run names for the across-run t-interval")
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default="")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     docs = {}
     for item in args.runs:
         name, _, folder = item.partition("=")
         docs[name] = read_json(Path(folder) / "final_eval" / "done.json")
-    result = {"command": "python -m readme_jax.bench.seed_spread " + " ".join(argv or []),
+    result = {"command": "python -m readme_jax.bench.seed_spread " + shlex.join(argv),
               "machine": f"{platform.machine()}, {platform.system()}", "date": datetime.date.today().isoformat(),
               "candidate": CANDIDATE, "reference": REFERENCE,
               "runs": {n: {"ppl": {m: doc["ppl"][m] for m in (CANDIDATE, REFERENCE)},
