@@ -175,4 +175,3 @@ def test_calibration_and_test_blocks_are_spread_over_their_splits(finished_run):
     assert all(np.array_equal(got[i], stream[s:s + L + 1]) for i, s in enumerate(starts))
     if (len(stream) - 1) // L > n:  # a longer split than the sample: not its first blocks
         assert not np.array_equal(got, ws.blocks(d, "test", L, n, sampling="head"))
-
