@@ -326,6 +326,56 @@ def test_chunked_prefill_splits_to_the_budget_and_samples_once(policy):
     assert not s2.add(req(0, [0] * 10)) and "chunked_prefill" in s2.rejected[0].reject_reason
 
 
+def test_expert_aware_chunked_prefill_cuts_at_expert_boundaries():
+    # queues with chunking: 0 -> A's leading run [0, 0, 0] (3); 1 -> one decode (1);
+    # 2 -> one decode + B's leading run [2, 2] (3). Tie 0/2 at 3 tokens goes to the smaller id.
+    its = items([([0, 0, 0, 1, 1], True), ([1], False), ([2], False), ([2, 2, 0], True)])
+    assert [i.head_expert for i in its] == [0, 1, 2, 2] and its[0].run_length({0}) == 3
+    got = select_expert_aware(its, 8, chunk=True)
+    assert rids(got) == [0, 2, 3, 1]
+    # A stops where expert 1 starts (1 was not in the batch yet); B runs whole, since its
+    # trailing 0 is already in the batch
+    assert [(i.n_tokens, i.experts) for i in got if i.kind is Kind.PREFILL] == [(3, {0}), (3, {0, 2})]
+    small = select_expert_aware(its, 5, chunk=True)  # B gets the one token of room left
+    assert rids(small) == [0, 2, 3] and small[-1].n_tokens == 1
+    # without chunking a prefill stays whole under its majority expert (A: 5 tokens on 0), and
+    # B (3 tokens) no longer fits after A and the decode on 2
+    whole = select_expert_aware(its, 8)
+    assert rids(whole) == [0, 2, 1] and whole[0].n_tokens == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expert_aware_chunked_batches_open_no_expert_beyond_their_queues(seed):
+    """With chunked prefill (and no overdue items), a batch's experts are exactly the experts its
+    items were queued under: every prompt chunk stays within them; and the chunks of every
+    prompt add up to the prompt, in order."""
+    rng = np.random.default_rng(seed)
+    E = 5
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=12, n_slots=6, max_wait_steps=None, n_experts=E,
+                          chunked_prefill=True)
+    s = Scheduler(cfg)
+    reqs = []
+    for i in range(20):
+        runs = [np.full(int(rng.integers(1, 6)), int(rng.integers(E))) for _ in range(int(rng.integers(1, 4)))]
+        reqs.append(req(i, np.concatenate(runs), max_new=int(rng.integers(1, 5))))
+        assert s.add(reqs[-1])
+    done_tokens = collections.Counter()
+    while s.has_work():
+        b = s.next_batch()
+        heads = set()
+        for it in b.items:
+            q = it.request
+            if it.kind is Kind.PREFILL:
+                assert q.prefilled == done_tokens[it.rid]  # chunks run in prompt order
+                heads.add(int(q.prompt_routes[q.prefilled]))
+                done_tokens[it.rid] += it.n_tokens
+            else:
+                heads.add(q.next_route)
+        assert b.experts == frozenset(heads) and b.n_tokens <= 12
+        s.on_step_done(b, {it.rid: int(rng.integers(E)) for it in b.items}, 0.0)
+    assert all(done_tokens[r.rid] == r.prompt_len and r.status is Status.FINISHED for r in reqs)
+
+
 def test_blind_labels_permute_each_requests_experts_and_keep_true_routes():
     cfg = SchedulerConfig(policy="expert_aware", token_budget=64, n_slots=8, n_experts=5, blind_labels_seed=7)
     s = Scheduler(cfg)

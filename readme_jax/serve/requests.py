@@ -130,6 +130,25 @@ class WorkItem:
         """The first ``n_tokens`` of this prefill (chunked prefill)."""
         return WorkItem.prefill(self.request, self.ready_step, n_tokens, self.labels)
 
+    def prefill_routes(self) -> np.ndarray:
+        """A prefill's token experts, as the scheduler sees them (the blind control's labels applied)."""
+        if self.kind is not Kind.PREFILL:
+            raise RequestError(f"request {self.rid}: prefill_routes of a {self.kind.value} item")
+        q = self.request
+        r = q.prompt_routes[q.prefilled:q.prefilled + self.n_tokens]
+        return r if self.labels is None else np.asarray(self.labels, np.int32)[r]
+
+    @property
+    def head_expert(self) -> int:
+        """The expert of the item's first token (a decode: its one token's)."""
+        return int(self.prefill_routes()[0]) if self.kind is Kind.PREFILL else self.queue_expert
+
+    def run_length(self, experts) -> int:
+        """How many leading tokens of this item have their expert in ``experts`` (0: not even the first)."""
+        r = self.prefill_routes() if self.kind is Kind.PREFILL else np.array([self.queue_expert])
+        out = ~np.isin(r, np.fromiter(experts, np.int64))
+        return int(np.argmax(out)) if out.any() else int(r.shape[0])
+
     @staticmethod
     def decode(request: Request, route: int, ready_step: int, labels: tuple | None = None) -> "WorkItem":
         e = int(route) if labels is None else int(labels[int(route)])

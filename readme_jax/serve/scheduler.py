@@ -34,10 +34,13 @@ Policies (``policy`` in :data:`SCHEDULER_POLICIES`), each filling the rest of th
 * ``decode_first`` (DeepSpeed-FastGen-like): all decodes, oldest first, then prefills.
 * ``prefill_first`` (vLLM/TGI-like): prefills, oldest first, then decodes.
 * ``expert_aware`` (Read-ME Algorithm 1): queue work by expert; repeatedly take the expert
-  whose queue holds the most tokens and add its items (oldest first) while they fit. A
-  prefill is queued under its MAJORITY expert (ties: smallest id) with all its tokens, since
-  it cannot be split; its other experts still count in the batch's expert set. Queue ties
-  go to an expert already in the batch, then the smallest id.
+  whose queue holds the most tokens and add its items (oldest first) while they fit. Queue
+  ties go to an expert already in the batch, then the smallest id. Without chunked prefill a
+  prefill cannot be split, so it is queued under its MAJORITY expert (ties: smallest id) with
+  all its tokens, and its other experts still count in the batch's expert set. With chunked
+  prefill a prompt is cut at expert boundaries instead: it is queued under the expert of its
+  next token with the length of that token's run, and its chunk stops at the first token
+  whose expert is not yet in the batch, so prompts add no experts of their own.
 """
 
 from __future__ import annotations
@@ -124,17 +127,30 @@ def select_prefill_first(items: Sequence[WorkItem], budget: int, chunk: bool = F
 
 def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: frozenset = frozenset(),
                         chunk: bool = False) -> list:
-    """Read-ME Algorithm 1: serve the longest per-expert queue (in tokens) first."""
+    """Read-ME Algorithm 1: serve the longest per-expert queue (in tokens) first.
+
+    Without ``chunk`` a prefill cannot be split: it is queued whole under its majority expert.
+    With ``chunk`` a prefill is queued under the expert of its next token and counts its leading
+    run on that expert; taken, it runs up to the first token whose expert is not yet in the batch
+    (or the room left), so a chunk adds no expert beyond the queue's own.
+    """
     queues: dict[int, list] = collections.defaultdict(list)
     for it in items:
-        queues[it.queue_expert].append(it)
+        queues[it.head_expert if chunk else it.queue_expert].append(it)
+
+    size = {e: sum(i.run_length((e,)) if chunk else i.n_tokens for i in q) for e, q in queues.items()}
     in_batch = set(batch_experts)
     chosen: list = []
     used = 0
     while queues and used < budget:
-        e = max(queues, key=lambda k: (sum(i.n_tokens for i in queues[k]), k in in_batch, -k))
+        e = max(queues, key=lambda k: (size[k], k in in_batch, -k))
         for it in queues.pop(e):
-            took = _fit(it, budget - used, chunk)
+            room = budget - used
+            if chunk and it.kind is Kind.PREFILL and room >= 1:
+                n = min(it.run_length(in_batch | {e}), room)
+                took = it if n == it.n_tokens else it.chunk(n)
+            else:
+                took = _fit(it, room, chunk)
             if took is not None:
                 chosen.append(took)
                 used += took.n_tokens
