@@ -330,11 +330,14 @@ def test_config_and_model_errors(models):
 # ----------------------------------------------------------------------------- serve-bench
 
 
-def test_serve_bench_tiny_end_to_end(models, tmp_path):
+@pytest.mark.parametrize("mixed", [True, False])
+def test_serve_bench_tiny_end_to_end(models, tmp_path, mixed):
+    """The main job's serving stage, on the one-call engine (its default, chunked prefill) and on
+    the split engine."""
     from readme_jax.serve.bench import BenchModels, load_bench_config, run_serve_bench
 
     moe, dense = models
-    cfg = load_bench_config(None, ["workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
+    cfg = load_bench_config(None, [f"mixed_step={str(mixed).lower()}", "token_buckets=[16]", "workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
                                    "workload.prompt_max=12", "workload.output_mean=4", "workload.output_max=8",
                                    "workload.length_scale=1.0", "token_budget=16", "n_slots=4", f"max_len={MAX_LEN}",
                                    "prefill_buckets=[16]", "row_buckets=[4]", "decode_windows=null", "capacities=[1, 2, 3]",
@@ -345,6 +348,8 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
         load_bench_config(None, ["workload.nope=1"])
     with pytest.raises(ConfigError, match=r"policies\[0\] must be one of"):
         load_bench_config(None, ["policies=[sjf]"])
+    with pytest.raises(ConfigError, match="token_buckets must hold a step of serve.token_budget=32"):
+        load_bench_config(None, ["token_buckets=[8, 16]"])
 
     def prompt_fn(length, seed):  # synthetic ids: the tiny model's vocabulary is not a real tokenizer's
         return np.random.default_rng(seed).integers(0, 97, size=length).astype(np.int32)
@@ -363,6 +368,8 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
         assert pf["prefetch"]["total_s_simulated"] <= pf["on_demand"]["total_s_simulated"] + 1e-12
         assert abs(pf["prefetch"]["compute_s_measured"] - s["measured_compute_s"]) < 1e-9
     assert all(v == 1.0 for v in r["greedy_outputs_agree_with_expert_aware"].values())  # batch-invariant
+    for s in r["policies"].values():  # one-call engine: every step is one call (timed as "decode")
+        assert (s["measured_prefill_s"] == 0) == mixed and s["measured_decode_s"] > 0
     cal = r["calibrated"]
     assert set(cal["policies"]) == set(SCHEDULER_POLICIES) and cal["n_requests"] == r["policies"]["expert_aware"][
         "n_finished"]
@@ -375,6 +382,42 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path):
     assert len(r["plots"]) == 6
     for name in r["plots"]:  # file names inside out_dir
         assert "/" not in name and (tmp_path / name).stat().st_size > 1000
+
+
+def test_step_time_fit_is_the_constrained_least_squares_solution():
+    """fit_step_time against brute force over active sets: the non-negative least-squares
+    solution is the unconstrained fit on some subset of columns (others 0) that is feasible and
+    has the least residual. On data whose unconstrained fit has a negative coefficient, the
+    refit differs from clipping that coefficient to 0, and fits better."""
+    import itertools
+
+    from readme_jax.serve.bench import fit_step_time
+
+    rng = np.random.default_rng(3)
+    better = 0
+    for trial in range(20):
+        n = 40
+        X = np.column_stack([np.ones(n), rng.integers(1, 33, n), rng.integers(1, 8, n)]).astype(float)
+        truth = rng.uniform(-0.02, 0.05, 3)
+        y = X @ truth + rng.normal(0, 0.01, n)
+        got = fit_step_time(X, y)
+        best, best_res = None, np.inf
+        for k in range(4):
+            for cols in itertools.combinations(range(3), k):
+                c = np.zeros(3)
+                if cols:
+                    c[list(cols)] = np.linalg.lstsq(X[:, cols], y, rcond=None)[0]
+                if (c >= -1e-12).all() and ((X @ c - y) ** 2).sum() < best_res:
+                    best, best_res = c, ((X @ c - y) ** 2).sum()
+        assert (got >= 0).all()
+        np.testing.assert_allclose(got, best, rtol=1e-6, atol=1e-9)
+        ols = np.linalg.lstsq(X, y, rcond=None)[0]
+        if (ols < 0).any():
+            clipped = np.maximum(ols, 0)
+            res_fit, res_clip = ((X @ got - y) ** 2).sum(), ((X @ clipped - y) ** 2).sum()
+            assert res_fit <= res_clip * (1 + 1e-12)
+            better += res_fit < res_clip * (1 - 1e-6)
+    assert better >= 3  # the refit beat clipping on several of the 20 draws
 
 
 def test_bench_models_save_load_round_trip(tmp_path):

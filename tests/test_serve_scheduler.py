@@ -342,6 +342,11 @@ def test_expert_aware_chunked_prefill_cuts_at_expert_boundaries():
     # B (3 tokens) no longer fits after A and the decode on 2
     whole = select_expert_aware(its, 8)
     assert rids(whole) == [0, 2, 1] and whole[0].n_tokens == 5
+    # the ablation: chunked, but only to the room left (A's chunk of 4 spans experts 0 and 1)
+    uncut = select_expert_aware(its, 4, chunk=True, cut_at_experts=False)
+    assert rids(uncut) == [0] and (uncut[0].n_tokens, uncut[0].experts) == (4, {0, 1})
+    with pytest.raises(ConfigError, match="cut_at_experts must be true or false"):
+        SchedulerConfig(cut_at_experts=1)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

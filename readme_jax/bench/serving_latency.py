@@ -8,7 +8,9 @@ call (``EngineConfig.mixed_step``, chunked prefill, same token budget and KV slo
 policy). Policies: ``expert_aware`` (Read-ME Algorithm 1), ``fcfs``, ``decode_first``
 (DeepSpeed-FastGen-like), ``prefill_first`` (vLLM-like), and the control
 ``expert_aware_blind``: Algorithm 1 on labels permuted at random per request, so its grouping
-carries no expert information while its ordering logic is the same. Prompts are windows of
+carries no expert information while its ordering logic is the same. ``--policies`` may add the
+ablation ``expert_aware_uncut``: Algorithm 1 with prompt chunks cut only to the budget (queued
+whole under their majority expert), not at expert boundaries. Prompts are windows of
 the held-out text of every domain, routed by the trained router.
 
 For each rate and seed the policies run in an order rotated per seed. Per run: mean and p95
@@ -37,6 +39,8 @@ from readme_jax.serve.engine import Engine
 from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = ("expert_aware", "fcfs", "decode_first", "prefill_first", "expert_aware_blind")
+# also runnable (--policies): the ablation that chunks prompts only to the budget, not at expert boundaries
+ABLATIONS = ("expert_aware_uncut",)
 
 
 def workload(prompt_fn, n: int, rate: float, seed: int, prompt_range=(8, 48), output_range=(8, 40)):
@@ -54,9 +58,11 @@ def serve_wall_clock(engine: Engine, work, policy: str, *, budget: int, slots: i
     engine.reset()
     E = engine.model.n_experts
     blind = policy.endswith("_blind")
-    sched = Scheduler(SchedulerConfig(policy=policy.removesuffix("_blind"), token_budget=budget, n_slots=slots,
-                                      max_queue=len(work), max_wait_steps=max_wait, n_experts=E,
-                                      chunked_prefill=True, blind_labels_seed=seed if blind else None))
+    uncut = policy.endswith("_uncut")
+    sched = Scheduler(SchedulerConfig(policy=policy.removesuffix("_blind").removesuffix("_uncut"),
+                                      token_budget=budget, n_slots=slots, max_queue=len(work),
+                                      max_wait_steps=max_wait, n_experts=E, chunked_prefill=True,
+                                      blind_labels_seed=seed if blind else None, cut_at_experts=not uncut))
     steps = []
     i, n = 0, len(work)
     t0 = time.perf_counter()
@@ -134,7 +140,8 @@ def run(args) -> dict:
     # machine (measured, cause not identified; no compilation happens then), so every policy
     # serves one workload untimed before anything is recorded
     burn = workload(prompt_fn, args.requests, max(args.rates), 10_000)
-    for pol in POLICIES:
+    pols = tuple(args.policies)
+    for pol in pols:
         serve_wall_clock(engine, burn, pol, budget=args.budget, slots=args.slots, max_wait=args.max_wait, seed=0)
     engines = {args.ffn: engine}
     if args.sweep_only:  # both mixed-step FFNs, same model and shapes, interleaved
@@ -151,7 +158,7 @@ def run(args) -> dict:
     for rate in args.rates:
         for si, seed in enumerate(args.seeds):
             work = workload(prompt_fn, args.requests, rate, seed)
-            order = POLICIES[si % len(POLICIES):] + POLICIES[:si % len(POLICIES)]
+            order = pols[si % len(pols):] + pols[:si % len(pols)]
             outs = {}
             for pol in order:
                 r = serve_wall_clock(engine, work, pol, budget=args.budget, slots=args.slots, max_wait=args.max_wait,
@@ -161,13 +168,13 @@ def run(args) -> dict:
                 print(f"rate {rate} seed {seed} {pol:18s} norm mean {r['mean_norm_latency']:.3f} p95 "
                       f"{r['p95_norm_latency']:.3f} ttft {r['mean_ttft']:.2f} experts/call "
                       f"{r['unique_experts_per_call']:.2f} bound {r['bound_share']:.2f}", flush=True)
-            same = all(o == outs[POLICIES[0]] for o in outs.values())  # greedy: every policy generates the same
-            for row in runs[-len(POLICIES):]:
+            same = all(o == outs[pols[0]] for o in outs.values())  # greedy: every policy generates the same
+            for row in runs[-len(pols):]:
                 row["outputs_equal_across_policies"] = same
     summary: dict = {}
     for rate in args.rates:
         summary[str(rate)] = {}
-        for pol in POLICIES:
+        for pol in pols:
             rs = [r for r in runs if r["rate"] == rate and r["policy"] == pol]
             summary[str(rate)][pol] = {k: t_interval([r[k] for r in rs]) for k in
                                        ("p95_norm_latency", "mean_norm_latency", "mean_ttft",
@@ -188,6 +195,8 @@ def main(argv=None) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[1.5, 4.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--requests", type=int, default=24)
+    p.add_argument("--policies", nargs="+", choices=POLICIES + ABLATIONS, default=list(POLICIES),
+                   help="policies to run side by side (order rotated per seed)")
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--max-wait", type=int, default=16)

@@ -166,8 +166,12 @@ class ServeBenchConfig:
 
     workload: WorkloadConfig = BENCH_WORKLOAD
     policies: tuple[SchedulerPolicy, ...] = SCHEDULER_POLICIES
-    token_budget: int = 32  # tokens per step, every policy (serve_bench: prefills not chunked, longer prompts rejected)
+    token_budget: int = 32  # tokens per step, every policy
     n_slots: int = 64  # > token_budget: decodes compete for the budget
+    # one engine call per step mixing prefill chunks and decodes (chunked prefill for every policy);
+    # False: the split engine (prefill and decode calls apart, prefills whole, longer prompts rejected)
+    mixed_step: bool = True
+    token_buckets: tuple[int, ...] | None = (16, 32)  # mixed step: tokens per call (EngineConfig.token_buckets)
     max_queue: int = 256
     max_wait_steps: int | None = 16
     max_len: int = 192
@@ -209,6 +213,13 @@ class ServeBenchConfig:
         check_number(f"{k}max_queue", self.max_queue, lo=0, integer=True)
         check_number(f"{k}max_wait_steps", self.max_wait_steps, lo=0, integer=True, none_ok=True)
         check_engine_fields(k, self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets, self.decode_windows)
+        if not isinstance(self.mixed_step, bool):
+            raise ConfigError(f"serve.mixed_step must be true or false, got {self.mixed_step!r}")
+        check_int_tuple(f"{k}token_buckets", self.token_buckets, 1, self.max_len, f"[1, max_len={self.max_len}]")
+        if self.mixed_step and max(self.token_buckets or engine_buckets(self.max_len, self.prefill_buckets)) \
+                < self.token_budget:
+            raise ConfigError(f"serve.token_buckets must hold a step of serve.token_budget={self.token_budget} "
+                              f"tokens (the largest bucket is at least the budget), got {self.token_buckets!r}")
         check_number(f"{k}temperature", self.temperature, lo=0)
         if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
             raise ConfigError(f"serve.mesh must be a mesh section (data, expert, model) or null, got {self.mesh!r}")

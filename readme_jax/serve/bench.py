@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
 
 from flax import nnx
 
@@ -248,7 +249,8 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
     eos = getattr(models.tokenizer, "eos_id", None) if cfg.stop_at_eos else None
     ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, prefill_buckets=cfg.prefill_buckets,
                         row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn, impl=cfg.impl,
-                        decode_windows=cfg.decode_windows, mesh=cfg.mesh)
+                        decode_windows=cfg.decode_windows, mesh=cfg.mesh, mixed_step=cfg.mixed_step,
+                        token_buckets=cfg.token_buckets if cfg.mixed_step else None)
     engine = Engine(moe, ecfg)
     policies, outputs, step_sets, routes = {}, {}, {}, {}
     for policy in cfg.policies:
@@ -297,7 +299,8 @@ def _run_policy(engine: Engine, specs, policy: str, cfg: ServeBenchConfig, progr
     the summary holds latencies, measured compute, hit ratios and the simulated prefetch replay."""
     E = engine.model.n_experts
     scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
-                           max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
+                           max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E,
+                           chunked_prefill=cfg.mixed_step)
     runner = EngineRunner(engine, SamplingParams(temperature=cfg.temperature))
     t0 = time.perf_counter()
     res = simulate(specs, Scheduler(scfg), runner=runner, record_future=True,
@@ -362,6 +365,14 @@ def _latency_compare(engine: Engine, dense_engine: Engine | None, prompt_fn, cfg
     return out
 
 
+def fit_step_time(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of ``y ~ X @ coef`` with every coefficient >= 0 (an intercept column in ``X``
+    stays a free non-negative term). A solved constrained fit (``scipy.optimize.nnls``), not the
+    unconstrained one with its negative coefficients clipped to 0, which is no fit at all."""
+    coef, _ = scipy.optimize.nnls(np.asarray(X, np.float64), np.asarray(y, np.float64))
+    return coef
+
+
 def _calibrated_runs(specs, routes: dict, runs: dict, cfg: ServeBenchConfig, E: int) -> dict:
     """The policies again, model-free and deterministic: the real router's routes (recorded by the
     engine) and a step-time model ``a + b*tokens + c*experts`` fitted to every measured engine step.
@@ -372,8 +383,7 @@ def _calibrated_runs(specs, routes: dict, runs: dict, cfg: ServeBenchConfig, E: 
     steps = [st for res in runs.values() for st in res.steps]
     X = np.array([[1.0, st.n_tokens, len(st.experts)] for st in steps])
     y = np.array([st.compute_s for st in steps])
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    coef = np.maximum(coef, 0.0)
+    coef = fit_step_time(X, y)
     pred = X @ coef
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
     cost = CostModel(float(coef[0]), float(coef[1]), float(coef[2]))
@@ -386,7 +396,8 @@ def _calibrated_runs(specs, routes: dict, runs: dict, cfg: ServeBenchConfig, E: 
                  "n_requests": len(real), "policies": {}, "runs": {}}
     for policy in runs:
         scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
-                               max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E)
+                               max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E,
+                           chunked_prefill=cfg.mixed_step)
         res = simulate(real, Scheduler(scfg), cost, record_future=True, lookahead_steps=cfg.lookahead_steps)
         s = summarize(res.requests, res.steps, res.makespan_s)
         s.pop("transfer_stall_s_total_simulated", None)

@@ -68,6 +68,9 @@ class SchedulerConfig:
     n_experts: int = 8  # route ids must be in [0, n_experts)
     chunked_prefill: bool = False  # a prefill that does not fit the rest of a step's budget runs a chunk of it
     blind_labels_seed: int | None = None  # expert-blind control: each request's experts relabelled at random
+    # expert_aware with chunked prefill: cut prompt chunks at expert boundaries (False: an
+    # ablation that cuts them only to the room left, the prompt queued under its majority expert)
+    cut_at_experts: bool = True
 
     def __post_init__(self):
         if self.policy not in SCHEDULER_POLICIES:
@@ -77,6 +80,8 @@ class SchedulerConfig:
                 raise ConfigError(f"scheduler.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_queue < 0:
             raise ConfigError(f"scheduler.max_queue must be >= 0, got {self.max_queue!r}")
+        if not isinstance(self.cut_at_experts, bool):
+            raise ConfigError(f"scheduler.cut_at_experts must be true or false, got {self.cut_at_experts!r}")
         if self.max_wait_steps is not None and self.max_wait_steps < 0:
             raise ConfigError(f"scheduler.max_wait_steps must be >= 0 or null, got {self.max_wait_steps!r}")
 
@@ -126,19 +131,21 @@ def select_prefill_first(items: Sequence[WorkItem], budget: int, chunk: bool = F
 
 
 def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: frozenset = frozenset(),
-                        chunk: bool = False) -> list:
+                        chunk: bool = False, cut_at_experts: bool = True) -> list:
     """Read-ME Algorithm 1: serve the longest per-expert queue (in tokens) first.
 
     Without ``chunk`` a prefill cannot be split: it is queued whole under its majority expert.
     With ``chunk`` a prefill is queued under the expert of its next token and counts its leading
     run on that expert; taken, it runs up to the first token whose expert is not yet in the batch
-    (or the room left), so a chunk adds no expert beyond the queue's own.
+    (or the room left), so a chunk adds no expert beyond the queue's own. ``cut_at_experts=False``
+    (an ablation) chunks a prefill only to the room left, queued whole under its majority expert.
     """
+    chunk_cut = chunk and cut_at_experts
     queues: dict[int, list] = collections.defaultdict(list)
     for it in items:
-        queues[it.head_expert if chunk else it.queue_expert].append(it)
+        queues[it.head_expert if chunk_cut else it.queue_expert].append(it)
 
-    size = {e: sum(i.run_length((e,)) if chunk else i.n_tokens for i in q) for e, q in queues.items()}
+    size = {e: sum(i.run_length((e,)) if chunk_cut else i.n_tokens for i in q) for e, q in queues.items()}
     in_batch = set(batch_experts)
     chosen: list = []
     used = 0
@@ -146,7 +153,7 @@ def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: f
         e = max(queues, key=lambda k: (size[k], k in in_batch, -k))
         for it in queues.pop(e):
             room = budget - used
-            if chunk and it.kind is Kind.PREFILL and room >= 1:
+            if chunk_cut and it.kind is Kind.PREFILL and room >= 1:
                 n = min(it.run_length(in_batch | {e}), room)
                 took = it if n == it.n_tokens else it.chunk(n)
             else:
@@ -167,7 +174,7 @@ _SELECT: dict[str, Callable] = {
 
 
 def plan_step(items: Sequence[WorkItem], budget: int, step: int, policy: str, max_wait_steps: int | None,
-              chunk: bool = False) -> list:
+              chunk: bool = False, cut_at_experts: bool = True) -> list:
     """Items one step takes: overdue ones first (oldest first), then the policy's picks. With
     ``chunk``, a prefill may be cut to the room left (the returned item is then its chunk)."""
     items = sorted(items, key=lambda i: (i.ready_step, i.rid))
@@ -179,7 +186,8 @@ def plan_step(items: Sequence[WorkItem], budget: int, step: int, policy: str, ma
     taken = {i.rid for i in chosen}
     rest = [i for i in items if i.rid not in taken]
     if policy == "expert_aware":
-        picks = select_expert_aware(rest, budget - used, frozenset().union(*(i.experts for i in chosen)), chunk)
+        picks = select_expert_aware(rest, budget - used, frozenset().union(*(i.experts for i in chosen)), chunk,
+                                    cut_at_experts)
     else:
         picks = _SELECT[policy](rest, budget - used, chunk)
     return chosen + picks
@@ -280,7 +288,7 @@ class Scheduler:
             self._running[req.rid] = req
             self._pending[req.rid] = WorkItem.prefill(req, self.step, labels=self._labels(req))
         chosen = plan_step(list(self._pending.values()), budget, self.step, self.cfg.policy, self.cfg.max_wait_steps,
-                           self.cfg.chunked_prefill)
+                           self.cfg.chunked_prefill, self.cfg.cut_at_experts)
         if self._pending and not chosen:
             # every item fits an empty step (prompts are checked at add), so a policy that
             # picks nothing while work is ready is a bug; fail loudly rather than spin
@@ -369,7 +377,8 @@ class Scheduler:
         for _ in range(n_steps):
             if not items:
                 break
-            chosen = plan_step(items, budget, step, self.cfg.policy, self.cfg.max_wait_steps, self.cfg.chunked_prefill)
+            chosen = plan_step(items, budget, step, self.cfg.policy, self.cfg.max_wait_steps, self.cfg.chunked_prefill,
+                               self.cfg.cut_at_experts)
             ids = {i.rid for i in chosen}
             items = [i for i in items if i.rid not in ids]  # a chunked prefill's rest is left out of the dry run
             out.append(frozenset().union(*(i.experts for i in chosen)))

@@ -164,6 +164,13 @@ def serving_section(h: dict) -> list[str]:
           "Same engine, same workload, same token budget per step for every policy. `measured`: real step "
           "times on this machine (sensitive to load); `calibrated`: the recorded routes replayed with a step-time "
           "model fitted to the measured steps (deterministic). Normalized latency = latency / output tokens.", ""]
+    if h.get("engine"):
+        md += [f"Engine: {h['engine']}.", ""]
+    fit = h.get("cost_model_fit")
+    if fit:
+        md += [f"Calibrated clock's fit (non-negative least squares over {fit['n_steps']} measured steps): "
+               f"{1e3 * fit['a_s']:.1f} ms + {1e3 * fit['b_s_per_token']:.2f} ms/token + "
+               f"{1e3 * fit['c_s_per_expert']:.2f} ms/expert, R² {fit['r2']:.2f}.", ""]
     for kind in ("measured", "calibrated"):
         rows = h.get(f"policies_{kind}", {})
         if not rows:

@@ -49,8 +49,14 @@ def headline(result: dict) -> dict:
     cols = ("normalized_latency_mean_s", "normalized_latency_p95_s", "latency_mean_s", "latency_p95_s",
             "ttft_mean_s", "unique_experts_per_batch_mean", "tokens_per_batch_mean", "throughput_tokens_per_s")
     out = {"policies_measured": {p: {c: s.get(c) for c in cols} for p, s in result.get("policies", {}).items()}}
+    mixed = result.get("config", {}).get("mixed_step")
+    if mixed is not None:
+        out["engine"] = ("one call per step, prefill chunks and decodes together (chunked prefill)" if mixed
+                         else "split: prefill and decode calls apart, prefills whole")
     cal = result.get("calibrated", {}).get("policies", {})
     out["policies_calibrated"] = {p: {c: s.get(c) for c in cols} for p, s in cal.items()}
+    if "cost_model_fit" in result.get("calibrated", {}):
+        out["cost_model_fit"] = result["calibrated"]["cost_model_fit"]
     first = next(iter(result.get("policies", {}).values()), {})
     out["hit_ratio"] = first.get("hit_ratio", {})
     out["prefetch_simulated"] = first.get("prefetch_simulated", {})
