@@ -349,11 +349,25 @@ def test_expert_aware_chunked_prefill_cuts_at_expert_boundaries():
         SchedulerConfig(cut_at_experts=1)
 
 
+def test_expert_aware_chunked_cuts_only_when_work_exceeds_the_budget_and_fills_room_left():
+    # A = [0, 0, 1, 1] and decodes on 1 and 2: 6 tokens. Budget 5: A's run on 0 first (2), then
+    # queues 1 and 2 (tie: smaller id), 1 token of room is left, and A runs on over its token on
+    # 1, which the step holds by then
+    its = items([([0, 0, 1, 1], True), ([1], False), ([2], False)])
+    got = select_expert_aware(its, 5, chunk=True)
+    assert rids(got) == [0, 1, 2] and (got[0].n_tokens, got[0].experts) == (3, {0, 1})
+    assert sum(i.n_tokens for i in got) == 5
+    # budget 6: everything fits, so nothing is cut (A whole, with both its experts)
+    got = select_expert_aware(its, 6, chunk=True)
+    assert sorted(rids(got)) == [0, 1, 2] and got[rids(got).index(0)].n_tokens == 4
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_expert_aware_chunked_batches_open_no_expert_beyond_their_queues(seed):
-    """With chunked prefill (and no overdue items), a batch's experts are exactly the experts its
-    items were queued under: every prompt chunk stays within them; and the chunks of every
-    prompt add up to the prompt, in order."""
+    """With chunked prefill (and no overdue items), a batch whose ready work exceeded the budget
+    holds exactly the experts its items were queued under: every prompt chunk stays within them
+    (a chunk extended into room left stays within them too); and the chunks of every prompt add
+    up to the prompt, in order."""
     rng = np.random.default_rng(seed)
     E = 5
     cfg = SchedulerConfig(policy="expert_aware", token_budget=12, n_slots=6, max_wait_steps=None, n_experts=E,
@@ -365,8 +379,13 @@ def test_expert_aware_chunked_batches_open_no_expert_beyond_their_queues(seed):
         reqs.append(req(i, np.concatenate(runs), max_new=int(rng.integers(1, 5))))
         assert s.add(reqs[-1])
     done_tokens = collections.Counter()
+    checked = 0
     while s.has_work():
         b = s.next_batch()
+        cut = any(it.kind is Kind.PREFILL and it.request.prefilled + it.n_tokens < it.request.prompt_len
+                  for it in b.items)
+        exceeded = s.n_ready > 0 or cut  # the ready work did not fit (else everything runs whole)
+        checked += exceeded
         heads = set()
         for it in b.items:
             q = it.request
@@ -376,9 +395,10 @@ def test_expert_aware_chunked_batches_open_no_expert_beyond_their_queues(seed):
                 done_tokens[it.rid] += it.n_tokens
             else:
                 heads.add(q.next_route)
-        assert b.experts == frozenset(heads) and b.n_tokens <= 12
+        assert b.n_tokens <= 12 and (b.experts == frozenset(heads) or not exceeded)
         s.on_step_done(b, {it.rid: int(rng.integers(E)) for it in b.items}, 0.0)
     assert all(done_tokens[r.rid] == r.prompt_len and r.status is Status.FINISHED for r in reqs)
+    assert checked >= 5  # the invariant was checked on over-budget steps
 
 
 def test_blind_labels_permute_each_requests_experts_and_keep_true_routes():

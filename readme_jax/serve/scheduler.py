@@ -38,9 +38,11 @@ Policies (``policy`` in :data:`SCHEDULER_POLICIES`), each filling the rest of th
   ties go to an expert already in the batch, then the smallest id. Without chunked prefill a
   prefill cannot be split, so it is queued under its MAJORITY expert (ties: smallest id) with
   all its tokens, and its other experts still count in the batch's expert set. With chunked
-  prefill a prompt is cut at expert boundaries instead: it is queued under the expert of its
-  next token with the length of that token's run, and its chunk stops at the first token
-  whose expert is not yet in the batch, so prompts add no experts of their own.
+  prefill, when the ready work exceeds the budget, a prompt is cut at expert boundaries
+  instead: it is queued under the expert of its next token with the length of that token's
+  run, and its chunk stops at the first token whose expert is not yet in the batch, so prompts
+  add no experts of their own (room left at the end extends a cut chunk over experts the step
+  already holds). When everything fits, everything runs whole.
 """
 
 from __future__ import annotations
@@ -135,12 +137,15 @@ def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: f
     """Read-ME Algorithm 1: serve the longest per-expert queue (in tokens) first.
 
     Without ``chunk`` a prefill cannot be split: it is queued whole under its majority expert.
-    With ``chunk`` a prefill is queued under the expert of its next token and counts its leading
-    run on that expert; taken, it runs up to the first token whose expert is not yet in the batch
-    (or the room left), so a chunk adds no expert beyond the queue's own. ``cut_at_experts=False``
-    (an ablation) chunks a prefill only to the room left, queued whole under its majority expert.
+    With ``chunk``, when the ready work exceeds the budget, a prefill is queued under the expert of
+    its next token and counts its leading run on that expert; taken, it runs up to the first
+    token whose expert is not yet in the batch (or the room left), so a chunk adds no expert
+    beyond the queue's own. If room is left once every queue is served, a cut chunk runs on over
+    the tokens whose experts the step already holds. When all ready work fits, every item is
+    taken whole (cutting would only delay a prompt). ``cut_at_experts=False`` (an ablation)
+    chunks a prefill only to the room left, queued under its majority expert.
     """
-    chunk_cut = chunk and cut_at_experts
+    chunk_cut = chunk and cut_at_experts and sum(i.n_tokens for i in items) > budget
     queues: dict[int, list] = collections.defaultdict(list)
     for it in items:
         queues[it.head_expert if chunk_cut else it.queue_expert].append(it)
@@ -162,6 +167,15 @@ def select_expert_aware(items: Sequence[WorkItem], budget: int, batch_experts: f
                 chosen.append(took)
                 used += took.n_tokens
                 in_batch |= took.experts
+    if chunk_cut and used < budget:  # room left: cut prompts run on over experts the step holds
+        whole = {i.rid: i for i in items}
+        for k, it in enumerate(chosen):
+            if it.kind is Kind.PREFILL and used < budget:
+                full = whole[it.rid]
+                n = min(full.run_length(in_batch), it.n_tokens + budget - used)
+                if n > it.n_tokens:
+                    chosen[k] = full if n == full.n_tokens else full.chunk(n)
+                    used += n - it.n_tokens
     return chosen
 
 
