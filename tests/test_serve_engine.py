@@ -368,6 +368,7 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path, mixed):
         assert pf["prefetch"]["total_s_simulated"] <= pf["on_demand"]["total_s_simulated"] + 1e-12
         assert abs(pf["prefetch"]["compute_s_measured"] - s["measured_compute_s"]) < 1e-9
     assert all(v == 1.0 for v in r["greedy_outputs_agree_with_expert_aware"].values())  # batch-invariant
+    assert r["burn_in_s"] > 0  # one untimed pass before the timed policies
     for s in r["policies"].values():  # one-call engine: every step is one call (timed as "decode")
         assert (s["measured_prefill_s"] == 0) == mixed and s["measured_decode_s"] > 0
     cal = r["calibrated"]

@@ -253,6 +253,12 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
                         token_buckets=cfg.token_buckets if cfg.mixed_step else None)
     engine = Engine(moe, ecfg)
     policies, outputs, step_sets, routes = {}, {}, {}, {}
+    burn_s = 0.0
+    if cfg.burn_in:  # untimed pass: the first policy would otherwise absorb the slow first seconds
+        t0 = time.perf_counter()
+        _run_policy(engine, specs, cfg.policies[0], cfg, False, log)
+        burn_s = time.perf_counter() - t0
+        log(f"[serve-bench] burn-in (untimed, discarded): {burn_s:.1f}s")
     for policy in cfg.policies:
         policies[policy], step_sets[policy] = _run_policy(engine, specs, policy, cfg, progress, log)
         outputs[policy] = engine.outputs()
@@ -285,7 +291,7 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
         "greedy_outputs_agree_with_" + first: agree,
         "decode_step_ms_vs_present_experts_measured": {"rows": rows, "position": pos, "moe": sweep,
                                                        "dense": sweep_dense},
-        "batch1_decode_latency": latency, "compile_and_warmup_s": engine.compile_s,
+        "batch1_decode_latency": latency, "compile_and_warmup_s": engine.compile_s, "burn_in_s": burn_s,
         "prompt_domains": _count(domain_of.values()), "total_wall_s": time.perf_counter() - t_start,
     }
     result["plots"] = _plots(out, result, step_sets, calibrated["runs"])
