@@ -172,9 +172,9 @@ class ServeBenchConfig:
     # False: the split engine (prefill and decode calls apart, prefills whole, longer prompts rejected)
     mixed_step: bool = True
     token_buckets: tuple[int, ...] | None = (16, 32)  # mixed step: tokens per call (EngineConfig.token_buckets)
-    # serve the workload once, untimed, before the policies: on the 2-core CPU the first policy
-    # after compilation served 64 requests in 52 s wall against 38-40 s for the others
-    # (2026-12-01), a slowdown the first policy would otherwise absorb
+    # serve the workload once, untimed, before the policies: without it the first policy (its
+    # compilation excluded) measured a mean latency of 6.58 s and 6.41 s in two runs against
+    # 5.42-5.87 s for the others (2026-12-01, 2-core CPU), a slowdown it alone absorbed
     burn_in: bool = True
     max_queue: int = 256
     max_wait_steps: int | None = 16
