@@ -46,7 +46,7 @@ def compose(lat: dict, store: dict, sweep: dict | None = None, more: tuple = ())
         return {r: {p: fields(v) for p, v in run["summary"][r].items()} for r in sorted(run["summary"], key=float)}
 
     by_rate = rate_table(lat)
-    by_shape = {shape_name(run): rate_table(run) for run in (lat, *more)}
+    by_shape = {shape_name(lat): by_rate, **{shape_name(run): rate_table(run) for run in more}}
     cache = {}
     for cap, pols in store["summary"].items():
         cache[cap] = {p: {"hit_ratio": v["hit_ratio"]["mean"], "stall_seconds": v["stall_seconds"]["mean"],

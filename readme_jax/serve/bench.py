@@ -256,7 +256,8 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
     burn_s = 0.0
     if cfg.burn_in:  # untimed pass: the first policy would otherwise absorb the slow first seconds
         t0 = time.perf_counter()
-        _run_policy(engine, specs, cfg.policies[0], cfg, False, log)
+        simulate(specs, Scheduler(_scheduler_config(cfg, cfg.policies[0], E)),
+                 runner=EngineRunner(engine, SamplingParams(temperature=cfg.temperature)))
         burn_s = time.perf_counter() - t0
         log(f"[serve-bench] burn-in (untimed, discarded): {burn_s:.1f}s")
     for policy in cfg.policies:
@@ -300,13 +301,18 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
     return result
 
 
+def _scheduler_config(cfg: ServeBenchConfig, policy: str, n_experts: int) -> SchedulerConfig:
+    """The scheduler every run of the bench uses for ``policy`` (the one-call engine chunks prefills)."""
+    return SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
+                           max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=n_experts,
+                           chunked_prefill=cfg.mixed_step)
+
+
 def _run_policy(engine: Engine, specs, policy: str, cfg: ServeBenchConfig, progress: bool, log) -> tuple[dict, Any]:
     """One scheduler policy on the real engine over the workload: ``(summary, simulation result)``;
     the summary holds latencies, measured compute, hit ratios and the simulated prefetch replay."""
     E = engine.model.n_experts
-    scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
-                           max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E,
-                           chunked_prefill=cfg.mixed_step)
+    scfg = _scheduler_config(cfg, policy, E)
     runner = EngineRunner(engine, SamplingParams(temperature=cfg.temperature))
     t0 = time.perf_counter()
     res = simulate(specs, Scheduler(scfg), runner=runner, record_future=True,
@@ -401,10 +407,8 @@ def _calibrated_runs(specs, routes: dict, runs: dict, cfg: ServeBenchConfig, E: 
                                     "c_s_per_expert": cost.c_s_per_expert, "r2": r2, "n_steps": len(steps)},
                  "n_requests": len(real), "policies": {}, "runs": {}}
     for policy in runs:
-        scfg = SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
-                               max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=E,
-                           chunked_prefill=cfg.mixed_step)
-        res = simulate(real, Scheduler(scfg), cost, record_future=True, lookahead_steps=cfg.lookahead_steps)
+        res = simulate(real, Scheduler(_scheduler_config(cfg, policy, E)), cost, record_future=True,
+                       lookahead_steps=cfg.lookahead_steps)
         s = summarize(res.requests, res.steps, res.makespan_s)
         s.pop("transfer_stall_s_total_simulated", None)
         s["hit_ratio"] = hit_ratio_table([st.experts for st in res.steps], cfg.capacities, cfg.cache_policies,
