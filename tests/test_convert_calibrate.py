@@ -102,6 +102,9 @@ def test_stats_match_float64_reference(model):
         assert stats.tokens_N[n] == count
         np.testing.assert_allclose(stats.sums_NLF[n], ref, rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(stats.mean()[n], ref / count, rtol=2e-4, atol=1e-7)
+        ref_sq = np.sum([(reference_hidden_abs(arrays, cfg, r) ** 2).sum(1) for r in rows], axis=0)
+        np.testing.assert_allclose(stats.sq_sums_NLF[n], ref_sq, rtol=5e-4, atol=1e-6)
+        np.testing.assert_allclose(stats.mean_sq()[n], ref_sq / count, rtol=5e-4, atol=1e-7)
     # pooled mean = all sums / all tokens
     np.testing.assert_allclose(stats.pooled_mean(), stats.sums_NLF.sum(0) / stats.tokens_N.sum())
     prov = stats.provenance
@@ -196,10 +199,16 @@ def test_save_load_roundtrip_and_select(model, tmp_path):
     back = load_stats(path)
     assert back.domains == stats.domains and back.provenance == stats.provenance
     np.testing.assert_array_equal(back.sums_NLF, stats.sums_NLF)
+    np.testing.assert_array_equal(back.sq_sums_NLF, stats.sq_sums_NLF)
     np.testing.assert_array_equal(back.tokens_N, stats.tokens_N)
     y = stats.select(["y"])
     assert y.domains == ("y",) and y.provenance["tokens"] == {"y": 6}
     np.testing.assert_array_equal(y.sums_NLF[0], stats.sums_NLF[1])
+    np.testing.assert_array_equal(y.sq_sums_NLF[0], stats.sq_sums_NLF[1])
+    old = CalibrationStats(stats.domains, stats.sums_NLF, stats.tokens_N, stats.provenance)  # no squared sums
+    save_stats(tmp_path / "old.npz", old)
+    with pytest.raises(DataError, match="no squared sums"):
+        load_stats(tmp_path / "old.npz").mean_sq()
     with pytest.raises(DataError, match=r"no domain\(s\) \['z'\]"):
         stats.select(["z"])
     with pytest.raises(DataError, match="calibration stats file not found"):

@@ -5,7 +5,8 @@ Modules: ``choices`` (every closed set of values as a ``Literal``), ``loading`` 
 serve-bench), ``run`` (the main job). Everything is re-exported here: ``from readme_jax.config import X``.
 """
 
-from readme_jax.config.choices import (CACHE_POLICIES, EXPERT_LAYOUTS, IMPLS, MESH_FFN_COMMS, MIXED_FFNS, MOE_FFNS,
+from readme_jax.config.choices import (CACHE_POLICIES, EXPERT_LAYOUTS, EXPERT_LOSSES, IMPLS, MESH_FFN_COMMS,
+                                       MIXED_FFNS, MOE_FFNS,
                                        ROUTER_TARGETS, SCHEDULER_POLICIES, CachePolicy, Dtype, EmbedInit,
                                        ExpertLayoutKind, FfnComm, Impl, MoeFfn, RouterLoss, RouterMlp,
                                        RouterTarget, RunDtype, SchedulerPolicy, ScoreScale, Split, check_choices,
@@ -18,7 +19,8 @@ from readme_jax.config.serve import (BENCH_WORKLOAD, LMSYS_PROMPT_MEAN_TOKENS, L
 from readme_jax.config.train import MeshConfig, StageConfig, TrainConfig
 from readme_jax.errors import ConfigError
 
-__all__ = ["BENCH_WORKLOAD", "CACHE_POLICIES", "EXPERT_LAYOUTS", "IMPLS", "LMSYS_PROMPT_MEAN_TOKENS",
+__all__ = ["BENCH_WORKLOAD", "CACHE_POLICIES", "EXPERT_LAYOUTS", "EXPERT_LOSSES", "IMPLS",
+           "LMSYS_PROMPT_MEAN_TOKENS",
            "LMSYS_RESPONSE_MEAN_TOKENS", "MESH_FFN_COMMS", "MIXED_FFNS", "MOE_FFNS", "ROUTER_TARGETS", "SCHEDULER_POLICIES",
            "WORKLOAD_PRESETS", "CachePolicy", "ConfigError", "ConvertConfig", "DataConfig", "Dtype", "EmbedInit",
            "EngineConfig", "EvalConfig", "ExpertLayoutKind", "FfnComm", "Impl", "MeshConfig", "ModelConfig", "MoeFfn", "RouterConfig",

@@ -15,6 +15,7 @@ ScoreScale = Literal["sqrt", "none"]
 EmbedInit = Literal["backbone", "random"]
 RouterTarget = Literal["domain", "distill", "domain+distill"]
 RouterLoss = Literal["kl", "reference"]
+ExpertLoss = Literal["lm", "kl", "kl+lm"]  # expert tuning: text cross-entropy | KL to the dense model | both
 ExpertLayoutKind = Literal["split", "fixed"]
 Split = Literal["train", "validation", "test"]
 FfnComm = Literal["psum", "all_to_all"]
@@ -24,6 +25,7 @@ Remat = Literal["none", "layer"]  # training: recompute each decoder layer in th
 MoeFfn = Literal["present", "expert_ffn"]  # serving: only the call's experts | all of them through expert_ffn
 # which blocks of a split a fixed sample takes: evenly spaced over the split | the first ones (docs/DATA.md)
 BlockSampling = Literal["spread", "head"]
+ChannelScore = Literal["activation", "output"]  # expert extraction: mean |h| | mean h^2 x |Wd row|^2
 MixedFfn = Literal["grouped", "cond"]  # mixed step: tokens sorted by expert, row tiles | each present expert on all rows
 
 
@@ -42,6 +44,7 @@ MOE_FFNS = choices(MoeFfn)
 MIXED_FFNS = choices(MixedFfn)
 BLOCK_SAMPLINGS = choices(BlockSampling)
 REMATS = choices(Remat)
+EXPERT_LOSSES = choices(ExpertLoss)
 
 
 def check_choices(cfg, prefix: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from readme_jax.config.choices import FfnComm, Remat, RouterLoss, check_choices
+from readme_jax.config.choices import ExpertLoss, FfnComm, Remat, RouterLoss, check_choices
 from readme_jax.errors import ConfigError
 
 
@@ -51,6 +51,11 @@ class TrainConfig:
     router_loss: RouterLoss = "kl"  # kl (paper Eq. 4) | reference (0.75 CE smoothed argmax + 0.25 soft CE)
     target_temperature: float = 0.05  # softmax temperature on the normalised overlap scores
     train_embeddings: bool = False  # expert tuning: also train token embedding / LM head
+    # what expert tuning (and the pruned twin's) learns from (train/recovery.py): lm = the text's next token
+    # (the paper); kl = the dense source model's next-token distribution; kl+lm = lm_weight x lm + the rest x kl
+    expert_loss: ExpertLoss = "lm"
+    lm_weight: float = 0.5
+    kd_temperature: float = 1.0
     seed: int = 0
     # also checkpoint every N optimizer steps inside a stage (0: only at stage ends); a rerun after a
     # kill resumes mid-stage, bitwise equal to an uninterrupted run. Changes no result.
@@ -78,6 +83,10 @@ class TrainConfig:
         check_choices(self, "train.")
         if not self.target_temperature > 0:
             raise ConfigError(f"train.target_temperature must be > 0, got {self.target_temperature}")
+        if not 0 <= self.lm_weight <= 1:
+            raise ConfigError(f"train.lm_weight must be in [0, 1], got {self.lm_weight}")
+        if not self.kd_temperature > 0:
+            raise ConfigError(f"train.kd_temperature must be > 0, got {self.kd_temperature}")
         if self.weight_decay < 0 or self.clip_norm < 0:
             raise ConfigError("train.weight_decay and train.clip_norm must be >= 0")
 

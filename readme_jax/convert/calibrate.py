@@ -1,9 +1,10 @@
 """Calibration statistics for Read-ME expert extraction.
 
 For every domain, layer and FFN channel we accumulate the sum over tokens of
-``|silu(h Wg) * (h Wu)|`` (the input of the down projection, ``layers.ffn_hidden``) and the
-number of counted tokens, so ``mean = sums / tokens``. The dense forward runs unchanged
-(``decoder.forward`` with a FFN that also returns this per-layer sum as its aux output).
+``|silu(h Wg) * (h Wu)|`` (the input of the down projection, ``layers.ffn_hidden``), the sum of its
+square, and the number of counted tokens, so ``mean = sums / tokens`` and ``mean_sq = sq_sums / tokens``
+(the second feeds the output-aware channel score, ``convert.score: output``). The dense forward runs
+unchanged (``decoder.forward`` with a FFN that also returns these per-layer sums as its aux output).
 
 Batches are ``int[B, T]`` token arrays or ``(tokens_BT, mask_BT)`` pairs; masked-out tokens
 (mask False) are not counted. The mask does not change attention: pad only at the END of a
@@ -31,8 +32,9 @@ from readme_jax.config import ModelConfig, to_dict
 from readme_jax.errors import DataError, ShapeError
 from readme_jax.model import decoder, layers
 
-STATISTIC = "mean over tokens of |silu(x Wg) * (x Wu)| per layer and FFN channel"
-_FORMAT = "readme-jax-calibration-stats-v1"
+STATISTIC = "mean over tokens of |silu(x Wg) * (x Wu)| (and of its square) per layer and FFN channel"
+_FORMAT = "readme-jax-calibration-stats-v2"
+_READABLE = ("readme-jax-calibration-stats-v1", _FORMAT)  # v1: no squared sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +49,17 @@ class CalibrationStats:
     sums_NLF: np.ndarray  # float64
     tokens_N: np.ndarray  # int64, counted tokens per domain
     provenance: dict
+    sq_sums_NLF: np.ndarray | None = None  # float64 sums of h^2 (None: stats made without them)
 
     def mean(self) -> np.ndarray:
         """Mean |h| per domain, layer, channel: float64 ``[N, L, F]``."""
         return self.sums_NLF / self.tokens_N[:, None, None]
+
+    def mean_sq(self) -> np.ndarray:
+        """Mean h^2 per domain, layer, channel: float64 ``[N, L, F]``."""
+        if self.sq_sums_NLF is None:
+            raise DataError("these calibration stats hold no squared sums (made by an older readme-jax): recompute")
+        return self.sq_sums_NLF / self.tokens_N[:, None, None]
 
     def pooled_mean(self) -> np.ndarray:
         """Mean |h| over all domains' tokens pooled together: float64 ``[L, F]``."""
@@ -64,38 +73,41 @@ class CalibrationStats:
             raise DataError(f"calibration stats have no domain(s) {missing}; available: {list(self.domains)}")
         idx = [self.domains.index(n) for n in names]
         return _assemble(names, self.sums_NLF[idx], self.tokens_N[idx], self.provenance,
-                         {n: _domain_prov(self.provenance, n) for n in names})
+                         {n: _domain_prov(self.provenance, n) for n in names},
+                         None if self.sq_sums_NLF is None else self.sq_sums_NLF[idx])
 
 
 def _domain_prov(prov: dict, name: str) -> dict:
     return {k: prov[k][name] for k in ("tokens", "samples", "seq_lens")}
 
 
-def _assemble(domains, sums_NLF, tokens_N, base_prov: dict, per_domain: dict) -> CalibrationStats:
+def _assemble(domains, sums_NLF, tokens_N, base_prov: dict, per_domain: dict, sq_sums_NLF=None) -> CalibrationStats:
     prov = {k: base_prov[k] for k in ("model_id", "model_config", "statistic", "inputs") if k in base_prov}
     prov["domains"] = list(domains)
     for k in ("tokens", "samples", "seq_lens"):
         prov[k] = {n: per_domain[n][k] for n in domains}
-    return CalibrationStats(tuple(domains), np.asarray(sums_NLF, np.float64),
-                            np.asarray(tokens_N, np.int64), prov)
+    sq = None if sq_sums_NLF is None else np.asarray(sq_sums_NLF, np.float64)
+    return CalibrationStats(tuple(domains), np.asarray(sums_NLF, np.float64), np.asarray(tokens_N, np.int64), prov, sq)
 
 
 # ----------------------------------------------------------------------------- the jitted step
 
 
 def _calibration_ffn(lp: dict, h_BTD, mask_BT):
-    """Dense SwiGLU that also returns ``sum_tokens |silu(h Wg) * (h Wu)|`` as ``[F]`` float32."""
+    """Dense SwiGLU that also returns ``sum_tokens |h|`` and ``sum_tokens h^2`` (h = silu(x Wg) * (x Wu)),
+    each ``[F]`` float32."""
     hid_BTF = layers.ffn_hidden(h_BTD, lp["wg"], lp["wu"])
     y = jnp.dot(hid_BTF, lp["wd"], preferred_element_type=jnp.float32).astype(h_BTD.dtype)
-    sum_F = jnp.einsum("btf,bt->f", jnp.abs(hid_BTF).astype(jnp.float32), mask_BT,
-                       preferred_element_type=jnp.float32)
-    return y, sum_F
+    a = jnp.abs(hid_BTF).astype(jnp.float32)
+    sum_F = jnp.einsum("btf,bt->f", a, mask_BT, preferred_element_type=jnp.float32)
+    sq_F = jnp.einsum("btf,bt->f", a * a, mask_BT, preferred_element_type=jnp.float32)
+    return y, (sum_F, sq_F)
 
 
 def _step(params: dict, tokens_BT, mask_BT, *, cfg: ModelConfig):
-    _, _, sums_LF = decoder.forward(params, cfg, tokens_BT, ffn=_calibration_ffn, ffn_ctx=mask_BT,
-                                    logits=False)
-    return sums_LF
+    _, _, (sums_LF, sq_LF) = decoder.forward(params, cfg, tokens_BT, ffn=_calibration_ffn, ffn_ctx=mask_BT,
+                                             logits=False)
+    return sums_LF, sq_LF
 
 
 # One compiled program per (cfg, batch shape); params are traced arguments, never re-traced.
@@ -149,6 +161,7 @@ def _as_batch(batch, domain: str, i: int, vocab: int):
 def _run_domain(params, cfg: ModelConfig, name: str, batches, progress: bool):
     F, L = cfg.ffn_dim, cfg.n_layers
     sums = np.zeros((L, F), np.float64)
+    sq = np.zeros((L, F), np.float64)
     tokens = 0
     samples = 0
     seq_lens: set[int] = set()
@@ -158,7 +171,9 @@ def _run_domain(params, cfg: ModelConfig, name: str, batches, progress: bool):
         n = int(mask.sum())
         if n == 0:
             continue
-        sums += np.asarray(calibration_step(params, toks, mask, cfg=cfg), np.float64)
+        a, b = calibration_step(params, toks, mask, cfg=cfg)
+        sums += np.asarray(a, np.float64)
+        sq += np.asarray(b, np.float64)
         tokens += n
         samples += int(toks.shape[0])
         seq_lens.add(int(toks.shape[1]))
@@ -167,11 +182,11 @@ def _run_domain(params, cfg: ModelConfig, name: str, batches, progress: bool):
     if tokens == 0:
         raise DataError(f"calibration domain {name!r} produced no calibration tokens "
                         f"(empty batch iterable or every token masked out)")
-    if not np.isfinite(sums).all():
-        bad = sorted({int(l) for l in np.nonzero(~np.isfinite(sums))[0]})
+    if not (np.isfinite(sums).all() and np.isfinite(sq).all()):
+        bad = sorted({int(l) for l in np.nonzero(~(np.isfinite(sums) & np.isfinite(sq)))[0]})
         raise DataError(f"calibration domain {name!r}: non-finite statistic in layer(s) {bad} "
                         f"(check the model weights for inf/nan)")
-    return sums, tokens, {"tokens": tokens, "samples": samples, "seq_lens": sorted(seq_lens)}
+    return sums, sq, tokens, {"tokens": tokens, "samples": samples, "seq_lens": sorted(seq_lens)}
 
 
 def _partial_path(partial_dir: Path, name: str) -> Path:
@@ -205,21 +220,34 @@ def calibrate(model_arrays: dict, cfg: ModelConfig, batches_by_domain: Mapping[s
         pdir.mkdir(parents=True, exist_ok=True)
 
     names = list(batches_by_domain)
-    sums, toks, per_domain = [], [], {}
+    sums, sqs, toks, per_domain = [], [], [], {}
     for name in names:
         part = _partial_path(pdir, name) if pdir is not None else None
-        done = load_stats(part) if part is not None and part.exists() else None
+        done = _load_partial(part)
         if done is not None and done.provenance.get("inputs") == inputs:
             _check_resumed(done, part, name, base)
-            s, t, info = done.sums_NLF[0], int(done.tokens_N[0]), _domain_prov(done.provenance, name)
+            s, q, t = done.sums_NLF[0], done.sq_sums_NLF[0], int(done.tokens_N[0])
+            info = _domain_prov(done.provenance, name)
         else:  # none yet, or made from other inputs (calibration settings, data): recompute
-            s, t, info = _run_domain(params, cfg, name, batches_by_domain[name], progress)
+            s, q, t, info = _run_domain(params, cfg, name, batches_by_domain[name], progress)
             if part is not None:
-                save_stats(part, _assemble((name,), s[None], [t], {**base, "inputs": inputs}, {name: info}))
+                save_stats(part, _assemble((name,), s[None], [t], {**base, "inputs": inputs}, {name: info}, q[None]))
         sums.append(s)
+        sqs.append(q)
         toks.append(t)
         per_domain[name] = info
-    return _assemble(names, np.stack(sums), np.asarray(toks), {**base, "inputs": inputs}, per_domain)
+    return _assemble(names, np.stack(sums), np.asarray(toks), {**base, "inputs": inputs}, per_domain, np.stack(sqs))
+
+
+def _load_partial(path: Path | None) -> CalibrationStats | None:
+    """A finished domain's saved stats, or None (none saved, or saved in an older format: recomputed)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        done = load_stats(path)
+    except DataError:
+        return None
+    return done if done.sq_sums_NLF is not None else None
 
 
 def _check_resumed(done: CalibrationStats, path: Path, name: str, base: dict) -> None:
@@ -242,9 +270,10 @@ def save_stats(path: str | Path, stats: CalibrationStats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
+        extra = {} if stats.sq_sums_NLF is None else {"sq_sums_NLF": stats.sq_sums_NLF.astype(np.float64)}
         np.savez(f, format=np.array(_FORMAT), sums_NLF=stats.sums_NLF.astype(np.float64),
                  tokens_N=stats.tokens_N.astype(np.int64), domains=np.array(list(stats.domains), dtype=str),
-                 provenance_json=np.array(json.dumps(stats.provenance, sort_keys=True)))
+                 provenance_json=np.array(json.dumps(stats.provenance, sort_keys=True)), **extra)
     os.replace(tmp, path)
 
 
@@ -260,12 +289,13 @@ def load_stats(path: str | Path) -> CalibrationStats:
             tokens = np.asarray(z["tokens_N"], np.int64)
             domains = tuple(str(d) for d in z["domains"])
             prov = json.loads(str(z["provenance_json"]))
+            sq = np.asarray(z["sq_sums_NLF"], np.float64) if "sq_sums_NLF" in z.files else None
     except (KeyError, ValueError, OSError) as e:
         raise DataError(f"calibration stats file {path} is unreadable or incomplete: {e}") from None
-    if fmt != _FORMAT:
+    if fmt not in _READABLE:
         raise DataError(f"calibration stats file {path}: format {fmt!r}, expected {_FORMAT!r}")
     n = len(domains)
-    if sums.ndim != 3 or sums.shape[0] != n or tokens.shape != (n,):
+    if sums.ndim != 3 or sums.shape[0] != n or tokens.shape != (n,) or (sq is not None and sq.shape != sums.shape):
         raise DataError(f"calibration stats file {path}: sums {sums.shape} / tokens {tokens.shape} "
                         f"disagree with {n} domains")
-    return CalibrationStats(domains, sums, tokens, prov)
+    return CalibrationStats(domains, sums, tokens, prov, sq)

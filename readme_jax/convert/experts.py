@@ -52,6 +52,29 @@ def top_channels(score_XF: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+CHANNEL_SCORES = ("activation", "output")
+
+
+def channel_scores(stats, wd_LFD, score: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(per-domain [N, L, F], pooled [L, F])`` channel importance from calibration stats.
+
+    ``activation`` (the paper): mean ``|h_c|``. ``output``: mean ``h_c^2 * ||Wd[c]||^2``, the expected
+    squared size of what channel c adds to the FFN's output (how much cutting it alone would move the
+    output), which sees that a channel with a small down-projection row matters little however active.
+    """
+    if score == "activation":
+        return stats.mean(), stats.pooled_mean()
+    if score != "output":
+        raise ConfigError(f"convert.score must be one of {list(CHANNEL_SCORES)}, got {score!r}")
+    wd = np.asarray(wd_LFD, np.float64)
+    norm_LF = (wd * wd).sum(-1)
+    sq = stats.mean_sq()
+    if norm_LF.shape != sq.shape[1:]:
+        raise ShapeError(f"channel_scores: down projections {wd.shape} do not match stats [.., L, F] = {sq.shape}")
+    pooled = stats.sq_sums_NLF.sum(0) / stats.tokens_N.sum()
+    return sq * norm_LF[None], pooled * norm_LF
+
+
 def select_channels(stats_mean_NLF: np.ndarray, r: float, pooled_LF: np.ndarray | None = None,
                     shared_fraction: float = 0.0) -> np.ndarray:
     """Per domain and layer, keep exactly ``expert_width(F, r)`` channels: ``bool[N, L, F]``.
@@ -263,6 +286,11 @@ def moe_arrays_from_dense(dense_arrays: Mapping, masks_NLF: np.ndarray, *, domai
     return params, meta
 
 
+def pruned_channel_index(pooled_stats_LF: np.ndarray, width: int) -> np.ndarray:
+    """The pruned twin's channels per layer: the ``width`` largest pooled statistics, ascending ``int32[L, width]``."""
+    return _sorted_index(top_channels(np.asarray(pooled_stats_LF), int(width)), int(width))
+
+
 def pruned_dense_arrays(dense_arrays: Mapping, pooled_stats_LF: np.ndarray, width: int,
                         cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """The equal-size pruned dense baseline: per layer keep the ``width`` channels with the
@@ -281,7 +309,7 @@ def pruned_dense_arrays(dense_arrays: Mapping, pooled_stats_LF: np.ndarray, widt
                          f"L={cfg.n_layers}, D={cfg.d_model}, F={cfg.ffn_dim}")
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= F:
         raise ConfigError(f"pruned_dense_arrays: width must be an integer in [1, {F}], got {width!r}")
-    idx = _sorted_index(top_channels(s, int(width)), int(width))
+    idx = pruned_channel_index(s, int(width))
     g = _gather(w, idx)
     params = {k: v for k, v in dense_arrays.items() if k != "layers"}
     params["layers"] = {**{k: v for k, v in dense_arrays["layers"].items() if k not in FFN_KEYS}, **g}

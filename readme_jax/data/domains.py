@@ -53,6 +53,11 @@ DOMAINS: dict[str, DomainSpec] = {s.name: s for s in (
                needs_apt=True),
 )}
 DOMAIN_NAMES = tuple(DOMAINS)
+# The chat domain is not fetched: the main job's chat_data stage writes it (the dense model's own answers to
+# prompts built from the domains above; workflow/chat_data.py), with its provenance, into the same cache.
+CHAT_DOMAIN = "chat"
+CHAT_MISSING = (f"domain {CHAT_DOMAIN!r} holds the dense model's own chat answers; the main job's chat_data stage "
+                "writes it (`readme-jax run`, with data.chat_prompts > 0)")
 
 # Static provenance (the version actually fetched is recorded in each domain's meta.json).
 PROVENANCE: dict[str, dict[str, str]] = {
@@ -82,13 +87,13 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "readme-jax" / "domains"
 
 
-def _check_names(names: Iterable[str] | None, where: str) -> list[str]:
+def _check_names(names: Iterable[str] | None, where: str, chat_ok: bool = False) -> list[str]:
     if names is None:
         return list(DOMAIN_NAMES)
     if isinstance(names, str):
         names = [names]
     names = list(names)
-    bad = [n for n in names if n not in DOMAINS]
+    bad = [n for n in names if n not in DOMAINS and not (chat_ok and n == CHAT_DOMAIN)]
     if bad:
         raise DataError(f"{where}: unknown domain(s) {bad}; expected some of {list(DOMAIN_NAMES)}")
     return names
@@ -103,6 +108,15 @@ def docs_sha256(docs: Iterable[Document]) -> str:
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
     return h.hexdigest()
+
+
+def write_generated_domain(name: str, docs: list[Document], provenance: Mapping, cache_dir=None) -> dict:
+    """Cache a domain made by the job itself (the ``chat`` domain), like a fetched one; returns its meta."""
+    if name != CHAT_DOMAIN:
+        raise DataError(f"write_generated_domain: only {CHAT_DOMAIN!r} is generated, got {name!r}")
+    root = cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    return _write_domain(root, name, docs, provenance)
 
 
 def _write_domain(root: Path, name: str, docs: list[Document], provenance: Mapping[str, str]) -> dict:
@@ -160,7 +174,7 @@ def prepare_domains(names: Iterable[str] | None = None, allow_apt: bool = True, 
     ``names=None`` unavailable domains only produce a DomainUnavailableWarning. ``allow_apt=False``
     (or ``READMEJAX_NO_APT=1``) skips the Debian-package domains unless already installed."""
     explicit = names is not None
-    wanted = _check_names(names, "prepare_domains")
+    wanted = _check_names(names, "prepare_domains", chat_ok=True)
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     fetchers = _fetchers(root / "_downloads", allow_apt)
@@ -168,9 +182,11 @@ def prepare_domains(names: Iterable[str] | None = None, allow_apt: bool = True, 
     missing: dict[str, str] = {}
     todo = []
     for n in wanted:
-        meta = None if refresh else domain_meta(n, root)
+        meta = None if refresh and n != CHAT_DOMAIN else domain_meta(n, root)
         if meta is not None:
             available[n] = meta
+        elif n == CHAT_DOMAIN:
+            raise DataError(f"prepare_domains: {CHAT_MISSING}; it is not in {root}")
         else:
             todo.append(n)
     bundles = list(dict.fromkeys(DOMAINS[n].bundle for n in todo))
@@ -205,7 +221,7 @@ def available_domains(cache_dir=None) -> list[str]:
 
 def load_domain(name: str, cache_dir=None, allow_apt: bool = True, progress: bool = True) -> list[Document]:
     """Documents of one domain (fetched and cached first if needed; DataError if impossible)."""
-    _check_names([name], "load_domain")
+    _check_names([name], "load_domain", chat_ok=True)
     root = cache_root(cache_dir)
     meta = domain_meta(name, root)
     if meta is None:

@@ -63,30 +63,15 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
     params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     x = params["embed"][tokens_BT]
     cos, sin = layers.rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_theta, cfg.rope_llama3)
-    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def layer(x_BTD, xs):
         with jax.named_scope("decoder_layer"):
-            return layer_body(x_BTD, xs)
-
-    def layer_body(x_BTD, xs):
-        lp, ck, cv = xs
-        h = layers.rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
-        q = layers.apply_rope((h @ lp["wq"]).reshape(B, T, H, hd), cos, sin)
-        k = layers.apply_rope((h @ lp["wk"]).reshape(B, T, K, hd), cos, sin)
-        v = (h @ lp["wv"]).reshape(B, T, K, hd)
-        if ck is None:
-            a = layers.attend(q, k, v, positions_BT, positions_BT, cfg.attn_scale)
-        else:
-            ck = layers.write_cache(ck, k, positions_BT)
-            cv = layers.write_cache(cv, v, positions_BT)
-            kpos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=jnp.int32), (B, ck.shape[1]))
-            a = layers.attend(q, ck, cv, positions_BT, kpos, cfg.attn_scale)
-        x_BTD = x_BTD + (a @ lp["wo"]).astype(dt)
-        h = layers.rms_norm(x_BTD, lp["ffn_norm"], cfg.norm_eps)
-        with jax.named_scope("ffn"):
-            y, aux = ffn(lp, h, ffn_ctx)
-        return x_BTD + y.astype(dt), (ck, cv, aux)
+            lp, ck, cv = xs
+            x_BTD, ck, cv = attention_residual(lp, cfg, x_BTD, cos, sin, positions_BT, ck, cv)
+            h = layers.rms_norm(x_BTD, lp["ffn_norm"], cfg.norm_eps)
+            with jax.named_scope("ffn"):
+                y, aux = ffn(lp, h, ffn_ctx)
+            return x_BTD + y.astype(dt), (ck, cv, aux)
 
     if remat:  # prevent_cse=False: inside scan the recomputation cannot be merged away (jax.checkpoint docs)
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
@@ -97,6 +82,25 @@ def forward(params: dict, cfg: ModelConfig, tokens_BT, positions_BT=None, cache:
     if not logits:
         return x, new_cache, aux
     return logits_of_hidden(params, cfg, x), new_cache, aux
+
+
+def attention_residual(lp: dict, cfg: ModelConfig, x_BTD, cos, sin, positions_BT, ck=None, cv=None):
+    """One layer's first half: ``x + attention(rms_norm(x))`` (the FFN's residual input), with the layer's
+    KV cache slices ``ck, cv: [B, S, K, hd]`` updated when given. Returns ``(x, ck, cv)``."""
+    B, T, _ = x_BTD.shape
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h = layers.rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
+    q = layers.apply_rope((h @ lp["wq"]).reshape(B, T, H, hd), cos, sin)
+    k = layers.apply_rope((h @ lp["wk"]).reshape(B, T, K, hd), cos, sin)
+    v = (h @ lp["wv"]).reshape(B, T, K, hd)
+    if ck is None:
+        a = layers.attend(q, k, v, positions_BT, positions_BT, cfg.attn_scale)
+    else:
+        ck = layers.write_cache(ck, k, positions_BT)
+        cv = layers.write_cache(cv, v, positions_BT)
+        kpos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=jnp.int32), (B, ck.shape[1]))
+        a = layers.attend(q, ck, cv, positions_BT, kpos, cfg.attn_scale)
+    return x_BTD + (a @ lp["wo"]).astype(x_BTD.dtype), ck, cv
 
 
 def logits_of_hidden(params: dict, cfg: ModelConfig, x_BTD):

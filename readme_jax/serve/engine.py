@@ -553,6 +553,17 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
     return [engine.output(i) for i in range(n)]
 
 
+def greedy_batch(model: ServedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                 eos_id: int | None, n_slots: int = 16) -> list[list[int]]:
+    """Greedy continuations of many prompts (each ends with ``eos_id`` when the model closed it) on one engine
+    sized to them, ``n_slots`` at a time: the main job's chat answers (chat_data, chat_eval)."""
+    if not prompts:
+        return []
+    longest = max(len(p) for p in prompts)
+    cfg = EngineConfig(n_slots=n_slots, max_len=longest + max_new_tokens + 1, eos_id=eos_id)
+    return generate(Engine(model, cfg, warm_start=False), [list(p) for p in prompts], max_new_tokens)
+
+
 def complete(model: ServedModel, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_id: int | None = None,
              sampling_params: SamplingParams | None = None) -> list[int]:
     """One prompt's continuation (greedy by default) on a one-slot engine sized to it; the new token ids."""

@@ -69,6 +69,9 @@ class Trainer:
     on_stage_end: Callable[[int, str, ReadMEModel], None] | None = None  # (stage, name, model)
     mesh_cfg: MeshConfig | None = None  # expert tuning data x expert parallel when several devices exist
     router_target: str = "domain"  # domain | distill | domain+distill (RouterConfig.target)
+    # expert tuning's loss (train.expert_loss; train/recovery.py); a teacher loss needs the dense teacher's params
+    loss: steps.LossSpec = steps.LM_ONLY
+    teacher_params: dict | None = None
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -79,6 +82,8 @@ class Trainer:
         tc = self.train_cfg
         rtx = schedule.make_optimizer(tc.router, tc.weight_decay, tc.clip_norm)
         etx = schedule.make_optimizer(tc.experts, tc.weight_decay, tc.clip_norm)
+        if self.loss.uses_teacher and self.teacher_params is None:
+            raise ConfigError(f"expert loss {self.loss.kind!r} learns from the dense model: give teacher_params")
         if self.router_target not in ROUTER_TARGETS:
             raise ConfigError(f"router target must be one of {ROUTER_TARGETS}, got {self.router_target!r}")
         self._router_tx = rtx
@@ -202,11 +207,12 @@ class Trainer:
             remat = self.train_cfg.remat == "layer"
             if self.mesh_cfg is not None and jax.device_count() > 1:
                 self._expert_step = ShardedLMStep.from_config(model.backbone_cfg, self.mesh_cfg, self._expert_tx,
-                                                              route_fn, impl=self.impl, remat=remat, donate=True)
+                                                              route_fn, impl=self.impl, remat=remat, donate=True,
+                                                              loss=self.loss)
                 self._expert_pad = int(self._expert_step.mesh.shape["expert"])
             else:
                 self._expert_step = steps.make_lm_step(model.backbone_cfg, routed_ffn(self.impl), route_fn,
-                                                       self._expert_tx, remat=remat)
+                                                       self._expert_tx, remat=remat, loss=self.loss)
         return self._expert_step
 
     def _teacher_targets(self, round_idx, w: ReadMEModel, blocks, dom):
@@ -236,10 +242,11 @@ class Trainer:
         tc, st = self.train_cfg, self.train_cfg.experts
         trainable, frozen = steps.split_params(w.backbone_params, steps.frozen_keys(tc.train_embeddings))
         tx, step_fn = self._expert_tx, self._expert_step_fn(w)
-        frozen_step = frozen
+        frozen_step, teacher = frozen, self.teacher_params if self.loss.uses_teacher else None
         if self._expert_pad > 1:  # experts sharded over the mesh: pad E to the expert axis, moments placed
             trainable = step_fn.shard(pad_experts(trainable, self._expert_pad))
             frozen_step = step_fn.shard(frozen)  # replicated once, not on every call
+            teacher = step_fn.replicate(teacher)
             opt_state = step_fn.init_opt_state(trainable)
         else:
             opt_state = tx.init(trainable)
@@ -254,7 +261,7 @@ class Trainer:
             batch = self.data.expert_batch(round_idx, i, st.batch_size)
             lr = schedule.lr_at(st, round_idx, tc.lr_decay_per_round, i)
             trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen_step, opt_state,
-                                                              w.router_params, batch, st.grad_accum, lr)
+                                                              w.router_params, batch, st.grad_accum, lr, teacher)
             for j, m in enumerate(ms):
                 self._check(m["loss"], name, i)
                 rows.append({"round": round_idx, "stage": "experts", "step": i, "micro": j,

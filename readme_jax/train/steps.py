@@ -6,6 +6,7 @@ respect to, so they cannot change (tested bitwise).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -17,6 +18,7 @@ from readme_jax.model import decoder
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.model.router import route_ids, router_logits
 from readme_jax.train.distill import router_loss
+from readme_jax.train.recovery import recovery_loss, teacher_logits
 
 FROZEN_TOP_KEYS_NO_EMBED = ("embed", "lm_head")
 
@@ -57,32 +59,56 @@ def make_router_step(model: ReadMEModel, tx: optax.GradientTransformation, loss_
     return step
 
 
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """What an LM step learns from (train/recovery.py): ``kind`` lm | kl | kl+lm; with a teacher loss,
+    ``teacher_cfg`` is the dense teacher's config and the step takes its params as ``teacher_params``."""
+
+    kind: str = "lm"
+    lm_weight: float = 0.5
+    temperature: float = 1.0
+    teacher_cfg: ModelConfig | None = None
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kind != "lm"
+
+
+LM_ONLY = LossSpec()
+
+
 def make_lm_step(cfg: ModelConfig, ffn, ctx_fn: Callable | None, tx: optax.GradientTransformation, *,
-                 remat: bool = False):
-    """LM-loss step: ``step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr)``.
+                 remat: bool = False, loss: LossSpec = LM_ONLY):
+    """LM-tuning step: ``step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr, teacher_params=None)``.
 
     ``ctx_fn(ctx_params, inputs_BT)`` gives the FFN context (Read-ME: routes from the frozen
     router); ``ctx_params`` are never differentiated. ``remat``: recompute each decoder layer in
-    the backward pass (``decoder.forward(remat=True)``, ``train.remat: layer``).
+    the backward pass (``decoder.forward(remat=True)``, ``train.remat: layer``). ``loss``: the text's
+    cross-entropy, or distillation from the dense teacher whose params are ``teacher_params``
+    (train/recovery.py). Metrics: ``loss``, ``grad_norm``, ``lm`` and, with a teacher, ``kl``.
     """
+    if loss.uses_teacher and loss.teacher_cfg is None:
+        raise ValueError(f"expert loss {loss.kind!r} needs the teacher's config (LossSpec.teacher_cfg)")
 
-    def step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr):
+    def step(trainable, frozen, opt_state, ctx_params, blocks_BT1, lr, teacher_params=None):
         inputs, targets = blocks_BT1[:, :-1], blocks_BT1[:, 1:]
         ctx = None if ctx_fn is None else jax.lax.stop_gradient(ctx_fn(ctx_params, inputs))
+        teacher = teacher_logits(teacher_params, loss.teacher_cfg, inputs) if loss.uses_teacher else None
 
         def loss_fn(tr):
             logits, _, _ = decoder.forward(merge_params(tr, frozen), cfg, inputs, ffn=ffn, ffn_ctx=ctx, remat=remat)
-            return decoder.token_nll(logits, targets).mean()
+            return recovery_loss(logits, targets, teacher, loss.kind, loss.lm_weight, loss.temperature)
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        (value, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, jax.tree.map(lambda u: lr * u, updates))
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, {"loss": value, "grad_norm": optax.global_norm(grads), **parts}
 
     return jax.jit(step)
 
 
-def accumulated_step(step_fn, trainable, frozen, opt_state, ctx_params, batch_BT1, grad_accum: int, lr):
+def accumulated_step(step_fn, trainable, frozen, opt_state, ctx_params, batch_BT1, grad_accum: int, lr,
+                     teacher_params=None):
     """One optimizer step of an LM step as ``grad_accum`` micro-batches of ``batch_BT1``.
 
     Returns ``(trainable, opt_state, [metrics of each micro-step as floats])``.
@@ -91,7 +117,7 @@ def accumulated_step(step_fn, trainable, frozen, opt_state, ctx_params, batch_BT
     ms = []
     for j in range(grad_accum):
         trainable, opt_state, m = step_fn(trainable, frozen, opt_state, ctx_params,
-                                          jnp.asarray(batch_BT1[j * micro:(j + 1) * micro]), lr)
+                                          jnp.asarray(batch_BT1[j * micro:(j + 1) * micro]), lr, teacher_params)
         ms.append({k: float(v) for k, v in m.items()})
     return trainable, opt_state, ms
 

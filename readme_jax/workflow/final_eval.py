@@ -48,6 +48,7 @@ def run_final_eval(ws: Workspace) -> dict:
            "domains": domains,
            "eval": {"split": ws.cfg.eval.split, "seq_len": ws.cfg.eval.seq_len,
                     "blocks_per_domain": {d: int(len(b)) for d, b in blocks.items()}}}
+    out["ood"] = _ood(ws, models["readme_trained"])
     if "readme_router_only" in models:
         r0 = {d: routes_for(models["readme_router_only"], b, ws.cfg.eval.batch_size) for d, b in blocks.items()}
         out["router_accuracy_per_domain_router_only"] = router_accuracy(r0, domains)
@@ -72,6 +73,30 @@ def _row_nlls(ws: Workspace, blocks: dict) -> tuple[dict, dict]:
     for row, m in models.items():
         nll[row] = readme_domain_block_nll(m, impl, blocks, bs)
     return nll, models
+
+
+def _ood(ws: Workspace, trained) -> dict:
+    """Perplexity on text from none of the domains (data/ood.py) of dense, the tuned pruned twin and Read-ME,
+    and each model's ratio to dense."""
+    blocks, prov = ws.ood_blocks()
+    if not blocks:
+        return {}
+    bs = ws.cfg.eval.batch_size
+    dense, _ = ws.dense
+    nll = {"dense": dense_block_nll(dense.arrays(), dense.cfg, blocks, bs, ws.progress, "dense ood")}
+    if ws.is_done("baseline"):
+        pp, pmeta = restore_params(ws.out / "baseline" / "pruned_tuned")
+        pcfg = config_mod.from_dict(ModelConfig, pmeta["model_config"])
+        nll["pruned_dense_tuned"] = dense_block_nll(pp, pcfg, blocks, bs, ws.progress, "pruned ood")
+    nll["readme_trained"] = readme_domain_block_nll(trained, ws.cfg.impl, blocks, bs)
+    routes = {d: routes_for(trained, b, bs) for d, b in blocks.items()}
+    return {"ppl": {row: domain_ppl(v) for row, v in nll.items()},
+            "ppl_ci": {row: domain_ppl_ci(v) for row, v in nll.items()},
+            "ratio_to_dense": {row: {d: float(np.exp(np.mean(v[d]) - np.mean(nll["dense"][d]))) for d in v}
+                               for row, v in nll.items() if row != "dense"},
+            "expert_load": {d: expert_load(r, trained.n_experts).tolist() for d, r in routes.items()},
+            "provenance": prov, "seq_len": ws.cfg.eval.seq_len,
+            "blocks": {d: int(len(b)) for d, b in blocks.items()}}
 
 
 def _rows_without_blocks(ws: Workspace, nll: dict) -> dict:

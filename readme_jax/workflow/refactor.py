@@ -13,6 +13,7 @@ from readme_jax.checkpoints import restore_params, save_params
 from readme_jax.config import ModelConfig
 from readme_jax.convert import experts as ex
 from readme_jax.convert.calibrate import calibrate, save_stats
+from readme_jax.convert.refit import refit_down_projections
 from readme_jax.eval.perplexity import dense_block_nll, domain_ppl
 from readme_jax.eval.routing import fixed_route_block_nll
 from readme_jax.jsonfile import write_json
@@ -37,8 +38,21 @@ def run_refactor(ws: Workspace) -> dict:
     stats = calibrate(dense, model.cfg, batches, model_id=cfg.model, partial_dir=d / "calib_partial",
                       progress=ws.progress, inputs=inputs)
     save_stats(d / "stats.npz", stats)
-    masks = ex.select_channels(stats.mean(), cc.r, stats.pooled_mean(), cc.shared_fraction)
+    scores, pooled = ex.channel_scores(stats, dense["layers"]["wd"], cc.score)
+    masks = ex.select_channels(scores, cc.r, pooled, cc.shared_fraction)
     moe, meta = ex.moe_arrays_from_dense(dense, masks, domains=list(stats.domains), r=cc.r, layout=cc.layout)
+    pruned, pcfg = ex.pruned_dense_arrays(dense, pooled, meta["expert_width"], model.cfg)
+    refit_s = 0.0
+    if cc.refit:  # the same least-squares refit, on the same calibration tokens, for Read-ME and the pruned twin
+        t1 = time.time()
+        groups = [np.concatenate(batches[n]) for n in stats.domains]
+        got = refit_down_projections(dense, model.cfg, groups, meta.get("shared_index"), meta["channel_index"],
+                                     ridge=cc.refit_ridge, progress=ws.progress)
+        moe["layers"].update({k: v.astype(moe["layers"][k].dtype) for k, v in got.items()})
+        pidx = ex.pruned_channel_index(pooled, meta["expert_width"])
+        got = refit_down_projections(dense, model.cfg, groups, pidx, None, ridge=cc.refit_ridge, progress=ws.progress)
+        pruned["layers"]["wd"] = got["shared_wd"].astype(pruned["layers"]["wd"].dtype)
+        refit_s = time.time() - t1
     np.savez(d / "experts.npz", masks=masks, channel_index=meta["channel_index"], permanent=meta["permanent"],
              shared_index=meta.get("shared_index", np.zeros((len(masks[0]), 0), np.int32)))
     json_meta = {"kind": "readme_moe", "model_config": config_mod.to_dict(model.cfg), "source": cfg.model,
@@ -47,18 +61,31 @@ def run_refactor(ws: Workspace) -> dict:
                  "shared_width": int(moe["layers"]["shared_wg"].shape[-1]) if "shared_wg" in moe["layers"] else 0,
                  "specific_width": int(moe["layers"]["wg"].shape[-1]), "tokenizer_source": cfg.model}
     save_params(d / "moe", moe, json_meta, overwrite=True)
-    pruned, pcfg = ex.pruned_dense_arrays(dense, stats.pooled_mean(), meta["expert_width"], model.cfg)
     save_params(d / "pruned", pruned, {"kind": "llama", "model_config": config_mod.to_dict(pcfg),
                                        "tokenizer_source": cfg.model}, overwrite=True)
     summary = ex.summarize(masks, model.cfg.d_model)
     summary["overlap_matrix_mean_over_layers"] = ex.expert_overlap(masks).mean(0).tolist()
     summary["calibration_tokens"] = dict(zip(stats.domains, stats.tokens_N.tolist()))
+    summary.update(score=cc.score, refit=cc.refit, refit_seconds=round(refit_s, 1), active=active_params(model.cfg,
+                                                                                                       meta["expert_width"]))
     write_json(d / "summary.json", summary)
     ws.mark_done("refactor", {"domains": list(stats.domains), "expert_width": meta["expert_width"],
-                              "permanent_per_layer": summary["permanent_per_layer"]}, time.time() - t0)
+                              "permanent_per_layer": summary["permanent_per_layer"], "active": summary["active"]},
+                 time.time() - t0)
     ws.log(f"refactor: {len(stats.domains)} experts of width {meta['expert_width']} "
            f"(permanent mean {np.mean(summary['permanent_per_layer']):.0f} channels/layer)")
     return summary
+
+
+def active_params(cfg: ModelConfig, expert_width: int) -> dict:
+    """Parameters a token uses, attention + FFN over the layers (embeddings and LM head excluded): dense
+    and Read-ME (the shared part plus one expert = ``expert_width`` channels, as the pruned twin); the
+    router's own transformer is counted apart. Zero padding of the split layout is not counted."""
+    attn = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
+    ffn = 3 * cfg.d_model * cfg.ffn_dim
+    dense = cfg.n_layers * (attn + ffn)
+    readme = cfg.n_layers * (attn + 3 * cfg.d_model * expert_width)
+    return {"dense": dense, "readme": readme, "ratio": readme / dense}
 
 
 def load_moe(ws: Workspace):

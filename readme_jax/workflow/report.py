@@ -12,9 +12,11 @@ from readme_jax.eval.spread import domain_ppl_ci
 from readme_jax.figures import new_figure
 from readme_jax.jsonfile import write_json
 from readme_jax.train.loop import stage_summaries
+from readme_jax.workflow.usability import usability_metrics, usability_section
 from readme_jax.workflow.workspace import Workspace
 
-PIPELINE_STAGES = ("dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "serve_bench")
+PIPELINE_STAGES = ("chat_data", "dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval",
+                   "chat_eval", "serve_bench")
 ROW_ALIASES = {"readme_final": "readme_trained", "pruned_tuned": "pruned_dense_tuned"}  # metrics.json names
 
 ROW_LABELS = {
@@ -284,7 +286,7 @@ def headline_metrics(stages: dict) -> dict:
             if row in table:
                 table[alias] = table[row]
     return {"ppl": ppl, "ppl_ci": ci, "router_accuracy": fe.get("router_accuracy"),
-            "locality": fe["locality_mean"], "wins": fe.get("wins"), **out}
+            "locality": fe["locality_mean"], "wins": fe.get("wins"), **usability_metrics(stages), **out}
 
 
 def main_job_seconds(stages: dict) -> dict:
@@ -320,6 +322,8 @@ def run_report(ws: Workspace) -> dict:
         plot_ppl_bars(re_["ppl"], out / "ppl_refactor.png", "after refactoring (95 % interval)", ci)
         plots.append("ppl_refactor.png")
     n_experts = len(stages["refactor"]["domains"]) if "refactor" in stages else None
+    answers = ws.out / "chat_eval" / "answers.json"
+    md += usability_section(stages, json.loads(answers.read_text()) if answers.is_file() else None)
     if "final_eval" in stages:
         md += results_section(stages["final_eval"], metrics["config"]) + router_section(stages["final_eval"])
         plots += final_eval_plots(stages["final_eval"], out)

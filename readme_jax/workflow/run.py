@@ -11,6 +11,8 @@ from readme_jax.config import RunConfig
 from readme_jax.distributed.lead import is_multiprocess, lead_only
 from readme_jax.errors import ConfigError
 from readme_jax.train.tracking import check_wandb
+from readme_jax.workflow.chat_data import run_chat_data
+from readme_jax.workflow.chat_eval import run_chat_eval
 from readme_jax.workflow.dense_eval import run_dense_eval
 from readme_jax.workflow.final_eval import run_final_eval
 from readme_jax.workflow.refactor import run_refactor, run_refactor_eval
@@ -21,8 +23,9 @@ from readme_jax.workflow.workspace import Workspace
 
 
 STAGE_FNS: dict[str, Callable[[Workspace], dict]] = {
-    "dense_eval": run_dense_eval, "refactor": run_refactor, "refactor_eval": run_refactor_eval, "train": run_train,
-    "baseline": run_baseline, "final_eval": run_final_eval, "serve_bench": run_serve_bench_stage, "report": run_report}
+    "chat_data": run_chat_data, "dense_eval": run_dense_eval, "refactor": run_refactor,
+    "refactor_eval": run_refactor_eval, "train": run_train, "baseline": run_baseline, "final_eval": run_final_eval,
+    "chat_eval": run_chat_eval, "serve_bench": run_serve_bench_stage, "report": run_report}
 
 
 def check_multiprocess(cfg: RunConfig) -> None:

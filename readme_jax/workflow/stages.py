@@ -20,15 +20,19 @@ from readme_jax.config import RunConfig
 
 # stage -> (config keys it reads itself, stages whose outputs it reads)
 STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "dense_eval": (("model", "dtype", "data", "eval", "seed"), ()),
-    "refactor": (("model", "dtype", "data", "convert"), ()),
+    "chat_data": (("model", "dtype", "data", "seed"), ()),
+    "dense_eval": (("model", "dtype", "data", "eval", "seed"), ("chat_data",)),
+    "refactor": (("model", "dtype", "data", "convert"), ("chat_data",)),
     "refactor_eval": (("eval", "impl"), ("refactor",)),
     "train": (("seed", "router", "train", "impl", "mesh", "eval.seq_len"), ("refactor",)),
     "baseline": (("seed", "train.rounds", "train.experts", "train.weight_decay", "train.clip_norm",
-                  "train.train_embeddings", "train.seed"), ("refactor",)),
+                  "train.train_embeddings", "train.seed", "train.expert_loss", "train.lm_weight",
+                  "train.kd_temperature"), ("refactor",)),
     "final_eval": (("eval", "impl"), ("train", "baseline", "refactor_eval")),
+    "chat_eval": (("eval", "impl"), ("train", "baseline")),
     "serve_bench": (("serve", "impl"), ("train",)),
-    "report": ((), ("dense_eval", "refactor_eval", "train", "baseline", "final_eval", "serve_bench")),
+    "report": ((), ("chat_data", "dense_eval", "refactor_eval", "train", "baseline", "final_eval", "chat_eval",
+                    "serve_bench")),
 }
 STAGE_ORDER = tuple(STAGE_DEPS)
 # files (relative to the stage folder) a finished stage must have, beside done.json
@@ -46,8 +50,9 @@ NO_RESULT_KEYS = frozenset({"train.checkpoint_every", "train.wandb_project", "tr
 # (stage, upstream) -> the upstream settings the stage's input depends on, where it reads only part of
 # the upstream's outputs: the baseline reads refactor's pruned model, which ignores the expert layout
 PARTIAL_READS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("baseline", "refactor"): ("model", "dtype", "data", "convert.r", "convert.calib_samples",
-                               "convert.calib_seq_len", "convert.batch_size", "convert.calib_sampling"),
+    ("baseline", "refactor"): ("model", "dtype", "data", "seed", "convert.r", "convert.calib_samples",
+                               "convert.calib_seq_len", "convert.batch_size", "convert.calib_sampling",
+                               "convert.score", "convert.refit", "convert.refit_ridge"),
 }
 
 

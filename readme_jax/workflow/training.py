@@ -81,15 +81,28 @@ def run_train(ws: Workspace) -> dict:
         if stage == 0:  # the backbone is the refactored one (initial_model): only the router is saved
             save_router(d / "after_router0" / "router", m, router_config=ws.cfg.router)
 
+    loss, teacher = recovery(ws)
     trainer = Trainer(ws.cfg.train, ci, meta["ffn_dim"], CorpusData(ws, meta["domains"]), d, impl=ws.cfg.impl,
                       progress=ws.progress, log=ws.log, on_stage_end=keep_router_only, mesh_cfg=ws.cfg.mesh,
-                      router_target=ws.cfg.router.target)
+                      router_target=ws.cfg.router.target, loss=loss, teacher_params=teacher)
     model = trainer.offload(model)  # sharded expert tuning: no device keeps the whole model meanwhile
     trained = trainer.run(model)
     save_readme(d / "final", trained, router_config=ws.cfg.router, backbone_meta={**meta, "trained": True})
     info = {"rounds": ws.cfg.train.rounds, "lm_tokens": lm_token_budget(ws), "router_tokens": router_token_budget(ws)}
     ws.mark_done("train", info, time.time() - t0)
     return info
+
+
+def recovery(ws: Workspace) -> tuple[steps.LossSpec, dict | None]:
+    """``(loss spec, teacher params)`` of expert tuning and of the pruned twin's (``train.expert_loss``): the
+    same for both, so the comparison stays fair; the teacher is the dense source model (None for ``lm``)."""
+    t = ws.cfg.train
+    if t.expert_loss == "lm":
+        return steps.LM_ONLY, None
+    dense, _ = ws.dense
+    spec = steps.LossSpec(kind=t.expert_loss, lm_weight=t.lm_weight, temperature=t.kd_temperature,
+                          teacher_cfg=dense.cfg)
+    return spec, dense.arrays()
 
 
 def lm_token_budget(ws: Workspace) -> int:
@@ -133,14 +146,15 @@ def run_baseline(ws: Workspace) -> dict:
                      warmup_steps=t.experts.warmup_steps * t.rounds)
     trainable, frozen = steps.split_params(params, steps.frozen_keys(t.train_embeddings))
     tx = schedule.make_optimizer(st, t.weight_decay, t.clip_norm)
-    step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx, remat=t.remat == "layer")
+    loss, teacher = recovery(ws)
+    step_fn = steps.make_lm_step(pcfg, decoder.dense_ffn, None, tx, remat=t.remat == "layer", loss=loss)
     opt_state = tx.init(trainable)
     data = CorpusData(ws, load_moe_domains(ws))  # the very batches the experts see, in the same order
     losses = []
     for i in tqdm(range(st.steps), desc="pruned-dense baseline", disable=not ws.progress):
         batch = data.expert_batch(i // t.experts.steps, i % t.experts.steps, st.batch_size)
         trainable, opt_state, ms = steps.accumulated_step(step_fn, trainable, frozen, opt_state, None, batch,
-                                                          st.grad_accum, schedule.lr_at(st, 0, 1.0, i))
+                                                          st.grad_accum, schedule.lr_at(st, 0, 1.0, i), teacher)
         for m in ms:
             if not np.isfinite(m["loss"]):
                 raise TrainingError(f"pruned-dense baseline: non-finite loss {m['loss']} at step {i}")

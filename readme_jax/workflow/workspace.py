@@ -22,7 +22,8 @@ from readme_jax import config as config_mod
 from readme_jax.checkpoints import embedded_gguf_path, is_hub_id, load_model, save_hf, tokenizer_from_gguf
 from readme_jax.checkpoints.readme_io import TINY_RANDOM_SOURCE
 from readme_jax.config import ModelConfig, RunConfig
-from readme_jax.data import block_starts, prepare_domains, token_stream
+from readme_jax.data import CHAT_DOMAIN, block_starts, domain_meta, prepare_domains, token_stream
+from readme_jax.data.ood import OOD_SETS, ood_text
 from readme_jax.errors import ConfigError, DataError, NumericsError
 from readme_jax.fsutil import DirLock, atomic_dir, check_no_escaping_links, remove_tree
 from readme_jax.jsonfile import read_json, write_json
@@ -204,7 +205,15 @@ class Workspace:
         if missing:
             self.log(f"{path}: its outputs {missing} are missing or unreadable; the stage will be recomputed")
             return None
+        if name == "chat_data" and info.get("enabled") and info.get("key") != self._cached_chat_key():
+            self.log(f"{path}: the cached chat domain is not the one this run made (another model or setting "
+                     "wrote it since); the stage will be recomputed")
+            return None
         return info
+
+    def _cached_chat_key(self) -> str | None:
+        meta = domain_meta(CHAT_DOMAIN, self.cfg.data.cache_dir)
+        return None if meta is None else meta.get("provenance", {}).get("key")
 
     def is_done(self, name: str) -> bool:
         return self._read_done(name) is not None
@@ -251,6 +260,13 @@ class Workspace:
 
     @functools.cached_property
     def domains(self) -> list[str]:
+        """The experts' domains, in expert order: the text domains, then ``chat`` when ``data.chat_prompts`` > 0
+        (written by the chat_data stage)."""
+        return self.text_domains + ([CHAT_DOMAIN] if self.cfg.data.chat_prompts > 0 else [])
+
+    @functools.cached_property
+    def text_domains(self) -> list[str]:
+        """The fetched text domains (data.domains, or every one available here)."""
         d = self.cfg.data
         names = list(d.domains) or None
         report = prepare_domains(names, allow_apt=d.allow_apt, progress=self.progress, cache_dir=d.cache_dir)
@@ -262,7 +278,7 @@ class Workspace:
             got = names
         if len(got) < 2:
             raise DataError(f"need at least 2 text domains (one expert each), found {got}")
-        self.log(f"domains ({len(got)} experts): {', '.join(got)}")
+        self.log(f"text domains: {', '.join(got)}" + (" (+ chat)" if self.cfg.data.chat_prompts else ""))
         return got
 
     def blocks(self, domain: str, split: str, seq_len: int, n: int, offset: int = 0,
@@ -277,6 +293,22 @@ class Workspace:
             raise DataError(f"{domain}/{split}: {e}") from None
         idx = starts[:, None] + np.arange(seq_len + 1)[None]
         return np.asarray(stream[idx.reshape(-1)], np.int32).reshape(len(starts), seq_len + 1)
+
+    def ood_blocks(self) -> tuple[dict[str, np.ndarray], dict]:
+        """``({set: [n, seq_len+1] blocks}, {set: provenance})`` of the out-of-domain text (data/ood.py):
+        ``eval.ood_tokens // eval.seq_len`` blocks evenly spaced over each set; empty when ood_tokens is 0."""
+        e = self.cfg.eval
+        n = e.ood_tokens // e.seq_len
+        blocks, prov = {}, {}
+        if n == 0:
+            return blocks, prov
+        for name in OOD_SETS:
+            text, prov[name] = ood_text(name)
+            ids = np.asarray(self.tokenizer.encode(text, add_bos=False), np.int32)
+            starts = block_starts(ids.shape[0], e.seq_len, n, "spread")
+            blocks[name] = ids[starts[:, None] + np.arange(e.seq_len + 1)[None]]
+            prov[name]["tokens"] = int(ids.shape[0])
+        return blocks, prov
 
     def eval_blocks(self) -> dict[str, np.ndarray]:
         e = self.cfg.eval
