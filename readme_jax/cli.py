@@ -25,6 +25,7 @@ from readme_jax.serve.http import serve
 from readme_jax.serve.llm import LLM
 from readme_jax.train import memory
 from readme_jax.workflow.export import export_workspace
+from readme_jax.workflow.frontier import default_points, run_frontier
 from readme_jax.workflow.run import STAGE_FNS, run
 from readme_jax.workflow.workspace import Workspace
 
@@ -145,6 +146,19 @@ def cmd_serve(args):
           max_len=args.max_len, max_queue=args.max_queue, mesh=mesh)
 
 
+def cmd_frontier(args):
+    points = default_points()
+    if args.only:
+        unknown = sorted(set(args.only) - {p.name for p in points})
+        if unknown:
+            raise config_mod.ConfigError(f"frontier: unknown point(s) {unknown}; points: {[p.name for p in points]}")
+        points = [p for p in points if p.name in args.only]
+    out = Path(args.out)
+    doc = run_frontier(load_run_config(args), out, points, Path(args.json or out / "frontier.json"),
+                       Path(args.plot or out / "frontier.png"), progress=not args.no_progress)
+    print(f"frontier: {len(doc['points'])} points in {args.json or out / 'frontier.json'}")
+
+
 def cmd_data(args):
     rep = prepare_domains(args.domains or None, allow_apt=not args.no_apt)
     for n, m in rep.available.items():
@@ -234,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-width", type=int, default=None, help="P, the split layout's shared width (default 0)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.remat=none")
     p.set_defaults(fn=cmd_memory)
+    p = sub.add_parser("frontier", help="the sparsity-quality frontier: expert width x shared fraction x tuning loss, "
+                       "Read-ME vs its pruned twin (one run folder per point; docs/RESULTS.md)")
+    _common(p)
+    p.add_argument("--out", required=True, help="folder of the points' run folders")
+    p.add_argument("--only", nargs="*", default=None, help="run only these points (names as in frontier.json)")
+    p.add_argument("--json", default=None, help="where to write the result (default OUT/frontier.json)")
+    p.add_argument("--plot", default=None, help="where to draw it (default OUT/frontier.png)")
+    p.set_defaults(fn=cmd_frontier)
     p = sub.add_parser("data", help="fetch and cache the offline text domains")
     p.add_argument("domains", nargs="*")
     p.add_argument("--no-apt", action="store_true")

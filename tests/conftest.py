@@ -146,7 +146,8 @@ def byte_tokenizer():
 
 # ----------------------------------------------------------------------------- the tiny end-to-end run
 
-TINY_STAGES = ["dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "serve_bench", "report"]
+TINY_STAGES = ["chat_data", "dense_eval", "refactor", "refactor_eval", "train", "baseline", "final_eval", "chat_eval",
+               "serve_bench", "report"]
 
 
 def tiny_run_config(out, cache_dir, *extra):

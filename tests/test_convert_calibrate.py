@@ -38,26 +38,30 @@ def _rope(x_TNh, theta):
     return x_TNh * np.cos(emb) + rot * np.sin(emb)
 
 
+def reference_attention(x, lp, l, cfg):
+    """float64 ``x + attention(rms_norm(x))`` of layer ``l`` for one causal sequence ``x [T, D]``."""
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    T = x.shape[0]
+    h = _rms(x, lp["attn_norm"][l], cfg.norm_eps)
+    q = _rope((h @ lp["wq"][l]).reshape(T, H, hd), cfg.rope_theta)
+    k = _rope((h @ lp["wk"][l]).reshape(T, K, hd), cfg.rope_theta)
+    v = (h @ lp["wv"][l]).reshape(T, K, hd)
+    k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
+    s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return x + np.einsum("hts,shd->thd", p, v).reshape(T, H * hd) @ lp["wo"][l]
+
+
 def reference_hidden_abs(arrays, cfg, tokens_T):
     """float64 dense forward of one sequence; returns |silu(h Wg) * (h Wu)| per layer: [L, T, F]."""
     a = {k: np.asarray(v, np.float64) for k, v in arrays.items() if k != "layers"}
     lp = {k: np.asarray(v, np.float64) for k, v in arrays["layers"].items()}
-    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    T = len(tokens_T)
     x = a["embed"][tokens_T]
     out = []
-    causal = np.tril(np.ones((T, T), bool))
     for l in range(cfg.n_layers):
-        h = _rms(x, lp["attn_norm"][l], cfg.norm_eps)
-        q = _rope((h @ lp["wq"][l]).reshape(T, H, hd), cfg.rope_theta)
-        k = _rope((h @ lp["wk"][l]).reshape(T, K, hd), cfg.rope_theta)
-        v = (h @ lp["wv"][l]).reshape(T, K, hd)
-        k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
-        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
-        s = np.where(causal, s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        x = x + np.einsum("hts,shd->thd", p, v).reshape(T, H * hd) @ lp["wo"][l]
+        x = reference_attention(x, lp, l, cfg)
         h = _rms(x, lp["ffn_norm"][l], cfg.norm_eps)
         hid = _silu(h @ lp["wg"][l]) * (h @ lp["wu"][l])
         out.append(np.abs(hid))

@@ -9,22 +9,8 @@ from readme_jax.config import ConfigError, tiny_model_config
 from readme_jax.convert.refit import refit_down_projections
 from readme_jax.errors import ShapeError
 from readme_jax.model.llama import Llama
-from tests.test_convert_calibrate import _rms, _rope, _silu
-
-
-def _attention(x, lp, l, cfg):
-    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    T = x.shape[0]
-    h = _rms(x, lp["attn_norm"][l], cfg.norm_eps)
-    q = _rope((h @ lp["wq"][l]).reshape(T, H, hd), cfg.rope_theta)
-    k = _rope((h @ lp["wk"][l]).reshape(T, K, hd), cfg.rope_theta)
-    v = (h @ lp["wv"][l]).reshape(T, K, hd)
-    k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
-    s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return x + np.einsum("hts,shd->thd", p, v).reshape(T, H * hd) @ lp["wo"][l]
+from tests.test_convert_calibrate import _rms, _silu
+from tests.test_convert_calibrate import reference_attention as _attention
 
 
 def reference_refit(arrays, cfg, groups, shared, experts, ridge):
@@ -139,3 +125,19 @@ def test_refit_errors(model):
         refit_down_projections(arrays, cfg, [toks], None, None)
     with pytest.raises(ConfigError, match="refit_ridge"):
         refit_down_projections(arrays, cfg, [toks], shared, None, ridge=0.0)
+
+
+def test_block_solve_equals_a_dense_solve():
+    from readme_jax.convert.refit import solve_blocks
+
+    rng = np.random.default_rng(int(np.random.randint(1 << 30)))
+    off = np.cumsum([0, 7, 4, 0, 5])  # shared 7, experts of 4, 0 (all padding) and 5 rows
+    n = off[-1]
+    A = np.zeros((n, n))
+    for e in range(1, len(off) - 1):  # the refit's sparsity: each expert block touches the shared block only
+        idx = np.r_[0:off[1], off[e]:off[e + 1]]
+        m = rng.normal(size=(len(idx), len(idx)))
+        A[np.ix_(idx, idx)] += m @ m.T + np.eye(len(idx))
+    B = rng.normal(size=(n, 3))
+    np.testing.assert_allclose(solve_blocks(A, B, off), np.linalg.solve(A, B), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(solve_blocks(A[:7, :7], B[:7], np.array([0, 7])), np.linalg.solve(A[:7, :7], B[:7]))

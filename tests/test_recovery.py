@@ -89,3 +89,32 @@ def test_teacher_loss_needs_a_teacher_config():
     cfg, _ = _tiny(0)
     with pytest.raises(ValueError, match="teacher"):
         steps.make_lm_step(cfg, decoder.dense_ffn, None, optax.adam(1.0), loss=steps.LossSpec(kind="kl"))
+
+
+def test_readme_and_pruned_twin_tune_on_the_same_batches_with_the_same_loss(tmp_path, cache_dir, monkeypatch):
+    """The comparison is fair: the pruned twin's tuning sees exactly the experts' batches, in order, with the
+    same loss (and the same dense teacher)."""
+    from conftest import tiny_run_config
+    from readme_jax.workflow import run as run_mod
+
+    specs, seen = [], []
+    real_make, real_acc = steps.make_lm_step, steps.accumulated_step
+
+    def make(*a, **kw):
+        specs.append(kw.get("loss"))
+        return real_make(*a, **kw)
+
+    def acc(step_fn, trainable, frozen, opt_state, ctx, batch, grad_accum, lr, teacher=None):
+        seen.append((np.asarray(batch).tobytes(), teacher is not None))
+        return real_acc(step_fn, trainable, frozen, opt_state, ctx, batch, grad_accum, lr, teacher)
+
+    monkeypatch.setattr(steps, "make_lm_step", make)
+    monkeypatch.setattr(steps, "accumulated_step", acc)
+    cfg = tiny_run_config(tmp_path / "run", cache_dir, "data.chat_prompts=0", "train.expert_loss=kl",
+                          "train.rounds=1", "stages=[refactor,train,baseline]")
+    run_mod.run(cfg, progress=False, log=lambda m: None)
+    assert len(specs) == 2 and specs[0] == specs[1] and specs[0].kind == "kl"
+    half = len(seen) // 2
+    assert half == cfg.train.rounds * cfg.train.experts.steps
+    assert seen[:half] == seen[half:]  # experts first (train), then the twin (baseline): the same batches
+    assert all(t for _, t in seen)  # both learn from the dense teacher

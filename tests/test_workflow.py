@@ -47,6 +47,25 @@ def test_run_writes_every_report_file(finished_run):
     assert "### Policies (measured)" in text and "| expert_aware |" in text and "![hit_ratio.png](hit_ratio.png)" in text
 
 
+def test_report_says_what_a_user_gets(finished_run):
+    """The usability numbers (active parameters, perplexity and out-of-domain perplexity over dense, chat) in
+    metrics.json, and every chat answer side by side in report.md."""
+    out, _, _ = finished_run
+    m = json.loads((out / "report" / "metrics.json").read_text())
+    assert 0 < m["active_param_ratio"] < 1 and m["active_params"]["readme"] < m["active_params"]["dense"]
+    assert m["ppl_ratio_geomean"] > 0 and "chat" not in m["ppl_ratio_per_domain"]
+    assert set(m["ood_ppl_ratio_per_set"]) == {"ood_code", "ood_legal"} and m["ood_ppl_ratio"] > 0
+    for name in ("dense", "pruned", "readme"):
+        assert set(m["chat"][name]) >= {"degenerate_rate", "fact_retention", "teacher_nll"}
+    answers = json.loads((out / "chat_eval" / "answers.json").read_text())
+    assert len(answers["answers"]) == 4 and set(answers["answers"][0]) >= {"prompt", "dense", "pruned", "readme"}
+    assert abs(sum(answers["summary"]["readme"]["expert_load"].values()) - 1) < 1e-9
+    text = (out / "report" / "report.md").read_text()
+    assert "## As a model to use" in text and "### Every chat answer" in text
+    assert f"| {answers['answers'][0]['prompt']} |" in text
+    assert "chat" in m["final_eval"]["domains"]  # the chat domain has its own expert
+
+
 def test_results_carry_intervals_router_accuracy_and_wins(finished_run):
     out, _, _ = finished_run
     m = json.loads((out / "report" / "metrics.json").read_text())

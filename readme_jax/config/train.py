@@ -56,6 +56,9 @@ class TrainConfig:
     expert_loss: ExpertLoss = "lm"
     lm_weight: float = 0.5
     kd_temperature: float = 1.0
+    # the chat domain's weight in the expert-tuning mixture (the pruned twin's too: the same batches), each
+    # text domain weighing 1; only with data.chat_prompts > 0
+    chat_weight: float = 1.0
     seed: int = 0
     # also checkpoint every N optimizer steps inside a stage (0: only at stage ends); a rerun after a
     # kill resumes mid-stage, bitwise equal to an uninterrupted run. Changes no result.
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ConfigError(f"train.target_temperature must be > 0, got {self.target_temperature}")
         if not 0 <= self.lm_weight <= 1:
             raise ConfigError(f"train.lm_weight must be in [0, 1], got {self.lm_weight}")
+        if not self.chat_weight > 0:
+            raise ConfigError(f"train.chat_weight must be > 0, got {self.chat_weight}")
         if not self.kd_temperature > 0:
             raise ConfigError(f"train.kd_temperature must be > 0, got {self.kd_temperature}")
         if self.weight_decay < 0 or self.clip_norm < 0:

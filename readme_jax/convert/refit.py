@@ -70,6 +70,29 @@ def _apply(x1_BTD, hid_NF, idx_K, w_KD):
     return x1_BTD + (hs @ w_KD).reshape(x1_BTD.shape).astype(x1_BTD.dtype)
 
 
+def solve_blocks(A: np.ndarray, B: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """``A^-1 B`` for the refit's normal equations, whose expert blocks ``off[e+1]:off[e+2]`` touch only the
+    shared block ``0:off[1]`` and themselves: the shared rows by their Schur complement
+    ``A_00 - sum_e A_0e A_ee^-1 A_e0``, then each expert's rows on its own (a few expert-sized solves
+    instead of one solve of the whole system)."""
+    n0 = int(off[1])
+    blocks = [slice(int(off[i]), int(off[i + 1])) for i in range(1, len(off) - 1)]
+    if not blocks:
+        return np.linalg.solve(A, B)
+    S, r = A[:n0, :n0].copy(), B[:n0].copy()
+    inv_parts = []
+    for b in blocks:
+        X = np.linalg.solve(A[b, b], np.concatenate([A[b, :n0], B[b]], axis=1))  # [A_ee^-1 A_e0, A_ee^-1 B_e]
+        S -= A[:n0, b] @ X[:, :n0]
+        r -= A[:n0, b] @ X[:, n0:]
+        inv_parts.append(X)
+    W = np.zeros_like(B)
+    W[:n0] = np.linalg.solve(S, r) if n0 else 0.0
+    for b, X in zip(blocks, inv_parts):
+        W[b] = X[:, n0:] - X[:, :n0] @ W[:n0]
+    return W
+
+
 def refit_down_projections(dense_params: dict, cfg: ModelConfig, groups: Sequence[np.ndarray],
                            shared_index_LP: np.ndarray | None, expert_index_LER: np.ndarray | None,
                            ridge: float = 1e-4, progress: bool = False) -> dict:
@@ -116,7 +139,7 @@ def refit_down_projections(dense_params: dict, cfg: ModelConfig, groups: Sequenc
             B[pos] += rhs
             staged.append((x1, hid, idx, pos))
         reg = ridge * max(float(np.mean(np.diag(A))), 1e-30)
-        W = np.linalg.solve(A + reg * np.eye(len(A)), B)
+        W = solve_blocks(A + reg * np.eye(len(A)), B, off)
         for e, (x1, hid, idx, pos) in enumerate(staged):
             xs[e] = _apply(x1, hid, jnp.asarray(idx), jnp.asarray(W[pos], jnp.float32))
         if out_shared is not None:

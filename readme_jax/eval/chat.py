@@ -63,8 +63,8 @@ def chat_summary(prompts: Sequence[dict], texts: Sequence[str], token_ids: Seque
 def answer_nll(logits_fn: Callable, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
                batch_size: int = 8, pad_id: int = 0) -> float | None:
     """Mean NLL per answer token of ``answer_ids[i]`` after ``prompt_ids[i]`` under ``logits_fn(tokens_BT)``
-    (float32 logits ``[B, T, V]``; None without any answer token); rows are padded at the end to a multiple of 32 tokens (causal: the
-    padding never reaches a scored position)."""
+    (float32 logits ``[B, T, V]``; None without any answer token); rows are padded at the end to a multiple
+    of 32 tokens (causal: the padding never reaches a scored position)."""
     rows = [(list(p), list(a)) for p, a in zip(prompt_ids, answer_ids) if a]
     if not rows:
         return None

@@ -554,14 +554,26 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
 
 
 def greedy_batch(model: ServedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                 eos_id: int | None, n_slots: int = 16) -> list[list[int]]:
-    """Greedy continuations of many prompts (each ends with ``eos_id`` when the model closed it) on one engine
-    sized to them, ``n_slots`` at a time: the main job's chat answers (chat_data, chat_eval)."""
+                 eos_id: int | None, n_slots: int = 16, progress: Callable[[int], None] | None = None
+                 ) -> list[list[int]]:
+    """Greedy continuations of many prompts (each ends with ``eos_id`` when the model closed it) on ONE engine
+    sized to the longest (one set of compiled shapes), ``n_slots`` at a time: the main job's chat answers
+    (chat_data, chat_eval). ``progress(n)`` is called with the prompts finished after each group of
+    ``4 * n_slots``."""
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)
-    cfg = EngineConfig(n_slots=n_slots, max_len=longest + max_new_tokens + 1, eos_id=eos_id)
-    return generate(Engine(model, cfg, warm_start=False), [list(p) for p in prompts], max_new_tokens)
+    max_len = longest + max_new_tokens + 1
+    windows = tuple(w for w in (64, 128, 256, 512, 1024) if w < max_len) + (max_len,)
+    cfg = EngineConfig(n_slots=n_slots, max_len=max_len, eos_id=eos_id, decode_windows=windows)
+    engine = Engine(model, cfg, warm_start=False)
+    out: list[list[int]] = []
+    group = 4 * n_slots
+    for s in range(0, len(prompts), group):
+        out += generate(engine, [list(p) for p in prompts[s:s + group]], max_new_tokens)
+        if progress is not None:
+            progress(len(out))
+    return out
 
 
 def complete(model: ServedModel, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_id: int | None = None,

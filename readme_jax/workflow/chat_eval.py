@@ -14,6 +14,7 @@ import functools
 import time
 
 import jax
+import numpy as np
 
 from readme_jax import config as config_mod
 from readme_jax.checkpoints import restore_params
@@ -48,11 +49,15 @@ def logits_fn(model):
 
 
 def chat_models(ws: Workspace) -> dict:
-    """``{"dense", "pruned", "readme"}``: the source model, the tuned pruned twin, the trained Read-ME."""
+    """``{"dense", "pruned", "readme"}``: the source model, the tuned pruned twin (when the baseline stage ran),
+    the trained Read-ME."""
     dense, _ = ws.dense
-    pp, pmeta = restore_params(ws.out / "baseline" / "pruned_tuned")
-    pruned = DenseModel(pp, config_mod.from_dict(ModelConfig, pmeta["model_config"])).validate("pruned twin")
-    return {"dense": DenseModel.from_module(dense), "pruned": pruned, "readme": load_trained(ws)}
+    models = {"dense": DenseModel.from_module(dense)}
+    if ws.is_done("baseline"):
+        pp, pmeta = restore_params(ws.out / "baseline" / "pruned_tuned")
+        pcfg = config_mod.from_dict(ModelConfig, pmeta["model_config"])
+        models["pruned"] = DenseModel(pp, pcfg).validate("pruned twin")
+    return {**models, "readme": load_trained(ws)}
 
 
 def run_chat_eval(ws: Workspace) -> dict:
@@ -75,6 +80,7 @@ def run_chat_eval(ws: Workspace) -> dict:
         nll = answer_nll(logits_fn(m), ids, answers["dense"], batch_size=ws.cfg.eval.batch_size)
         summary[name] = chat_summary(prompts, texts[name], [_body(a, tok.eos_id) for a in answers[name]],
                                      None if name == "dense" else texts["dense"], nll)
+    summary["readme"]["expert_load"] = _expert_load(models["readme"], ids, answers["readme"])
     rows = [{**p, **{name: texts[name][i] for name in models}} for i, p in enumerate(prompts)]
     out = {"summary": summary, "max_new_tokens": max_new, "n_prompts": len(prompts),
            "template": "the model's chat template with its default system prompt, one user turn",
@@ -85,6 +91,24 @@ def run_chat_eval(ws: Workspace) -> dict:
         ws.log(f"  chat {name:7s} degenerate {s['degenerate_rate']:.2f}  facts {s['facts_stated']}/{s['n_facts']}  "
                f"retention {_num(s['fact_retention'])}  teacher NLL {_num(s['teacher_nll'])}")
     return out
+
+
+def _expert_load(model: ReadMEModel, prompt_ids: list, answers: list) -> dict:
+    """Share of the chat tokens (prompts through the template, and Read-ME's own answers) the router sends to
+    each expert, by the domain each expert was built for."""
+    counts = np.zeros(model.n_experts)
+    for p, a in zip(prompt_ids, answers):
+        n = len(p) + len(a)
+        seq = np.zeros((1, -(-n // 64) * 64), np.int32)  # padded at the end (causal): one compile per 64 tokens
+        seq[0, :n] = list(p) + list(a)
+        counts += np.bincount(np.asarray(_routes(model, seq))[0, :n], minlength=model.n_experts)
+    names = model.layout.domains or tuple(f"expert{e}" for e in range(model.n_experts))
+    return {n: float(c / counts.sum()) for n, c in zip(names, counts)}
+
+
+@jax.jit
+def _routes(model: ReadMEModel, tokens_BT):
+    return model.routes(tokens_BT)[0]
 
 
 def _num(v) -> str:

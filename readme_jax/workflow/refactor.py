@@ -66,8 +66,8 @@ def run_refactor(ws: Workspace) -> dict:
     summary = ex.summarize(masks, model.cfg.d_model)
     summary["overlap_matrix_mean_over_layers"] = ex.expert_overlap(masks).mean(0).tolist()
     summary["calibration_tokens"] = dict(zip(stats.domains, stats.tokens_N.tolist()))
-    summary.update(score=cc.score, refit=cc.refit, refit_seconds=round(refit_s, 1), active=active_params(model.cfg,
-                                                                                                       meta["expert_width"]))
+    summary.update(score=cc.score, refit=cc.refit, refit_seconds=round(refit_s, 1),
+                   active=active_params(model.cfg, meta["expert_width"]))
     write_json(d / "summary.json", summary)
     ws.mark_done("refactor", {"domains": list(stats.domains), "expert_width": meta["expert_width"],
                               "permanent_per_layer": summary["permanent_per_layer"], "active": summary["active"]},

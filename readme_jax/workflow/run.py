@@ -37,6 +37,14 @@ def check_multiprocess(cfg: RunConfig) -> None:
                           "launch one process (docs/DISTRIBUTED.md)")
 
 
+def stages_to_run(cfg: RunConfig) -> tuple[str, ...]:
+    """``cfg.stages``, plus ``chat_data`` when the chat domain is on: every stage that reads the domains needs it
+    (it is reused, not redone, when its cached chat domain matches)."""
+    if cfg.data.chat_prompts > 0 and "chat_data" not in cfg.stages and set(cfg.stages) - {"report", "serve_bench"}:
+        return ("chat_data", *cfg.stages)
+    return tuple(cfg.stages)
+
+
 def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print, force: tuple[str, ...] = (),
         recompute: bool = False) -> Workspace:
     """Run ``cfg.stages`` in order, skipping finished ones whose fingerprint matches this config.
@@ -66,7 +74,7 @@ def _run(cfg: RunConfig, progress: bool, log: Callable[[str], None], force: tupl
     ws = Workspace(cfg, progress=progress, log=log).prepare(recompute=recompute)
     try:
         t_all = time.time()
-        for name in sorted(cfg.stages, key=list(STAGE_FNS).index):  # dependency order, however listed
+        for name in sorted(stages_to_run(cfg), key=list(STAGE_FNS).index):  # dependency order, however listed
             if ws.is_done(name) and name not in force:
                 log(f"== {name}: done already ({ws.out / name / 'done.json'}), skipped")
                 continue

@@ -27,7 +27,7 @@ STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train": (("seed", "router", "train", "impl", "mesh", "eval.seq_len"), ("refactor",)),
     "baseline": (("seed", "train.rounds", "train.experts", "train.weight_decay", "train.clip_norm",
                   "train.train_embeddings", "train.seed", "train.expert_loss", "train.lm_weight",
-                  "train.kd_temperature"), ("refactor",)),
+                  "train.kd_temperature", "train.chat_weight"), ("refactor",)),
     "final_eval": (("eval", "impl"), ("train", "baseline", "refactor_eval")),
     "chat_eval": (("eval", "impl"), ("train", "baseline")),
     "serve_bench": (("serve", "impl"), ("train",)),

@@ -14,7 +14,7 @@ from readme_jax.checkpoints import save_params
 from readme_jax.checkpoints.orbax_io import read_meta
 from readme_jax.checkpoints.readme_io import load_readme, load_router, save_readme, save_router
 from readme_jax.config import ModelConfig, StageConfig
-from readme_jax.data import mixture_batches
+from readme_jax.data import CHAT_DOMAIN, mixture_batches
 from readme_jax.errors import TrainingError
 from readme_jax.model import decoder
 from readme_jax.model.readme_model import ExpertLayout, ReadMEModel
@@ -32,14 +32,21 @@ class CorpusData:
         self.ws, self.domains = ws, list(domains)
         self._ds = {}
 
-    def _mixture(self, key, seq_len, batch_size):
+    def _mixture(self, key, seq_len, batch_size, weights=None):
         full = (*key, seq_len, batch_size)  # a dataset is its name AND its shape
         if full not in self._ds:
             seed = seed_of(self.ws.cfg.seed, self.ws.cfg.train.seed, *key)
             self._ds[full] = mixture_batches(self.domains, self.ws.tokenizer, seq_len=seq_len, batch_size=batch_size,
-                                             split="train", seed=seed, sep_id=self.ws.sep_id,
+                                             split="train", seed=seed, sep_id=self.ws.sep_id, weights=weights,
                                              cache_dir=self.ws.cfg.data.cache_dir, progress=False)
         return self._ds[full]
+
+    def expert_weights(self) -> list[float] | None:
+        """The expert-tuning mixture: every domain 1, the chat domain ``train.chat_weight`` (None: all equal)."""
+        w = self.ws.cfg.train.chat_weight
+        if w == 1.0 or CHAT_DOMAIN not in self.domains:
+            return None
+        return [w if d == CHAT_DOMAIN else 1.0 for d in self.domains]
 
     def router_set(self, round_idx, n_blocks):
         st = self.ws.cfg.train.router
@@ -48,7 +55,8 @@ class CorpusData:
 
     def expert_batch(self, round_idx, step, batch_size):
         st = self.ws.cfg.train.experts
-        return np.asarray(self._mixture(("experts", round_idx), st.seq_len, batch_size)[step]["tokens"], np.int32)
+        ds = self._mixture(("experts", round_idx), st.seq_len, batch_size, self.expert_weights())
+        return np.asarray(ds[step]["tokens"], np.int32)
 
     def val_blocks(self):
         e = self.ws.cfg.eval

@@ -76,6 +76,11 @@ def usability_section(metrics: dict, answers: dict | None) -> list[str]:
         for name, s in u["chat"].items():
             md.append(f"| {CHAT_COLUMNS.get(name, name)} | {100 * s['degenerate_rate']:.0f} % | "
                       f"{s['facts_stated']}/{s['n_facts']} | {_f(s['fact_retention'])} | {_f(s['teacher_nll'])} |")
+        load = metrics.get("chat_eval", {}).get("summary", {}).get("readme", {}).get("expert_load")
+        if load:
+            top = sorted(load.items(), key=lambda kv: -kv[1])
+            md += ["", "Read-ME's router on these chats (prompt through the template and its own answer): "
+                   + ", ".join(f"{n} {100 * v:.0f} %" for n, v in top if v >= 0.005) + " of the tokens."]
     md.append("")
     if answers and answers.get("answers"):
         cols = [c for c in CHAT_COLUMNS if c in answers["answers"][0]]
