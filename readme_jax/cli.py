@@ -21,8 +21,8 @@ from readme_jax.distributed.lead import is_lead, lead_only
 from readme_jax.distributed.multihost import detect_launch, initialize_from_env
 from readme_jax.config import SCHEDULER_POLICIES, MeshConfig
 from readme_jax.errors import ReadmeError
-from readme_jax.serve.http import serve
-from readme_jax.serve.llm import LLM
+from readme_jax.serve.api.http import serve
+from readme_jax.serve.api.llm import LLM
 from readme_jax.train import memory
 from readme_jax.workflow.export import export_workspace
 from readme_jax.workflow.run import STAGE_FNS, run

@@ -17,10 +17,10 @@ from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
 from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, complete, generate
-from readme_jax.serve.requests import Status
-from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, simulate
-from readme_jax.serve.workload import RequestSpec
+from readme_jax.serve.scheduling.requests import Status
+from readme_jax.serve.scheduling.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
+from readme_jax.serve.sim.simulate import CostModel, simulate
+from readme_jax.serve.sim.workload import RequestSpec
 
 E = 3
 MAX_LEN = 24
@@ -322,7 +322,7 @@ def test_config_and_model_errors(models):
     assert moe.expert_bytes() == 3 * 2 * 32 * 16 * 4  # wg+wu+wd, 2 layers, D=32, F_e=16, float32
     eng = Engine(moe, ECFG)
     req = eng.new_request(0, [1, 2], 2)
-    from readme_jax.serve.requests import Batch, BatchItem, Kind
+    from readme_jax.serve.scheduling.requests import Batch, BatchItem, Kind
     with pytest.raises(ReadmeError, match=r"slot 7 of request 0 out of range \[0, 4\)"):
         eng.step(Batch(0, (BatchItem(req, Kind.PREFILL, 2, 7, 0, frozenset()),)))
 
@@ -334,7 +334,7 @@ def test_config_and_model_errors(models):
 def test_serve_bench_tiny_end_to_end(models, tmp_path, mixed):
     """The main job's serving stage, on the one-call engine (its default, chunked prefill) and on
     the split engine."""
-    from readme_jax.serve.bench import BenchModels, load_bench_config, run_serve_bench
+    from readme_jax.serve.sim.bench import BenchModels, load_bench_config, run_serve_bench
 
     moe, dense = models
     cfg = load_bench_config(None, [f"mixed_step={str(mixed).lower()}", "token_buckets=[16]", "workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
@@ -392,7 +392,7 @@ def test_step_time_fit_is_the_constrained_least_squares_solution():
     refit differs from clipping that coefficient to 0, and fits better."""
     import itertools
 
-    from readme_jax.serve.bench import fit_step_time
+    from readme_jax.serve.sim.bench import fit_step_time
 
     rng = np.random.default_rng(3)
     better = 0
@@ -422,7 +422,7 @@ def test_step_time_fit_is_the_constrained_least_squares_solution():
 
 
 def test_bench_models_save_load_round_trip(tmp_path):
-    from readme_jax.serve.bench import load_bench_models, save_bench_models, tiny_models
+    from readme_jax.serve.sim.bench import load_bench_models, save_bench_models, tiny_models
 
     m = tiny_models(vocab_size=50, n_experts=3, seed=1)
     save_bench_models(tmp_path / "m", m)

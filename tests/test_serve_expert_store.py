@@ -8,13 +8,13 @@ import pytest
 from conftest import tiny_readme
 
 from readme_jax.errors import ConfigError
-from readme_jax.serve.cache_policy import step_hits_bruteforce
+from readme_jax.serve.scheduling.cache_policy import step_hits_bruteforce
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner
-from readme_jax.serve.expert_store import ExpertStore
-from readme_jax.serve.requests import Status
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, simulate
-from readme_jax.serve.workload import RequestSpec
+from readme_jax.serve.engine.expert_store import ExpertStore
+from readme_jax.serve.scheduling.requests import Status
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.sim.simulate import CostModel, simulate
+from readme_jax.serve.sim.workload import RequestSpec
 
 E = 4
 ECFG = EngineConfig(n_slots=4, max_len=24, prefill_buckets=(16,), row_buckets=(4,))
@@ -168,7 +168,7 @@ def test_mixed_engine_with_small_pool_equals_all_resident(moe, all_resident, cap
 
 
 def test_cut_and_pack_pieces():
-    from readme_jax.serve.mixed_step import Piece, cut_by_experts, pack_calls
+    from readme_jax.serve.engine.mixed_step import Piece, cut_by_experts, pack_calls
 
     assert cut_by_experts([0, 0, 1, 2, 2, 1, 3], 2) == [(0, 3), (3, 6), (6, 7)]
     assert cut_by_experts([5, 5], 1) == [(0, 2)]

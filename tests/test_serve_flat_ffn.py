@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from readme_jax.serve.flat import ROW_TILES, experts_cond_ffn, experts_grouped_ffn, group_plan
+from readme_jax.serve.engine.flat import ROW_TILES, experts_cond_ffn, experts_grouped_ffn, group_plan
 
 
 def _swiglu64(x, wg, wu, wd):

@@ -24,7 +24,7 @@ from readme_jax.config import ModelConfig, RouterConfig
 from readme_jax.model.moe import MoEBackbone
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.model.router import make_router
-from readme_jax.serve.llm import LLM
+from readme_jax.serve.api.llm import LLM
 
 SLOTS, QUEUE, MAX_LEN = 2, 2, 64
 NAME = "tiny"

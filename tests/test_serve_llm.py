@@ -13,8 +13,8 @@ from readme_jax.model.moe import MoEBackbone
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.model.router import make_router
 from readme_jax.serve.engine import Engine, generate
-from readme_jax.serve.live import LiveEngine, QueueFull
-from readme_jax.serve.llm import LLM, TextStream
+from readme_jax.serve.api.live import LiveEngine, QueueFull
+from readme_jax.serve.api.llm import LLM, TextStream
 
 ECFG = EngineConfig(n_slots=2, max_len=48, prefill_buckets=(16, 32), row_buckets=(2,), decode_windows=None)
 
@@ -132,7 +132,7 @@ def test_live_results_equal_one_at_a_time(model):
 
 def test_missing_model_path_is_one_clear_error(tmp_path):
     from readme_jax.errors import CheckpointError
-    from readme_jax.serve.llm import open_model
+    from readme_jax.serve.api.llm import open_model
 
     with pytest.raises(CheckpointError, match="the path does not exist"):
         open_model(tmp_path / "nope")

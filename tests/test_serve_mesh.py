@@ -174,7 +174,7 @@ def test_refused_on_a_mesh():
     from readme_jax.config import EngineConfig, MeshConfig
     from readme_jax.errors import ConfigError
     from readme_jax.serve.engine import Engine
-    from readme_jax.serve.expert_store import ExpertStore
+    from readme_jax.serve.engine.expert_store import ExpertStore
 
     moe = tiny_readme(E, backbone_seed=11, router_seed=5)
     cfg = dataclasses.replace(_engine_cfg(), mesh=MeshConfig(data=1, expert=1))
@@ -195,7 +195,7 @@ def test_engine_takes_a_jax_mesh():
     from conftest import tiny_readme
     from readme_jax.distributed.mesh import AXES, EXPERT_SPECS
     from readme_jax.serve.engine import Engine
-    from readme_jax.serve.placement import sharded_experts_ffn
+    from readme_jax.serve.engine.placement import sharded_experts_ffn
 
     mesh = jax.make_mesh((1, 1, 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     eng = Engine(tiny_readme(E, backbone_seed=11, router_seed=5), dataclasses.replace(_engine_cfg(), mesh=mesh))

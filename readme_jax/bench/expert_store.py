@@ -37,10 +37,10 @@ from readme_jax.checkpoints.readme_io import load_readme
 from readme_jax.eval.spread import t_interval
 from readme_jax.jsonfile import write_json
 from readme_jax.config import EngineConfig
-from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
+from readme_jax.serve.sim.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
-from readme_jax.serve.expert_store import ExpertStore
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.engine.expert_store import ExpertStore
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = {"lru_on_demand": ("lru", False), "random_on_demand": ("random", False),
             "belady_on_demand": ("belady", False), "belady_prefetch": ("belady", True),

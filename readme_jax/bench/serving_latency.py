@@ -34,9 +34,9 @@ from readme_jax.checkpoints.readme_io import load_readme
 from readme_jax.eval.spread import t_interval
 from readme_jax.jsonfile import write_json
 from readme_jax.config import MIXED_FFNS, EngineConfig
-from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
+from readme_jax.serve.sim.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = ("expert_aware", "fcfs", "decode_first", "prefill_first", "expert_aware_blind")
 # also runnable (--policies): the ablation that chunks prompts only to the budget, not at expert boundaries

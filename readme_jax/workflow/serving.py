@@ -1,4 +1,4 @@
-"""Stage `serve_bench`: the serving benchmark (readme_jax.serve.bench) on the trained Read-ME model,
+"""Stage `serve_bench`: the serving benchmark (readme_jax.serve.sim.bench) on the trained Read-ME model,
 with the dense source model for the batch-1 latency comparison, prompts from the test split of the
 same domains. ``serve:`` in the run config is a ServeBenchConfig (readme_jax/config/serve.py)."""
 
@@ -12,7 +12,7 @@ import dataclasses
 
 from readme_jax.config import ServeBenchConfig, to_dict
 from readme_jax.model.readme_model import DenseModel
-from readme_jax.serve import bench
+from readme_jax.serve.sim import bench
 from readme_jax.workflow.training import load_trained
 from readme_jax.jsonfile import write_json
 from readme_jax.workflow.workspace import Workspace

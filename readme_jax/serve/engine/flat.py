@@ -39,7 +39,7 @@ from readme_jax.config import ModelConfig
 from readme_jax.model import decoder, layers
 from readme_jax.model.moe import cond_sum_experts, expert_rows, expert_weights, shared_ffn
 from readme_jax.model.router import route_ids, router_ffn
-from readme_jax.serve.engine_core import backbone_of, pick
+from readme_jax.serve.engine.core import backbone_of, pick
 
 
 def n_experts_of(params: dict, model) -> int:

@@ -24,7 +24,7 @@ from typing import Sequence
 from readme_jax.config import SamplingParams
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.serve.engine import Engine
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 
 class QueueFull(ReadmeError):

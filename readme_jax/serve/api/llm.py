@@ -26,7 +26,7 @@ from readme_jax.config import EngineConfig, SamplingParams
 from readme_jax.errors import CheckpointError, ReadmeError, RequestError
 from readme_jax.model.readme_model import DenseModel
 from readme_jax.serve.engine import Engine, ServedModel
-from readme_jax.serve.live import Handle, LiveEngine, LiveMetrics
+from readme_jax.serve.api.live import Handle, LiveEngine, LiveMetrics
 
 
 @dataclasses.dataclass

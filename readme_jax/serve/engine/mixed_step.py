@@ -1,5 +1,5 @@
 """The engine's one-call-per-step mode (``EngineConfig.mixed_step``): prefill chunks and decodes of
-a scheduler batch as one flat token list (the jitted step is :func:`readme_jax.serve.flat.make_mixed_fn`).
+a scheduler batch as one flat token list (the jitted step is :func:`readme_jax.serve.engine.flat.make_mixed_fn`).
 
 Without an expert store a step is ONE call. With one (``Engine(..., store=ExpertStore(...))``)
 a call may use at most ``store.max_call_experts`` experts, the pool's slots, so the step is cut:
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from readme_jax.errors import ConfigError, ReadmeError
-from readme_jax.serve.requests import Batch, Kind, StepOutput
+from readme_jax.serve.scheduling.requests import Batch, Kind, StepOutput
 
 
 class Piece(NamedTuple):

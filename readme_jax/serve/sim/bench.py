@@ -51,13 +51,13 @@ from readme_jax.model.llama import Llama
 from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
 from readme_jax.model.router import make_router
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams
-from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity,
+from readme_jax.serve.sim.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity,
                                       plot_normalized_latency_hist, plot_unique_experts, request_metrics, summarize)
-from readme_jax.serve.requests import Status
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, simulate
-from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
-from readme_jax.serve.workload import generate_workload
+from readme_jax.serve.scheduling.requests import Status
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.sim.simulate import CostModel, simulate
+from readme_jax.serve.sim.transfer import ExpertStoreSim, StoreConfig
+from readme_jax.serve.sim.workload import generate_workload
 
 
 def load_bench_config(path=None, overrides=()) -> ServeBenchConfig:
@@ -492,7 +492,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    """``python -m readme_jax.serve.bench [--model tiny] [--out DIR] [key=value ...]``."""
+    """``python -m readme_jax.serve.sim.bench [--model tiny] [--out DIR] [key=value ...]``."""
     ap = argparse.ArgumentParser(prog="readme-jax serve-bench", description=__doc__.splitlines()[0])
     add_arguments(ap)
     run(ap.parse_args(argv))

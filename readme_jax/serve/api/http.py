@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from readme_jax.errors import ReadmeError, RequestError
-from readme_jax.serve.cache_policy import ExpertCache
-from readme_jax.serve.live import LiveMetrics, QueueFull, ShuttingDown
-from readme_jax.serve.llm import LLM, Sampling, TextStream
+from readme_jax.serve.scheduling.cache_policy import ExpertCache
+from readme_jax.serve.api.live import LiveMetrics, QueueFull, ShuttingDown
+from readme_jax.serve.api.llm import LLM, Sampling, TextStream
 
 # ----------------------------------------------------------------------------- metrics
 

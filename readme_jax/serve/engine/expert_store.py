@@ -9,7 +9,7 @@ tuple of buffers and the tokens' expert ids as indices into it
 (:func:`readme_jax.model.moe.pool_ffn`).
 
 * ``acquire(experts, future)``: make a call's experts resident (the engine cuts steps into
-  calls of at most ``capacity`` experts, :func:`readme_jax.serve.cache_policy.split_calls`),
+  calls of at most ``capacity`` experts, :func:`readme_jax.serve.scheduling.cache_policy.split_calls`),
   loading misses on demand and evicting by the policy (never an expert of the call), then
   WAIT for every copy the call needs. That wait is the measured stall. Only one prompt
   whose tokens span more experts than the pool can make a call bigger: its extra experts
@@ -20,7 +20,7 @@ tuple of buffers and the tokens' expert ids as indices into it
   outside that future call. So that there is always such a slot, the engine plans calls of
   at most ``capacity - 1`` experts when prefetching (``max_call_experts``).
 
-Hits and misses are counted by :class:`readme_jax.serve.cache_policy.ExpertCache` (a
+Hits and misses are counted by :class:`readme_jax.serve.scheduling.cache_policy.ExpertCache` (a
 prefetched expert's use is a hit; ``stats.prefetches`` counts the loads started ahead).
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from readme_jax.errors import ConfigError
 from readme_jax.model.readme_model import ReadMEModel
-from readme_jax.serve.cache_policy import ExpertCache, Use
+from readme_jax.serve.scheduling.cache_policy import ExpertCache, Use
 
 EXPERT_KEYS = ("wg", "wu", "wd")
 

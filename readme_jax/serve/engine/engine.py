@@ -52,14 +52,14 @@ import numpy as np
 from readme_jax.config import EngineConfig, SamplingParams
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
 from readme_jax.model import decoder
-from readme_jax.serve.cache_policy import split_calls
-from readme_jax.serve.engine_core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
-from readme_jax.serve.expert_store import ExpertStore
-from readme_jax.serve.flat import mixed_fn
-from readme_jax.serve.mixed_step import MixedStep
-from readme_jax.serve.placement import engine_placement
-from readme_jax.serve.requests import Batch, Kind, Request, StepOutput
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.scheduling.cache_policy import split_calls
+from readme_jax.serve.engine.core import ServedModel, backbone_of, make_step_fns, sample_rows, step_fns
+from readme_jax.serve.engine.expert_store import ExpertStore
+from readme_jax.serve.engine.flat import mixed_fn
+from readme_jax.serve.engine.mixed_step import MixedStep
+from readme_jax.serve.engine.placement import engine_placement
+from readme_jax.serve.scheduling.requests import Batch, Kind, Request, StepOutput
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["Engine", "EngineConfig", "EngineRunner", "SamplingParams", "ServedModel", "StepOutput",
            "complete", "generate", "make_step_fns", "sample_rows", "step_fns"]
