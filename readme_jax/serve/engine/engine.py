@@ -101,11 +101,11 @@ class Engine:
             else:
                 layers = params["layers"]
                 base = {**params, "layers": {k: v for k, v in layers.items() if k not in EXPERT_KEYS}}
-                self.params, self.slots = jax.device_put((base, expert_slots(layers)))
+                self.params, self.slots = self._put((base, expert_slots(layers)))
         else:
             self._step = step_fn(model)
-            self.params, self.slots = jax.device_put(params), ()
-        put = jax.device_put if pl is None else pl.replicate
+            self.params, self.slots = self._put(params), ()
+        put = self._put if pl is None else pl.replicate
         self.rparams = put(model.router_params) if model.is_moe else None
         self._route = route_prompt_fn(model) if model.is_moe else None
         self._compiled: set = set()
@@ -121,6 +121,8 @@ class Engine:
         self.rcache = decoder.init_cache(m.router_cfg, c.n_slots, c.max_len) if m.is_moe else None
         if self.placement is not None:  # on a mesh: the caches are replicated
             self.cache, self.rcache = self.placement.replicate((self.cache, self.rcache))
+        else:
+            self.cache, self.rcache = self._put((self.cache, self.rcache))
         self._reqs: dict[int, ReqState] = {}
         self._slot_owner: dict[int, int] = {}
         self.router_s = 0.0  # measured: prompt routing at arrival
@@ -143,6 +145,12 @@ class Engine:
         st = self._reqs.pop(int(rid), None)
         if st is not None and st.slot is not None and self._slot_owner.get(st.slot) == st.rid:
             del self._slot_owner[st.slot]
+
+    @staticmethod
+    def _put(tree):
+        """On the device, committed: every call then sees the same placement as the step's outputs
+        (a fresh uncommitted cache against a committed one would be a second compilation)."""
+        return jax.device_put(tree, jax.devices()[0])
 
     def _request_state(self, rid: int) -> ReqState:
         if rid not in self._reqs:
