@@ -372,12 +372,18 @@ class Engine:
         return time.perf_counter() - t0
 
     def serving_shapes(self) -> list[tuple]:
-        """The programs a server meets first (greedy): decode steps of 1 .. n_slots requests at every
-        window, and a new prompt's first chunk of each size up to the token budget."""
+        """The programs a server meets first (greedy, smallest window for prompts): decode steps of
+        1 .. n_slots requests at every window; a new prompt's first chunk of each size up to the
+        token budget, alone; and steps of several requests with prompt tokens (all slots' rows)."""
         c = self.cfg
         rows = sorted({c.rows(n) for n in range(1, c.n_slots + 1)})
+        w0 = c.windows()[0]
         shapes = [(B, B, W, 0, True, False) for B in rows for W in c.windows()]
-        shapes += [(N, 1, c.windows()[0], 0, True, True) for N in sorted({c.tokens(n) for n in range(1, c.token_budget + 1)})]
+        shapes += [(N, 1, w0, 0, True, True) for N in sorted({c.tokens(n) for n in range(1, c.token_budget + 1)})]
+        if c.n_slots > 1:
+            S = c.n_slots
+            shapes += [(N, S, w0, 0, True, True)
+                       for N in sorted({c.tokens(S + n - 2) for n in range(2, c.token_budget + 1)})]
         return shapes
 
     def _warm_slots(self):

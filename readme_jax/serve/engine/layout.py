@@ -13,7 +13,9 @@ serve/engine/step.py, laid out for the ragged attention (serve/engine/attention.
 * padding: rows with slot ``n_slots`` (nothing read or written), tokens of row -1.
 
 Shapes are powers of two (``EngineConfig.rows``, ``tokens``, ``window``), and the static flags
-(``n_tail``, ``greedy``, ``prompts``) complete the compiled program's key.
+(``n_tail``, ``greedy``, ``prompts``) complete the compiled program's key. To keep the programs
+few: a decode-only step has a power of two of rows, a step with prompt tokens one row (a single
+request) or all ``n_slots`` rows, and ``n_tail`` is 0, 1 or all rows.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import NamedTuple
 import numpy as np
 
 from readme_jax.config import EngineConfig
-from readme_jax.config.serve import pow2_at_least
 from readme_jax.errors import ReadmeError
 
 
@@ -72,8 +73,11 @@ def lay_out(pieces, cfg: EngineConfig, pool: bool = False) -> CallLayout:
     back = [r for r in merged.values() if r[3] and r[1] > 0]  # later chunks: they read the cache
     S = cfg.n_slots
     n_rows = len(front) + len(back)
-    B = cfg.rows(n_rows)
-    n_tail = min(B, pow2_at_least(len(back))) if back else 0
+    prompts = any(r[3] for r in merged.values())
+    # rows: a decode-only step its power of two; a step with prompt tokens one row when it is one
+    # request, else every slot (arrivals mix requests in many ways: this keeps their programs few)
+    B = cfg.n_slots if prompts and n_rows > 1 else cfg.rows(n_rows)
+    n_tail = (1 if len(back) == 1 else B) if back else 0  # later chunks: one (the common case) or all rows
     extra = sum(r[2] - 1 for r in merged.values())
     N = cfg.tokens(B + extra)
     tok = np.zeros((5, N), np.int32)
@@ -118,8 +122,7 @@ def lay_out(pieces, cfg: EngineConfig, pool: bool = False) -> CallLayout:
         ex = np.unique(r[r >= 0]).astype(np.int32)
         tok[3] = np.where(r >= 0, np.searchsorted(ex, np.maximum(r, 0)), -1)
         experts = tuple(int(e) for e in ex)
-    static = {"window": cfg.window(need), "n_tail": int(n_tail), "greedy": bool(greedy),
-              "prompts": bool(tok[4].any())}
+    static = {"window": cfg.window(need), "n_tail": int(n_tail), "greedy": bool(greedy), "prompts": prompts}
     return CallLayout(tok, rows, rf, static, out_rows, experts)
 
 
