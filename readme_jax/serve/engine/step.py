@@ -15,7 +15,8 @@ compilations)::
 
 The backbone runs the N tokens (:func:`ragged_forward`); each sampling row samples from its last
 token's logits (row b's key is ``fold_in(key(seed), counter)``, so what a request samples does
-not depend on its batch; ``greedy`` is a separately compiled variant without the sampler). Then,
+not depend on its batch; ``greedy`` is a separately compiled variant without the sampler, its
+argmax taken over vocabulary-major logits, :func:`greedy_tokens`). Then,
 in the same call, the router runs on the step's prompt tokens (filling its cache; their routes
 came at arrival) and on each sampled token at the next position: its route, the expert of the
 next step. New keys and values are written into the donated caches.
@@ -48,11 +49,16 @@ def backbone_of(model: ServedModel):
     raise ConfigError(f"the engine serves a ReadMEModel or a DenseModel, got {type(model).__name__}")
 
 
-def pick(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B, greedy: bool):
-    """The sampled token per row; ``greedy`` (static) is a separate compiled variant that skips the sampler."""
-    if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B)
+def greedy_tokens(params: dict, cfg, h_BD):
+    """The most likely token of each row. With a tied head the logits are formed vocabulary-major
+    (``embed [V, D] . h``, then the argmax over V): on XLA:CPU the head's matmul then streams the
+    embedding about 1.6x faster at 8 rows than ``h . embed^T`` does. The same numbers either way."""
+    if not cfg.tie_embeddings:
+        return jnp.argmax(decoder.logits_of_hidden(params, cfg, h_BD), axis=-1).astype(jnp.int32)
+    e = params["embed"]
+    logits_VB = jax.lax.dot_general(e, h_BD.astype(e.dtype), (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+    return jnp.argmax(logits_VB, axis=0).astype(jnp.int32)
 
 
 def sample_rows(logits_BV, seeds_B, counters_B, temps_B, top_ps_B, top_ks_B):
@@ -90,8 +96,10 @@ def make_step(model: ServedModel, ffn=None):
             plan = group_plan(route, len(slots))
             layer_ffn = lambda lp, li, h: shared_ffn(lp, h, grouped_experts(h, plan, slots, li))  # noqa: E731
         h, nk, nv = ragged_forward(params, cfg, tok, pos, row, real, slot, ctx, cache, window, n_tail, layer_ffn)
-        logits = decoder.logits_of_hidden(params, cfg, h[last])
-        nxt = pick(logits, seeds, counters, temps, top_ps, top_ks, greedy)
+        if greedy:
+            nxt = greedy_tokens(params, cfg, h[last])
+        else:
+            nxt = sample_rows(decoder.logits_of_hidden(params, cfg, h[last]), seeds, counters, temps, top_ps, top_ks)
         cache = write_cache(cache, nk, nv, jnp.where(real, slot[jnp.maximum(row, 0)], S), pos)
         if not moe:
             return nxt, jnp.zeros_like(nxt), cache, rcache
