@@ -30,7 +30,7 @@ _LAZY = {
     "ReadMEModel": "readme_jax.model.readme_model", "ReadMEOut": "readme_jax.model.readme_model",
     "Engine": "readme_jax.serve.engine", "EngineConfig": "readme_jax.serve.engine",
     "SamplingParams": "readme_jax.serve.engine", "generate": "readme_jax.serve.engine",
-    "LLM": "readme_jax.serve.llm", "Completion": "readme_jax.serve.llm",
+    "LLM": "readme_jax.serve.api.llm", "Completion": "readme_jax.serve.api.llm",
 }
 
 if TYPE_CHECKING:  # static analysers see the real names
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # static analysers see the real names
     from readme_jax.errors import ReadmeError
     from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel, ReadMEOut
     from readme_jax.serve.engine import Engine, EngineConfig, SamplingParams, generate
-    from readme_jax.serve.llm import LLM, Completion
+    from readme_jax.serve.api.llm import LLM, Completion
 
 
 def __getattr__(name: str):

@@ -21,8 +21,8 @@ from readme_jax.distributed.lead import is_lead, lead_only
 from readme_jax.distributed.multihost import detect_launch, initialize_from_env
 from readme_jax.config import SCHEDULER_POLICIES, MeshConfig
 from readme_jax.errors import ReadmeError
-from readme_jax.serve.http import serve
-from readme_jax.serve.llm import LLM
+from readme_jax.serve.api.http import serve
+from readme_jax.serve.api.llm import LLM
 from readme_jax.train import memory
 from readme_jax.workflow.export import export_workspace
 from readme_jax.workflow.frontier import default_points, run_frontier
@@ -143,7 +143,7 @@ def cmd_serve(args):
     if args.mesh_expert * args.mesh_model > 1:  # experts sharded over the first expert x model devices
         mesh = MeshConfig(data=1, expert=args.mesh_expert, model=args.mesh_model)
     serve(args.path, host=args.host, port=args.port, dense=args.dense, policy=args.policy, n_slots=args.slots,
-          max_len=args.max_len, max_queue=args.max_queue, mesh=mesh)
+          max_len=args.max_len, max_queue=args.max_queue, mesh=mesh, warm=not args.no_warm)
 
 
 def cmd_frontier(args):
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh-expert", type=int, default=1,
                    help="shard the experts over this many devices (docs/SERVING.md, 'On a mesh')")
     p.add_argument("--mesh-model", type=int, default=1, help="and each expert's columns over this many")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not compile the engine's common step programs before listening (they compile on first use)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("memory", help="per-device memory of the expert-tuning step (eval_shape; nothing allocated)")
     p.add_argument("--config", default=None, help=f"YAML file or preset name in configs/ (default {DEFAULT_PRESET})")

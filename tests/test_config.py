@@ -78,9 +78,8 @@ def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
     ("serve.max_queue=-1", "serve.max_queue must be >= 0, got -1"),
     ("serve.max_wait_steps=-2", "serve.max_wait_steps must be >= 0 or null, got -2"),
     ("serve.max_len=1", "serve.max_len must be >= 2, got 1"),
-    ("serve.prefill_buckets=[0]", r"serve.prefill_buckets must be integers in \[1, max_len-1=191\], got \(0,\)"),
-    ("serve.row_buckets=[1, 2]", r"serve.row_buckets must be integers in \[1, n_slots=64\] including n_slots"),
-    ("serve.decode_windows=[1]", r"serve.decode_windows must be integers in \[2, max_len=192\]"),
+    ("serve.min_window=0", "serve.min_window must be >= 1, got 0"),
+    ("serve.mixed_step=false", "unknown config key.*mixed_step"),
     ("serve.capacities=[2, 0]", r"serve.capacities must be integers >= 1, got \(2, 0\)"),
     ("serve.lookahead_steps=-1", "serve.lookahead_steps must be >= 0, got -1"),
     ("serve.link_bandwidth_bytes_per_s=0", "serve.link_bandwidth_bytes_per_s must be > 0, got 0.0"),
@@ -89,7 +88,7 @@ def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
     ("serve.sweep_repeats=0", "serve.sweep_repeats must be >= 1, got 0"),
     ("serve.corpus_sep_id=-1", "serve.corpus_sep_id must be >= 0 or null, got -1"),
     ("serve.seed=-1", "serve.seed must be >= 0, got -1"),
-    ("serve.moe_ffn=all", r"serve.moe_ffn must be one of \['present', 'expert_ffn'\], got 'all'"),
+    ("serve.token_buckets=[16]", "unknown config key.*token_buckets"),
     ("serve.workload.n_requests=0", "serve.workload.n_requests must be >= 1, got 0"),
     ("serve.workload.rate_per_s=-3", "serve.workload.rate_per_s must be > 0, got -3.0"),
     ("serve.workload.route_stay=1.5", r"serve.workload.route_stay must be in \[0, 1\], got 1.5"),
@@ -110,10 +109,10 @@ def test_every_serve_key_is_validated_at_load(override, message):
 def test_engine_config_checks_its_keys():
     from readme_jax.config import EngineConfig
 
-    assert EngineConfig(max_len=64, decode_windows=()).window(10) == 64  # empty windows: full length
+    assert EngineConfig(max_len=64, min_window=64).window(10) == 64  # one window: the full length
     with pytest.raises(ConfigError, match="engine.eos_id must be >= 0 or null, got -1"):
         EngineConfig(eos_id=-1)
     with pytest.raises(ConfigError, match=r"engine.max_len must be an integer >= 2, got 16.5"):
         EngineConfig(max_len=16.5)
-    with pytest.raises(ConfigError, match=r"engine.prefill_buckets must be integers in \[1, max_len-1=255\]"):
-        EngineConfig(prefill_buckets=())
+    with pytest.raises(ConfigError, match=r"engine.token_budget must be an integer >= 1, got 2.5"):
+        EngineConfig(token_budget=2.5)

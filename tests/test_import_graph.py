@@ -122,7 +122,7 @@ def _layer(mod: str) -> int | None:
 def test_the_graph_is_found():
     assert len(MODULES) > 50 and sum(map(len, EDGES.values())) > 100
     assert "readme_jax.model.moe" in EDGES["readme_jax.model.readme_model"]
-    assert "readme_jax.model" in EDGES["readme_jax.serve.engine_core"]  # the package's __init__ loads too
+    assert "readme_jax.model" in EDGES["readme_jax.serve.engine.step"]  # the package's __init__ loads too
 
 
 def test_module_graph_is_acyclic():
@@ -133,6 +133,29 @@ def test_cycle_finder_finds_a_planted_cycle():
     planted = {k: set(v) for k, v in EDGES.items()}
     planted["readme_jax.config"].add("readme_jax.workflow.run")
     assert _cycle(planted) is not None
+
+
+# serve/'s rooms (serve/__init__.py): a room imports only itself and the rooms before it
+SERVE_ROOMS = [{"scheduling"}, {"engine"}, {"api", "sim"}]
+
+
+def _room(mod: str) -> int | None:
+    parts = mod.split(".")
+    if len(parts) < 3 or parts[1] != "serve":
+        return None
+    return next((i for i, names in enumerate(SERVE_ROOMS) if parts[2] in names), None)
+
+
+def test_every_serve_module_is_in_a_room():
+    loose = sorted(m for m in MODULES if m.startswith("readme_jax.serve.") and _room(m) is None)
+    assert not loose, f"put {loose} in a room of serve/ (SERVE_ROOMS)"
+
+
+def test_serve_rooms_never_import_upwards_or_sideways():
+    bad = [f"{a} -> {b}" for a, ts in EDGES.items() for b in ts
+           if _room(a) is not None and _room(b) is not None
+           and (_room(b) > _room(a) or (_room(b) == _room(a) and a.split(".")[2] != b.split(".")[2]))]
+    assert not bad, "\n".join(sorted(bad))
 
 
 def test_every_subpackage_is_in_a_layer():

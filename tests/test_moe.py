@@ -171,9 +171,7 @@ def test_moe_needs_route():
 
 
 def test_split_layout_ffns_agree_with_a_per_token_float64_loop():
-    """routed_ffn and the serving engine's present_experts_ffn add the shared part for every token."""
-    from readme_jax.model.moe import present_experts_ffn
-
+    """routed_ffn adds the shared part for every token (the serving engine's FFN: test_serve_experts_ffn.py)."""
     rng = np.random.default_rng(_seed())
     E, D, R, P, T = 3, 16, 8, 5, 13
     lp = {"wg": rng.standard_normal((E, D, R)), "wu": rng.standard_normal((E, D, R)), "wd": rng.standard_normal((E, R, D)),
@@ -194,6 +192,3 @@ def test_split_layout_ffns_agree_with_a_per_token_float64_loop():
     for impl in ("reference", "xla"):
         got, _ = routed_ffn(impl)(jlp, jnp.asarray(h), jnp.asarray(route))
         np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=1e-4, atol=1e-4)
-    present = jnp.asarray(np.unique(route), jnp.int32)
-    got, _ = jax.jit(present_experts_ffn)(jlp, jnp.asarray(h), (jnp.asarray(route), present))  # ids traced
-    np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=1e-4, atol=1e-4)

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from readme_jax.errors import ConfigError, ReadmeError
-from readme_jax.serve.cache_policy import (ExpertCache, offline_optimum_misses, optimal_misses_bruteforce,
+from readme_jax.serve.scheduling.cache_policy import (ExpertCache, offline_optimum_misses, optimal_misses_bruteforce,
                                            simulate_cache, split_calls, step_access_sequence,
                                            step_hits_bruteforce)
-from readme_jax.serve.transfer import (ExpertStoreSim, LinkModel, StoreConfig, TransferTimeline,
+from readme_jax.serve.sim.transfer import (ExpertStoreSim, LinkModel, StoreConfig, TransferTimeline,
                                        compare_prefetch)
 
 seqs = st.lists(st.integers(0, 5), min_size=0, max_size=16)

@@ -1,5 +1,6 @@
-"""Serving engine: batched generation equals one-request-at-a-time full forwards, for every policy;
-incremental routes equal full routing; sampling, EOS, invalid requests, 2x overload; serve-bench."""
+"""Serving engine: batched generation (prompt chunks and decodes in one call per step) equals
+one-request-at-a-time full forwards, for every policy; a prompt 4x the step's budget; incremental
+routes equal full routing; sampling, EOS, invalid requests, 2x overload; compiling ahead; serve-bench."""
 
 import dataclasses
 import json
@@ -17,15 +18,16 @@ from readme_jax.model import decoder
 from readme_jax.model.llama import Llama
 from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams, complete, generate
-from readme_jax.serve.requests import Status
-from readme_jax.serve.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, simulate
-from readme_jax.serve.workload import RequestSpec
+from readme_jax.serve.scheduling.requests import Kind, Status
+from readme_jax.serve.scheduling.scheduler import SCHEDULER_POLICIES, Scheduler, SchedulerConfig
+from readme_jax.serve.sim.simulate import CostModel, simulate
+from readme_jax.serve.sim.workload import RequestSpec
 
 E = 3
 MAX_LEN = 24
 PAD = MAX_LEN  # reference forwards run on [1, PAD] (causal: the padding never reaches real tokens)
-ECFG = EngineConfig(n_slots=4, max_len=MAX_LEN, prefill_buckets=(16,), row_buckets=(4,))  # few compiled shapes
+# one attention window (min_window = max_len) and a small budget: few compiled shapes, shared by the tests
+ECFG = EngineConfig(n_slots=4, max_len=MAX_LEN, token_budget=6, min_window=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +73,6 @@ def moe_engine(models):
     return Engine(models[0], ECFG)
 
 
-@pytest.fixture(scope="module")
-def generic_engine(models):
-    """The ``expert_ffn`` path (all experts, ops impl 'xla'): one compiled shape per call kind."""
-    return Engine(models[0], dataclasses.replace(ECFG, moe_ffn="expert_ffn"))
-
-
 def _prompts(seed, n, vocab=97, lo=1, hi=14):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))).astype(np.int32) for _ in range(n)]
@@ -92,13 +88,18 @@ def _specs(prompts, max_new, arrivals):
 
 @pytest.mark.parametrize("policy", SCHEDULER_POLICIES)
 def test_batched_greedy_equals_one_at_a_time_for_every_policy(policy, models, moe_engine, reference):
-    prompts = _prompts(1, 9)
-    max_new = [1 + (i * 5) % 8 for i in range(9)]
+    prompts = _prompts(2, 9, hi=14)
+    max_new = [1 + (i * 3) % 7 for i in range(9)]
     specs = _specs(prompts, max_new, np.arange(9) * 0.004)
-    cfg = SchedulerConfig(policy=policy, token_budget=16, n_slots=4, max_queue=100, max_wait_steps=4, n_experts=E)
-    res = simulate(specs, Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()), keep_batches=True)
+    # budget 6 < most prompts: prompts run in chunks, mixed with other requests' decodes in one call
+    cfg = SchedulerConfig(policy=policy, token_budget=6, n_slots=4, max_queue=100, max_wait_steps=4, n_experts=E,
+                          chunked_prefill=True)
+    res = simulate(specs, Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()),
+                   keep_batches=True)
     assert not res.invalid and all(r.status is Status.FINISHED for r in res.requests) and len(res.requests) == 9
-    assert max(len(b) for b in res.batches) > 1  # really batched (mixed prefills/decodes too)
+    assert all(b.n_tokens <= 6 for b in res.batches) and max(len(b) for b in res.batches) > 1
+    assert any(it.kind.value == "prefill" and it.n_tokens < it.request.prompt_len for b in res.batches
+               for it in b.items)  # really chunked
     assert any(b.prefills and b.decodes for b in res.batches)
     for s in specs:
         ref_out, ref_routes = reference("moe", s.prompt_ids, s.output_len)
@@ -108,43 +109,28 @@ def test_batched_greedy_equals_one_at_a_time_for_every_policy(policy, models, mo
     assert not moe_engine._slot_owner  # every slot released
 
 
-def test_generic_expert_ffn_path_equals_one_at_a_time(generic_engine, reference):
-    prompts = _prompts(7, 5)
-    for p, o in zip(prompts, generate(generic_engine, prompts, 4, policy="expert_aware", token_budget=16)):
-        assert o == reference("moe", p, 4)[0]
+def test_prompt_four_times_the_budget_equals_one_at_a_time(models, moe_engine, reference):
+    """A prompt 4x the step's token budget runs in chunks (alone, and beside other requests) and
+    generates what one-at-a-time full forwards generate."""
+    budget = 4
+    long = _prompts(11, 1, lo=4 * budget, hi=4 * budget)[0]
+    others = _prompts(12, 3, hi=5)
+    ref_long = reference("moe", long, 3)
+    assert generate(moe_engine, [long], 3, token_budget=budget) == [ref_long[0]]
+    np.testing.assert_array_equal(moe_engine.routes(0), ref_long[1])
+    outs = generate(moe_engine, [long] + others, 3, policy="expert_aware", token_budget=budget)
+    assert outs == [ref_long[0]] + [reference("moe", p, 3)[0] for p in others]
 
 
-def test_present_experts_ffn_matches_expert_ffn():
-    from readme_jax.ops.expert_ffn import expert_ffn
-    from readme_jax.model.moe import present_experts_ffn
-
-    rng = np.random.default_rng(8)
-    lp = {n: jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
-          for n, s in (("wg", (5, 6, 4)), ("wu", (5, 6, 4)), ("wd", (5, 4, 6)))}
-    h = jnp.asarray(rng.standard_normal((2, 7, 6)), jnp.float32)
-    route = rng.integers(0, 5, size=(2, 7)).astype(np.int32)
-    route[1, 5:] = -1  # padding: output 0
-    present = np.unique(route[route >= 0]).astype(np.int32)
-    ffn = jax.jit(lambda lp, h, r, p: present_experts_ffn(lp, h, (r, p))[0])  # traced ids (-1 = padding)
-    y = ffn(lp, h, jnp.asarray(route), jnp.asarray(present))
-    ref = expert_ffn(h.reshape(14, 6), np.where(route < 0, 0, route).reshape(14), lp["wg"], lp["wu"], lp["wd"],
-                     impl="reference").reshape(2, 7, 6)
-    ref = jnp.where(jnp.asarray(route)[..., None] < 0, 0.0, ref)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
-    assert np.all(np.asarray(y)[1, 5:] == 0)
-    # an expert missing from present_K is not computed (its rows stay 0)
-    y2 = ffn(lp, h, jnp.asarray(route), jnp.asarray(present[1:]))
-    gone = route == present[0]
-    assert np.all(np.asarray(y2)[gone] == 0) and np.allclose(np.asarray(y2)[~gone], np.asarray(y)[~gone])
-
-
-def test_dense_engine_equals_full_forward(models, reference):
-    eng = Engine(models[1], dataclasses.replace(ECFG, decode_windows=(8, 16)))  # decode reads 8/16/24 positions
+def test_dense_engine_with_windows_equals_full_forward(models, reference):
+    eng = Engine(models[1], dataclasses.replace(ECFG, min_window=8))  # steps read 8, 16 or 24 positions
     prompts = _prompts(2, 6)
-    outs = generate(eng, prompts, [5, 1, 7, 3, 6, 2], policy="decode_first", token_budget=16)
+    outs = generate(eng, prompts, [5, 1, 7, 3, 6, 2], policy="decode_first")
     for p, o, n in zip(prompts, outs, [5, 1, 7, 3, 6, 2]):
         assert o == reference("dense", p, n)[0]
     assert np.all(eng.routes(0) == 0)
+    used = {k[2] for k in eng._compiled if k[0] != "route"}
+    assert len(used) >= 2 and used <= {8, 16, 24}  # steps read only the windows their positions need
 
 
 def test_eos_stops_and_frees_the_slot(models, reference):
@@ -163,8 +149,8 @@ def test_eos_stops_and_frees_the_slot(models, reference):
     assert not eng._slot_owner
 
 
-def test_sampling_is_batch_invariant_and_top_p_zero_is_greedy(generic_engine, reference):
-    eng = generic_engine  # sampling does not depend on the FFN path; this one compiles fewest shapes
+def test_sampling_is_batch_invariant_and_top_p_zero_is_greedy(moe_engine, reference):
+    eng = moe_engine
     prompts = _prompts(5, 4, hi=8)
     sp = SamplingParams(temperature=0.9, top_p=0.9, seed=123)
     together = generate(eng, prompts, 6, sp)
@@ -188,7 +174,7 @@ def test_invalid_requests_raise_clear_errors(moe_engine):
         (dict(prompt_ids=None), "request 0: no prompt token ids"),
         (dict(prompt_ids=np.zeros((2, 2), np.int32)), r"1-D sequence of token ids, got shape \(2, 2\)"),
         (dict(prompt_ids=np.array([1.5])), "token ids must be integers"),
-        (dict(prompt_ids=np.arange(17)), r"prompt has 17 tokens > max prompt length 16"),
+        (dict(prompt_ids=np.arange(23)), r"prompt \(23\) \+ max_new_tokens \(2\) = 25 > engine max_len=24"),
         (dict(prompt_ids=[3, 97]), r"token id 97 at index 1 is out of the vocabulary \[0, 97\)"),
         (dict(prompt_ids=[-1]), r"token id -1 at index 0 is out of the vocabulary"),
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
@@ -215,13 +201,14 @@ def test_invalid_requests_do_not_disturb_the_others(models, moe_engine, referenc
     specs = _specs(prompts, [4] * 6, np.arange(6) * 0.01)
     bad = [RequestSpec(100, 0.005, 0, 3, None, None, np.zeros((0,), np.int32)),  # empty
            RequestSpec(101, 0.012, 2, 3, None, None, np.array([5, 400], np.int32)),  # out of vocab
-           RequestSpec(102, 0.013, 20, 3, None, None, np.arange(20, dtype=np.int32)),  # too long
+           RequestSpec(102, 0.013, 22, 3, None, None, np.arange(22, dtype=np.int32)),  # too long
            RequestSpec(103, 0.02, 3, 0, None, None, np.array([1, 2, 3], np.int32))]  # no new tokens
-    cfg = SchedulerConfig(policy="expert_aware", token_budget=16, n_slots=4, max_queue=100, n_experts=E)
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=6, n_slots=4, max_queue=100, n_experts=E,
+                          chunked_prefill=True)
     res = simulate(specs + bad, Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()))
     assert sorted(res.invalid) == [100, 101, 102, 103]
     assert "empty prompt" in res.invalid[100] and "out of the vocabulary" in res.invalid[101]
-    assert "max prompt length" in res.invalid[102] and "max_new_tokens" in res.invalid[103]
+    assert "> engine max_len=24" in res.invalid[102] and "max_new_tokens" in res.invalid[103]
     assert sorted(r.rid for r in res.requests) == list(range(6))
     for s in specs:
         assert moe_engine.output(s.rid) == reference("moe", s.prompt_ids, 4)[0]
@@ -232,12 +219,12 @@ def test_trailing_invalid_request_keeps_every_result(moe_engine, reference):
     others' outputs intact; bad sampling parameters make every request rejected, and the run still returns."""
     prompts = _prompts(8, 3)
     specs = _specs(prompts, [3] * 3, np.arange(3) * 0.01)
-    too_long = RequestSpec(50, 1.0, 20, 2, None, None, np.arange(20, dtype=np.int32))
-    cfg = SchedulerConfig(policy="fcfs", token_budget=16, n_slots=4, max_queue=10, n_experts=E)
+    too_long = RequestSpec(50, 1.0, 23, 2, None, None, np.arange(23, dtype=np.int32))
+    cfg = SchedulerConfig(policy="fcfs", token_budget=6, n_slots=4, max_queue=10, n_experts=E, chunked_prefill=True)
     res = simulate(specs + [too_long], Scheduler(cfg), runner=EngineRunner(moe_engine, cost_model=CostModel()))
     out = res.outcomes()
     assert [out[i]["status"] for i in range(3)] == ["finished"] * 3 and out[50]["status"] == "rejected"
-    assert "request 50: prompt has 20 tokens > max prompt length 16" in out[50]["reason"]
+    assert "request 50: prompt (23) + max_new_tokens (2) = 25 > engine max_len=24" in out[50]["reason"]
     for s in specs:
         assert moe_engine.output(s.rid) == reference("moe", s.prompt_ids, 3)[0]
     bad = EngineRunner(moe_engine, SamplingParams(temperature=-1.0), cost_model=CostModel())
@@ -264,8 +251,8 @@ def test_engine_2x_overload_500_requests(models, moe_engine):
     n = 500
     prompts = [rng.integers(0, 97, size=int(rng.integers(1, 7))).astype(np.int32) for _ in range(n)]
     max_new = rng.integers(1, 4, size=n)
-    cfg = SchedulerConfig(policy="expert_aware", token_budget=16, n_slots=4, max_queue=8, max_wait_steps=4,
-                          n_experts=E)
+    cfg = SchedulerConfig(policy="expert_aware", token_budget=6, n_slots=4, max_queue=8, max_wait_steps=4,
+                          n_experts=E, chunked_prefill=True)
     cost = CostModel(a_s=0.01, b_s_per_token=0.001, c_s_per_expert=0.002)  # virtual clock: deterministic
     # service rate: a burst of the first 100 requests with no queue limit
     burst = _specs(prompts[:100], max_new[:100], np.zeros(100))
@@ -287,11 +274,12 @@ def test_engine_2x_overload_500_requests(models, moe_engine):
     for r in fin:
         out = moe_engine.output(r.rid)
         assert len(out) == r.n_generated == max_new[r.rid]
-    runs = {}
+    runs, decodes = {}, {}
     for b in res.batches:
         for it in b.items:
             runs[it.rid] = runs.get(it.rid, 0) + 1
-    assert all(runs[r.rid] == max_new[r.rid] for r in fin) and not any(r.rid in runs for r in rej)
+            decodes[it.rid] = decodes.get(it.rid, 0) + (it.kind is Kind.DECODE)
+    assert all(decodes[r.rid] == max_new[r.rid] - 1 for r in fin) and not any(r.rid in runs for r in rej)
     assert not moe_engine._slot_owner
 
 
@@ -300,19 +288,18 @@ def test_engine_2x_overload_500_requests(models, moe_engine):
 
 def test_config_and_model_errors(models):
     moe, dense = models
-    assert EngineConfig(max_len=256).buckets() == (8, 16, 32, 64, 128, 255)
-    assert [EngineConfig(n_slots=6).rows(n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
-    assert [ECFG.rows(n) for n in (1, 4)] == [4, 4]
-    wcfg = EngineConfig(max_len=64, decode_windows=(16, 32))
-    assert [wcfg.window(p) for p in (0, 14, 15, 30, 31, 62)] == [16, 16, 32, 32, 64, 64]
-    with pytest.raises(ConfigError, match=r"decode_windows must be integers in \[2, max_len=64\]"):
-        EngineConfig(max_len=64, decode_windows=(128,))
+    cfg = EngineConfig(n_slots=6, max_len=100, min_window=16)
+    assert cfg.windows() == (16, 32, 64, 100)
+    assert [cfg.window(n) for n in (1, 16, 17, 64, 65, 100)] == [16, 16, 32, 64, 100, 100]
+    assert [cfg.rows(n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+    assert [cfg.tokens(n) for n in (1, 2, 3, 9, 64, 65)] == [1, 2, 4, 16, 64, 128]
     with pytest.raises(ConfigError, match="engine.n_slots must be >= 1"):
         EngineConfig(n_slots=0)
-    with pytest.raises(ConfigError, match=r"prefill_buckets must be integers in \[1, max_len-1=15\]"):
-        EngineConfig(max_len=16, prefill_buckets=(8, 16))
-    with pytest.raises(ConfigError, match="row_buckets must be integers in"):
-        EngineConfig(n_slots=4, row_buckets=(1, 2))
+    with pytest.raises(ConfigError, match="engine.token_budget must be >= 1, got 0"):
+        EngineConfig(token_budget=0)
+    with pytest.raises(ConfigError, match=r"engine.min_window must be >= 1, got 0"):
+        EngineConfig(max_len=64, min_window=0)
+    assert EngineConfig(max_len=24, min_window=32).windows() == (24,)
     with pytest.raises(ConfigError, match=r"layers.wg must be \[L, D, F\]"):
         Engine(DenseModel(moe.backbone_params, dense.cfg), ECFG)
     with pytest.raises(ConfigError, match=r"backbone layers.wg must be \[L=2, E=4"):
@@ -322,25 +309,23 @@ def test_config_and_model_errors(models):
     assert moe.expert_bytes() == 3 * 2 * 32 * 16 * 4  # wg+wu+wd, 2 layers, D=32, F_e=16, float32
     eng = Engine(moe, ECFG)
     req = eng.new_request(0, [1, 2], 2)
-    from readme_jax.serve.requests import Batch, BatchItem, Kind
-    with pytest.raises(ReadmeError, match=r"slot 7 of request 0 out of range \[0, 4\)"):
+    from readme_jax.serve.scheduling.requests import Batch, BatchItem
+    with pytest.raises(ReadmeError, match=r"slot 7 of request 0 is out of range \[0, 4\)"):
         eng.step(Batch(0, (BatchItem(req, Kind.PREFILL, 2, 7, 0, frozenset()),)))
 
 
 # ----------------------------------------------------------------------------- serve-bench
 
 
-@pytest.mark.parametrize("mixed", [True, False])
-def test_serve_bench_tiny_end_to_end(models, tmp_path, mixed):
-    """The main job's serving stage, on the one-call engine (its default, chunked prefill) and on
-    the split engine."""
-    from readme_jax.serve.bench import BenchModels, load_bench_config, run_serve_bench
+def test_serve_bench_tiny_end_to_end(models, tmp_path):
+    """The main job's serving stage on the engine (chunked prefill)."""
+    from readme_jax.serve.sim.bench import BenchModels, load_bench_config, run_serve_bench
 
     moe, dense = models
-    cfg = load_bench_config(None, [f"mixed_step={str(mixed).lower()}", "token_buckets=[16]", "workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
+    cfg = load_bench_config(None, ["workload.n_requests=14", "workload.rate_per_s=40", "workload.prompt_mean=5",
                                    "workload.prompt_max=12", "workload.output_mean=4", "workload.output_max=8",
-                                   "workload.length_scale=1.0", "token_budget=16", "n_slots=4", f"max_len={MAX_LEN}",
-                                   "prefill_buckets=[16]", "row_buckets=[4]", "decode_windows=null", "capacities=[1, 2, 3]",
+                                   "workload.length_scale=1.0", "token_budget=6", "n_slots=4", f"max_len={MAX_LEN}",
+                                   f"min_window={MAX_LEN}", "capacities=[1, 2, 3]",
                                    "latency_tokens=3", "latency_repeats=1", "latency_prompt_len=5", "sweep_rows=4",
                                    "sweep_repeats=1"])
     assert cfg.workload.rate_per_s == 40 and cfg.workload.n_experts == 8  # other keys from the cpu preset
@@ -348,8 +333,8 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path, mixed):
         load_bench_config(None, ["workload.nope=1"])
     with pytest.raises(ConfigError, match=r"policies\[0\] must be one of"):
         load_bench_config(None, ["policies=[sjf]"])
-    with pytest.raises(ConfigError, match="token_buckets must hold a step of serve.token_budget=32"):
-        load_bench_config(None, ["token_buckets=[8, 16]"])
+    with pytest.raises(ConfigError, match="unknown config key.*mixed_step"):  # one engine: the key is gone
+        load_bench_config(None, ["mixed_step=false"])
 
     def prompt_fn(length, seed):  # synthetic ids: the tiny model's vocabulary is not a real tokenizer's
         return np.random.default_rng(seed).integers(0, 97, size=length).astype(np.int32)
@@ -367,10 +352,9 @@ def test_serve_bench_tiny_end_to_end(models, tmp_path, mixed):
         pf = s["prefetch_simulated"]["2"]
         assert pf["prefetch"]["total_s_simulated"] <= pf["on_demand"]["total_s_simulated"] + 1e-12
         assert abs(pf["prefetch"]["compute_s_measured"] - s["measured_compute_s"]) < 1e-9
+        assert s["measured_step_compute_s"] > 0
     assert all(v == 1.0 for v in r["greedy_outputs_agree_with_expert_aware"].values())  # batch-invariant
     assert r["burn_in_s"] > 0  # one untimed pass before the timed policies
-    for s in r["policies"].values():  # one-call engine: every step is one call (timed as "decode")
-        assert (s["measured_prefill_s"] == 0) == mixed and s["measured_decode_s"] > 0
     cal = r["calibrated"]
     assert set(cal["policies"]) == set(SCHEDULER_POLICIES) and cal["n_requests"] == r["policies"]["expert_aware"][
         "n_finished"]
@@ -392,7 +376,7 @@ def test_step_time_fit_is_the_constrained_least_squares_solution():
     refit differs from clipping that coefficient to 0, and fits better."""
     import itertools
 
-    from readme_jax.serve.bench import fit_step_time
+    from readme_jax.serve.sim.bench import fit_step_time
 
     rng = np.random.default_rng(3)
     better = 0
@@ -422,7 +406,7 @@ def test_step_time_fit_is_the_constrained_least_squares_solution():
 
 
 def test_bench_models_save_load_round_trip(tmp_path):
-    from readme_jax.serve.bench import load_bench_models, save_bench_models, tiny_models
+    from readme_jax.serve.sim.bench import load_bench_models, save_bench_models, tiny_models
 
     m = tiny_models(vocab_size=50, n_experts=3, seed=1)
     save_bench_models(tmp_path / "m", m)
@@ -453,55 +437,28 @@ def test_complete_equals_repeated_full_forward():
         complete(model, [], 3)
 
 
-# ----------------------------------------------------------------------------- one call per step (chunked prefill)
+# ----------------------------------------------------------------------------- one call per step, compiling ahead
 
 
-@pytest.fixture(scope="module")
-def mixed_engine(models):
-    return Engine(models[0], dataclasses.replace(ECFG, mixed_step=True))
-
-
-@pytest.mark.parametrize("policy", SCHEDULER_POLICIES)
-def test_mixed_step_with_chunked_prefill_equals_one_at_a_time(policy, models, mixed_engine, reference):
-    prompts = _prompts(2, 9, hi=14)
-    max_new = [1 + (i * 3) % 7 for i in range(9)]
-    specs = _specs(prompts, max_new, np.arange(9) * 0.004)
-    # budget 6 < most prompts: prefills run in chunks, mixed with other requests' decodes
-    cfg = SchedulerConfig(policy=policy, token_budget=6, n_slots=4, max_queue=100, max_wait_steps=4, n_experts=E,
-                          chunked_prefill=True)
-    res = simulate(specs, Scheduler(cfg), runner=EngineRunner(mixed_engine, cost_model=CostModel()),
-                   keep_batches=True)
-    assert not res.invalid and all(r.status is Status.FINISHED for r in res.requests) and len(res.requests) == 9
-    assert all(b.n_tokens <= 6 for b in res.batches)
-    assert any(it.kind.value == "prefill" and it.n_tokens < it.request.prompt_len for b in res.batches
-               for it in b.items)  # really chunked
-    assert any(b.prefills and b.decodes for b in res.batches)
-    for s in specs:
-        ref_out, ref_routes = reference("moe", s.prompt_ids, s.output_len)
-        assert mixed_engine.output(s.rid) == ref_out, s.rid
-        np.testing.assert_array_equal(mixed_engine.routes(s.rid), ref_routes)
-    assert not mixed_engine._slot_owner
-
-
-def test_mixed_step_dense_and_sampled_equal_split_engine(models, moe_engine, mixed_engine, reference):
+def test_dense_and_sampled_runs_are_batch_invariant(models, moe_engine, reference):
     prompts = _prompts(5, 4, hi=10)
-    dense_mixed = Engine(models[1], dataclasses.replace(ECFG, mixed_step=True))
-    for p, o in zip(prompts, generate(dense_mixed, prompts, 5, policy="fcfs", token_budget=16)):
+    dense = Engine(models[1], ECFG)
+    for p, o in zip(prompts, generate(dense, prompts, 5, policy="fcfs")):
         assert o == reference("dense", p, 5)[0]
-    # sampling: per-request keys, so the mixed engine samples what the per-bucket engine samples
-    sp = SamplingParams(temperature=0.9, top_p=0.95)
-    a = generate(moe_engine, prompts, 6, sp, policy="fcfs", token_budget=16)
-    b = generate(mixed_engine, prompts, 6, sp, policy="fcfs", token_budget=16)
-    assert a == b
+    # sampling: per-request keys, so a request samples the same tokens alone and in a batch
+    sp = SamplingParams(temperature=0.9, top_p=0.95, seed=5)  # (the default seed is the request id)
+    together = generate(moe_engine, prompts, 6, sp, policy="fcfs")
+    assert together[1:3] == generate(moe_engine, prompts[1:3], 6, sp, policy="prefill_first")
 
 
-def test_mixed_step_is_one_call_per_step(models):
-    """Every scheduler step of the one-call engine runs exactly one jitted call (chunks and decodes together)."""
-    eng = Engine(models[0], dataclasses.replace(ECFG, mixed_step=True))
+def test_one_call_per_step_and_compiling_is_never_in_a_step(models):
+    """Every scheduler step runs exactly one jitted call (chunks and decodes together); a new shape
+    compiles before its run (``compile_s``), a known one does not compile again."""
+    eng = Engine(models[0], ECFG)
     calls = []
-    inner = eng._mixed
-    eng._mixed = lambda *a, **k: calls.append(1) or inner(*a, **k)
-    eng.warm_start = False  # no untimed extra run: count the real calls only
+    inner = eng._step
+    eng._step = type("Counted", (), {"__call__": lambda self, *a, **k: calls.append(1) or inner(*a, **k),
+                                     "lower": lambda self, *a, **k: inner.lower(*a, **k)})()
     sched = Scheduler(SchedulerConfig(policy="expert_aware", token_budget=6, n_slots=4, n_experts=E,
                                       chunked_prefill=True))
     for i, p in enumerate(_prompts(9, 5, hi=14)):
@@ -509,30 +466,31 @@ def test_mixed_step_is_one_call_per_step(models):
     steps = 0
     while sched.has_work():
         b = sched.next_batch()
-        before = len(calls)
+        before, c0, known = len(calls), eng.compile_s, set(eng._compiled)
         out = eng.step(b)
         assert len(calls) == before + 1, "one engine call per step"
+        assert (eng.compile_s > c0) == (set(eng._compiled) != known)
         sched.on_step_done(b, out.next_routes, 0.0)
         steps += 1
     assert steps == len(calls) and steps >= 5
 
 
-def test_token_buckets_bound_the_mixed_programs():
-    cfg = EngineConfig(n_slots=4, max_len=64, token_buckets=(16, 32), mixed_step=True)
-    assert [cfg.tokens(n) for n in (1, 16, 17, 32)] == [16, 16, 32, 32]
-    with pytest.raises(ConfigError, match="a step of 33 tokens exceeds the largest token bucket 32"):
-        cfg.tokens(33)
-    assert EngineConfig(n_slots=4, max_len=64).tokens(9) == 16  # default: the length buckets 8, 16, 32, ...
-    with pytest.raises(ConfigError, match="engine.token_buckets"):
-        EngineConfig(n_slots=4, max_len=64, token_buckets=(0, 8))
+def test_warm_compiles_the_serving_shapes_ahead(models):
+    eng = Engine(models[1], dataclasses.replace(ECFG, n_slots=2, token_budget=2))
+    shapes = eng.serving_shapes()
+    assert (1, 1, MAX_LEN, 0, True, False) in shapes and (2, 2, MAX_LEN, 0, True, False) in shapes
+    lines = []
+    eng.warm(progress=lines.append)
+    assert len(lines) == len(shapes) and set(shapes) <= eng._compiled
+    c0, n0 = eng.compile_s, len(eng._compiled)
+    generate(eng, [[1, 2]], 3)  # a prompt of 2 tokens (one chunk), then decodes of one row: all warmed
+    assert eng.compile_s == c0 and len(eng._compiled) == n0
 
 
 def test_step_breakdown_times_both_models_at_every_shape(models):
     """bench/step_breakdown: Read-ME and dense steps, interleaved, a median per (N, W)."""
     from readme_jax.bench.step_breakdown import breakdown
 
-    cfg = dataclasses.replace(ECFG, mixed_step=True)
-    engines = {"readme": Engine(models[0], cfg), "dense": Engine(models[1], cfg)}
-    W = cfg.window(0)
-    got = breakdown(engines, [8], [W], repeats=2)
-    assert set(got) == {"readme", "dense"} and all(v["N=8"][f"W={W}"] > 0 for v in got.values())
+    engines = {"readme": Engine(models[0], ECFG), "dense": Engine(models[1], ECFG)}
+    got = breakdown(engines, [8], [MAX_LEN], repeats=2)
+    assert set(got) == {"readme", "dense"} and all(v["N=8"][f"W={MAX_LEN}"] > 0 for v in got.values())

@@ -13,10 +13,10 @@ from readme_jax.model.moe import MoEBackbone
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.model.router import make_router
 from readme_jax.serve.engine import Engine, generate
-from readme_jax.serve.live import LiveEngine, QueueFull
-from readme_jax.serve.llm import LLM, TextStream
+from readme_jax.serve.api.live import LiveEngine, QueueFull
+from readme_jax.serve.api.llm import LLM, TextStream
 
-ECFG = EngineConfig(n_slots=2, max_len=48, prefill_buckets=(16, 32), row_buckets=(2,), decode_windows=None)
+ECFG = EngineConfig(n_slots=2, max_len=48, token_budget=8, min_window=48)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,16 @@ def test_generate_equals_the_engine_and_stream_equals_generate(llm, model, tok):
     assert [c.text for c in got] == [tok.decode(w, skip_special=True) for w in want]
     assert all(c.finish_reason == "length" for c in got)
     assert "".join(llm.stream(prompts[1], max_tokens=6)) == got[1].text
+
+
+def test_a_prompt_four_times_the_budget_is_served_in_chunks(llm, model, tok):
+    """LLM (the served path) accepts a prompt of 4x the step's token budget and answers what one
+    request alone, its prompt in one step, gets."""
+    ids = tok.encode("the quick brown fox jumps over the lazy dog " * 8)[:4 * ECFG.token_budget]
+    assert len(ids) == 4 * ECFG.token_budget
+    got = llm.generate([ids], max_tokens=6)[0]
+    one = generate(Engine(model, EngineConfig(n_slots=1, max_len=48, token_budget=48, min_window=48)), [ids], 6)[0]
+    assert got.token_ids == one and got.prompt_tokens == len(ids)
 
 
 def test_chat_uses_the_chat_template(llm, tok):
@@ -132,7 +142,7 @@ def test_live_results_equal_one_at_a_time(model):
 
 def test_missing_model_path_is_one_clear_error(tmp_path):
     from readme_jax.errors import CheckpointError
-    from readme_jax.serve.llm import open_model
+    from readme_jax.serve.api.llm import open_model
 
     with pytest.raises(CheckpointError, match="the path does not exist"):
         open_model(tmp_path / "nope")

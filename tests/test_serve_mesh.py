@@ -1,11 +1,11 @@
 """Serving on a mesh (``EngineConfig.mesh``, serve/placement.py): experts sharded over 8 CPU devices.
 
-The split engine (prefill + decode calls) and the mixed one-call engine generate greedily for
-several requests of mixed lengths on meshes (data, expert, model) = (1, 4, 1) and (2, 2, 2); their
-tokens and routes must equal the single-device engine's. Also checked: the expert weights are
-sharded over ``expert`` (each device holds its own padded experts), the rest and the KV caches are
-replicated, and the compiled decode, prefill and mixed programs move no weights (all-reduces only:
-no all-gather, all-to-all or collective-permute). Combinations that cannot run on a mesh are refused.
+The engine generates greedily for several requests of mixed lengths (prompts in chunks, mixed with
+decodes) on meshes (data, expert, model) = (1, 4, 1) and (2, 2, 2); its tokens and routes must equal
+the single-device engine's. Also checked: the expert weights are sharded over ``expert`` (each
+device holds its own padded experts), the rest and the KV caches are replicated, and the compiled
+steps move no weights (all-reduces only: no all-gather, all-to-all or collective-permute).
+Combinations that cannot run on a mesh are refused.
 
 Like tests/test_sharding.py, the 8-device part runs this file as a script in a subprocess with
 ``--xla_force_host_platform_device_count=8`` and asserts on what it writes.
@@ -27,14 +27,14 @@ from test_sharding import N_DEVICES, device_worker_reports
 E = 3  # not a multiple of 2 or 4: the meshes get a dummy expert
 MESHES = [(1, 4, 1), (2, 2, 2)]
 LENGTHS = [(3, 6), (9, 4), (14, 8), (5, 5), (1, 7)]  # (prompt, new tokens): more requests than slots
-BUDGET = 8  # mixed step: smaller than the longest prompt, so prefills are chunked and mixed with decodes
+BUDGET = 8  # smaller than the longest prompt, so prompts are chunked and mixed with decodes
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 
 
 def _engine_cfg():
     from readme_jax.serve.engine import EngineConfig
 
-    return EngineConfig(n_slots=4, max_len=24, prefill_buckets=(16,), row_buckets=(4,))
+    return EngineConfig(n_slots=4, max_len=24, token_budget=BUDGET, min_window=24)
 
 
 def _collectives(hlo: str) -> dict:
@@ -66,40 +66,38 @@ def _part(part: str) -> dict:
     def spec(a):  # donated caches are gone after the call: keep shapes and shardings to lower again
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a
 
-    def recorded(fn, store, name):
-        def call(*args, **kw):
-            store.setdefault(name, (fn, jax.tree.map(spec, args), kw))
-            return fn(*args, **kw)
-        return call
+    class Recorded:  # the engine's step, its calls' shapes kept (a decode-only and a chunked step)
+        def __init__(self, fn, store):
+            self.fn, self.store = fn, store
+
+        def __call__(self, *args, **kw):
+            name = "decode" if not kw["prompts"] else "chunks"
+            self.store.setdefault(name, (jax.tree.map(spec, args), kw))
+            return self.fn(*args, **kw)
+
+        def lower(self, *args, **kw):
+            return self.fn.lower(*args, **kw)
 
     def run(cfg, hlo_of=None):
-        eng = Engine(moe, cfg, warm_start=False)
+        eng = Engine(moe, cfg)
         calls: dict = {}
         if hlo_of is not None:
-            if cfg.mixed_step:
-                eng._mixed = recorded(eng._mixed, calls, "mixed")
-            else:
-                eng._prefill = recorded(eng._prefill, calls, "prefill")
-                eng._decode = recorded(eng._decode, calls, "decode")
-        out = generate(eng, prompts, max_new, token_budget=BUDGET if cfg.mixed_step else None)
-        for name, (fn, args, kw) in calls.items():
-            hlo_of[name] = _collectives(fn.lower(*args, **kw).compile().as_text())
+            eng._step = Recorded(eng._step, calls)
+        out = generate(eng, prompts, max_new, token_budget=BUDGET)
+        for name, (args, kw) in calls.items():
+            hlo_of[name] = _collectives(eng._step.fn.lower(*args, **kw).compile().as_text())
         return out, [eng.routes(i).tolist() for i in range(len(prompts))], eng
 
     rep: dict = {}
     if part == "single":
-        rep["single"] = {}
-        for mixed in (False, True):
-            out, routes, _ = run(dataclasses.replace(base, mixed_step=mixed))
-            rep["single"][str(mixed)] = {"tokens": out, "routes": routes}
+        out, routes, _ = run(base)
+        rep["single"] = {"tokens": out, "routes": routes}
     else:
         shape = tuple(int(x) for x in part.split(","))
         d, e, m = shape
         r = rep[str(shape)] = {"hlo": {}}
-        for mixed in (False, True):
-            cfg = dataclasses.replace(base, mixed_step=mixed, mesh=MeshConfig(data=d, expert=e, model=m))
-            out, routes, eng = run(cfg, r["hlo"])
-            r[str(mixed)] = {"tokens": out, "routes": routes}
+        out, routes, eng = run(dataclasses.replace(base, mesh=MeshConfig(data=d, expert=e, model=m)), r["hlo"])
+        r["out"] = {"tokens": out, "routes": routes}
         wg = eng.params["layers"]["wg"]
         mesh = eng.placement.mesh
         placed = {}  # device id -> (expert range, F range) it holds, checked against the padded host value
@@ -132,10 +130,9 @@ def report(tmp_path_factory):
     return device_worker_reports(__file__, [part], tmp_path_factory)
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["split", "mixed"])
 @pytest.mark.parametrize("shape", MESHES, ids=[str(s) for s in MESHES])
-def test_engine_on_mesh_equals_single_device(report, shape, mixed):
-    got, want = report[str(shape)][str(mixed)], report["single"][str(mixed)]
+def test_engine_on_mesh_equals_single_device(report, shape):
+    got, want = report[str(shape)]["out"], report["single"]
     assert [len(t) for t in want["tokens"]] == [n for _, n in LENGTHS]
     assert got["tokens"] == want["tokens"]
     assert got["routes"] == want["routes"]
@@ -160,9 +157,9 @@ def test_expert_weights_sharded_rest_replicated(report, shape):
 
 @pytest.mark.parametrize("shape", MESHES, ids=[str(s) for s in MESHES])
 def test_sharded_steps_move_no_weights(report, shape):
-    """Every compiled step (prefill, decode, mixed) communicates by all-reduces only (the FFN's psum)."""
+    """Every compiled step (with prompt chunks, decode-only) communicates by all-reduces only (the FFN's psum)."""
     hlo = report[str(shape)]["hlo"]
-    assert set(hlo) == {"prefill", "decode", "mixed"}
+    assert set(hlo) == {"chunks", "decode"}
     for name, counts in hlo.items():
         assert counts["all-reduce"] >= 1, (name, counts)
         assert all(counts[c] == 0 for c in COLLECTIVES if c != "all-reduce"), (name, counts)
@@ -174,14 +171,12 @@ def test_refused_on_a_mesh():
     from readme_jax.config import EngineConfig, MeshConfig
     from readme_jax.errors import ConfigError
     from readme_jax.serve.engine import Engine
-    from readme_jax.serve.expert_store import ExpertStore
+    from readme_jax.serve.engine.expert_store import ExpertStore
 
     moe = tiny_readme(E, backbone_seed=11, router_seed=5)
     cfg = dataclasses.replace(_engine_cfg(), mesh=MeshConfig(data=1, expert=1))
     with pytest.raises(ConfigError, match="expert store .* cannot be combined with engine.mesh"):
         Engine(moe, cfg, store=ExpertStore(moe, 2))
-    with pytest.raises(ConfigError, match="moe_ffn='expert_ffn' is not built"):
-        Engine(moe, dataclasses.replace(cfg, moe_ffn="expert_ffn"))
     with pytest.raises(ConfigError, match="but only 1 are visible"):
         Engine(moe, dataclasses.replace(cfg, mesh=MeshConfig(data=1, expert=N_DEVICES)))
     with pytest.raises(ConfigError, match="engine.mesh must be"):
@@ -195,7 +190,7 @@ def test_engine_takes_a_jax_mesh():
     from conftest import tiny_readme
     from readme_jax.distributed.mesh import AXES, EXPERT_SPECS
     from readme_jax.serve.engine import Engine
-    from readme_jax.serve.placement import sharded_experts_ffn
+    from readme_jax.serve.engine.placement import sharded_experts_ffn
 
     mesh = jax.make_mesh((1, 1, 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     eng = Engine(tiny_readme(E, backbone_seed=11, router_seed=5), dataclasses.replace(_engine_cfg(), mesh=mesh))

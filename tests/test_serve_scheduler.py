@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
-from readme_jax.serve.requests import Kind, Request, Status, WorkItem
-from readme_jax.serve.scheduler import (SCHEDULER_POLICIES, Scheduler, SchedulerConfig, plan_step,
+from readme_jax.serve.scheduling.requests import Kind, Request, Status, WorkItem
+from readme_jax.serve.scheduling.scheduler import (SCHEDULER_POLICIES, Scheduler, SchedulerConfig, plan_step,
                                         select_expert_aware)
-from readme_jax.serve.simulate import CostModel, simulate
-from readme_jax.serve.transfer import StoreConfig
+from readme_jax.serve.sim.simulate import CostModel, simulate
+from readme_jax.serve.sim.transfer import StoreConfig
 from readme_jax.config import WORKLOAD_PRESETS as PRESETS
-from readme_jax.serve.workload import generate_workload
+from readme_jax.serve.sim.workload import generate_workload
 
 
 def req(rid, routes, max_new=3, arrival=0.0):
@@ -272,7 +272,7 @@ def test_lookahead_is_a_dry_run_of_next_batch():
 def test_trailing_invalid_or_rejected_requests_do_not_lose_the_run():
     """The last arrivals are bad (a prompt over the token budget, a route out of range, no output):
     each is recorded with its reason and every other request's result comes back."""
-    from readme_jax.serve.workload import RequestSpec
+    from readme_jax.serve.sim.workload import RequestSpec
 
     def spec(rid, arrival, prompt_routes, output_len):
         routes = np.asarray(prompt_routes, np.int32)

@@ -9,15 +9,15 @@ import pytest
 
 from readme_jax.config import from_dict
 from readme_jax.errors import ConfigError, DataError
-from readme_jax.serve.cache_policy import simulate_cache
-from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity, plot_normalized_latency_hist,
+from readme_jax.serve.scheduling.cache_policy import simulate_cache
+from readme_jax.serve.sim.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity, plot_normalized_latency_hist,
                                       plot_unique_experts, request_metrics, summarize)
-from readme_jax.serve.requests import Request, Status
-from readme_jax.serve.scheduler import SchedulerConfig
-from readme_jax.serve.simulate import CostModel, run_policies
+from readme_jax.serve.scheduling.requests import Request, Status
+from readme_jax.serve.scheduling.scheduler import SchedulerConfig
+from readme_jax.serve.sim.simulate import CostModel, run_policies
 from readme_jax.config import LMSYS_PROMPT_MEAN_TOKENS, LMSYS_RESPONSE_MEAN_TOKENS, WorkloadConfig
 from readme_jax.config import WORKLOAD_PRESETS as PRESETS
-from readme_jax.serve.workload import expected_length, expert_popularity, generate_workload, sample_lengths, solve_mu
+from readme_jax.serve.sim.workload import expected_length, expert_popularity, generate_workload, sample_lengths, solve_mu
 
 # ----------------------------------------------------------------------------- lengths
 

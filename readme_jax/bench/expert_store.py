@@ -13,9 +13,8 @@ from the held-out text of every domain, all queued at time 0, ``--slots`` KV slo
   for the incoming copy. ``lru_prefetch`` is the control that separates prefetching from
   Belady's eviction choice.
 
-With ``--mixed`` the engine is the one-call engine (``EngineConfig.mixed_step``, chunked
-prefill): a step is one call when its experts fit the pool, else calls packed resident-first
-(serve/mixed_step.py).
+A step is one engine call when its experts fit the pool, else calls packed resident-first
+(serve/engine/calls.py); prompts run in chunks of the budget.
 
 Measured per run: ``stall_seconds`` (time the engine waited for expert copies before calls),
 ``compute_seconds`` (the calls themselves), hit ratio, loads. Every run's tokens are checked
@@ -37,10 +36,10 @@ from readme_jax.checkpoints.readme_io import load_readme
 from readme_jax.eval.spread import t_interval
 from readme_jax.jsonfile import write_json
 from readme_jax.config import EngineConfig
-from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
+from readme_jax.serve.sim.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
-from readme_jax.serve.expert_store import ExpertStore
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.engine.expert_store import ExpertStore
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = {"lru_on_demand": ("lru", False), "random_on_demand": ("random", False),
             "belady_on_demand": ("belady", False), "belady_prefetch": ("belady", True),
@@ -57,12 +56,11 @@ def workload(prompt_fn, n: int, seed: int, prompt_range=(8, 32), output_range=(8
 
 
 def serve(engine: Engine, work, *, budget: int, slots: int, lookahead_steps: int) -> dict:
-    """Serve ``work`` to the end; measured seconds (warm-up runs excluded) and every output. The
-    one-call engine gets chunked prefill."""
+    """Serve ``work`` to the end; measured seconds (compilation excluded) and every output."""
     engine.reset()
     E = engine.model.n_experts
     sched = Scheduler(SchedulerConfig(policy="expert_aware", token_budget=budget, n_slots=slots,
-                                      max_queue=len(work), n_experts=E, chunked_prefill=engine.cfg.mixed_step))
+                                      max_queue=len(work), n_experts=E, chunked_prefill=True))
     engine.lookahead = lambda: sched.lookahead(lookahead_steps)
     for rid, prompt, n_out in work:
         sched.add(engine.new_request(rid, prompt, n_out))
@@ -72,7 +70,7 @@ def serve(engine: Engine, work, *, budget: int, slots: int, lookahead_steps: int
         b = sched.next_batch()
         out = engine.step(b)
         sched.on_step_done(b, out.next_routes, 0.0)
-        compute += out.prefill_s + out.decode_s
+        compute += out.compute_s
         stall += out.stall_s
         steps += 1
     return {"compute_seconds": compute, "stall_seconds": stall, "steps": steps,
@@ -84,9 +82,7 @@ def run(args) -> dict:
     tok = _embedded_tokenizer()
     prompt_fn, _ = corpus_prompt_fn(tok)
     E = model.n_experts
-    ecfg = EngineConfig(n_slots=args.slots, max_len=args.max_len, prefill_buckets=(16, 32),
-                        row_buckets=(1, 2, 4, 8), decode_windows=(32, 64), mixed_step=args.mixed,
-                        token_buckets=(8, 16, 32) if args.mixed else None)
+    ecfg = EngineConfig(n_slots=args.slots, max_len=args.max_len, token_budget=args.budget)
     rows = []
     policies = list(POLICIES)
     for si, seed in enumerate(args.seeds):
@@ -128,7 +124,7 @@ def run(args) -> dict:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return {"command": "python -m readme_jax.bench.expert_store " + " ".join(args.argv),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, jax CPU", "date": stamp,
-            "model": str(args.model), "engine": "one call per step (mixed)" if args.mixed else "split",
+            "model": str(args.model), "engine": "one call per step",
             "n_experts": E, "expert_bytes": ref_store.expert_bytes,
             "workload": {"requests": args.requests, "slots": args.slots, "token_budget": args.budget,
                          "prompt_tokens": [8, 32], "output_tokens": [8, 32], "scheduler": "expert_aware",
@@ -147,7 +143,6 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--max-len", type=int, default=72)
     p.add_argument("--lookahead", type=int, default=4)
-    p.add_argument("--mixed", action="store_true", help="the one-call engine (chunked prefill), not the split one")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -14,7 +14,7 @@ Read-ME model; routes from its own router), ``dense`` (the run's dense source mo
 (the run's tuned pruned dense baseline, ``baseline/pruned_tuned``); ``batch_size`` (default 8);
 ``max_length`` (tokens per scored row, default min(2048, the model's context)); ``max_gen_toks``
 (default 256). The tokenizer is the model's own (``load_tokenizer_for``). Generation is greedy,
-through the project's engine (:class:`readme_jax.serve.llm.LLM`).
+through the project's engine (:class:`readme_jax.serve.api.llm.LLM`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from readme_jax.errors import CheckpointError, ConfigError
 from readme_jax.eval.loglik import score_rows
 from readme_jax.eval.mc_task import separator_id
 from readme_jax.model.readme_model import DenseModel
-from readme_jax.serve.llm import LLM
+from readme_jax.serve.api.llm import LLM
 
 MODEL_NAME = "readme-jax"
 MODEL_TARGET = "readme_jax.bench.lm_eval_adapter:ReadmeJaxLM"  # the registry imports it by name (also under -m)

@@ -4,8 +4,7 @@
 
 Open-loop Poisson arrivals on the WALL CLOCK: request i is admitted once ``perf_counter``
 passes its arrival time; the server sleeps when it has nothing to do. Every step is one engine
-call (``EngineConfig.mixed_step``, chunked prefill, same token budget and KV slots for every
-policy). Policies: ``expert_aware`` (Read-ME Algorithm 1), ``fcfs``, ``decode_first``
+call (chunked prefill, same token budget and KV slots for every policy). Policies: ``expert_aware`` (Read-ME Algorithm 1), ``fcfs``, ``decode_first``
 (DeepSpeed-FastGen-like), ``prefill_first`` (vLLM-like), and the control
 ``expert_aware_blind``: Algorithm 1 on labels permuted at random per request, so its grouping
 carries no expert information while its ordering logic is the same. ``--policies`` may add the
@@ -22,7 +21,6 @@ left out). Across seeds: means with 95 % t-intervals. Nothing else may run while
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import sys
 import time
@@ -33,10 +31,10 @@ import numpy as np
 from readme_jax.checkpoints.readme_io import load_readme
 from readme_jax.eval.spread import t_interval
 from readme_jax.jsonfile import write_json
-from readme_jax.config import MIXED_FFNS, EngineConfig
-from readme_jax.serve.bench import _embedded_tokenizer, corpus_prompt_fn
+from readme_jax.config import EngineConfig
+from readme_jax.serve.sim.bench import _embedded_tokenizer, corpus_prompt_fn
 from readme_jax.serve.engine import Engine
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = ("expert_aware", "fcfs", "decode_first", "prefill_first", "expert_aware_blind")
 # also runnable (--policies): the ablation that chunks prompts only to the budget, not at expert boundaries
@@ -94,12 +92,11 @@ def serve_wall_clock(engine: Engine, work, policy: str, *, budget: int, slots: i
 
 
 def expert_sweep(engines: dict, n_tokens: int, window: int, repeats: int = 7) -> dict:
-    """Measured ms of one mixed step of ``n_tokens`` tokens whose routes cover K experts, K = 1..E
-    (tokens on padding slots: the same compute, nothing written), for each engine of ``engines``
-    (name -> Engine over the same model; e.g. the two mixed-step FFNs), interleaved: every
-    repeat times each K on each engine in turn. Per engine: the median of ``repeats`` per K and
-    a least-squares line ms = a + b*K with its R^2; ``ratio_to_first``: each engine's median
-    over the first engine's, per K."""
+    """Measured ms of one engine step of ``n_tokens`` tokens (one prompt chunk) whose routes cover
+    K experts, K = 1..E (``Engine.time_step``: padding tokens, the same compute, nothing written),
+    for each engine of ``engines`` (name -> Engine), interleaved: every repeat times each K on
+    each engine in turn. Per engine: the median of ``repeats`` per K and a least-squares line
+    ms = a + b*K with its R^2; ``ratio_to_first``: each engine's median over the first engine's, per K."""
     first = next(iter(engines.values()))
     E = first.model.n_experts
     N = first.cfg.tokens(n_tokens)
@@ -107,8 +104,7 @@ def expert_sweep(engines: dict, n_tokens: int, window: int, repeats: int = 7) ->
     for _ in range(repeats):
         for K in range(1, E + 1):
             for name, eng in engines.items():
-                R, args = eng.padding_mixed_args(N, np.arange(N) % K)
-                ts[name][K].append(eng._run_compiled(eng._mixed, ("mixed", N, R, window), args, True, window=window)[2])
+                ts[name][K].extend(eng.time_step(N, 1, np.arange(N) % K, window=window, prompts=True))
     out: dict = {"tokens": N, "window": window, "repeats": repeats, "engines": {}}
     base = None
     for name, by_k in ts.items():
@@ -127,28 +123,18 @@ def expert_sweep(engines: dict, n_tokens: int, window: int, repeats: int = 7) ->
 def run(args) -> dict:
     model = load_readme(args.model)
     prompt_fn, _ = corpus_prompt_fn(_embedded_tokenizer())
-    ecfg = EngineConfig(n_slots=args.slots, max_len=96, prefill_buckets=(8, 16, 32, 64), decode_windows=(32, 64),
-                        mixed_step=True, mixed_ffn=args.ffn)
+    ecfg = EngineConfig(n_slots=args.slots, max_len=96, token_budget=args.budget)
     engine = Engine(model, ecfg)
-    t0 = time.perf_counter()
-    warm_s = engine.warm_mixed(args.budget)
-    for T in engine.buckets:  # the arrival-time prompt router, once per prompt bucket
-        engine._warmup(("route", T), lambda T=T: engine.route_prompt(np.zeros((T,), np.int32)))
-    warm_total = time.perf_counter() - t0
-    print(f"warm-up: mixed-step programs {warm_s:.1f} s, with the prompt router {warm_total:.1f} s", flush=True)
     # burn-in, discarded: after the warm-up, the first ~30 s of serving ran up to 2x slower on this
     # machine (measured, cause not identified; no compilation happens then), so every policy
     # serves one workload untimed before anything is recorded
     burn = workload(prompt_fn, args.requests, max(args.rates), 10_000)
     pols = tuple(args.policies)
-    for pol in pols:
+    for pol in pols:  # (also compiles the shapes the runs meet: compilation is never in their times)
         serve_wall_clock(engine, burn, pol, budget=args.budget, slots=args.slots, max_wait=args.max_wait, seed=0)
-    engines = {args.ffn: engine}
-    if args.sweep_only:  # both mixed-step FFNs, same model and shapes, interleaved
-        other = "cond" if args.ffn == "grouped" else "grouped"
-        engines[other] = Engine(model, dataclasses.replace(ecfg, mixed_ffn=other))
-        engines[other].warm_mixed(args.budget)
-    sweep = expert_sweep(engines, args.budget, ecfg.window(64), repeats=args.sweep_repeats)
+    print(f"compiled {len(engine._compiled)} programs in {engine.compile_s:.1f} s (before and during the burn-in)",
+          flush=True)
+    sweep = expert_sweep({"engine": engine}, args.budget, ecfg.window(64), repeats=args.sweep_repeats)
     for name, v in sweep["engines"].items():
         print(f"{name}: step ms vs experts present (N={sweep['tokens']}): "
               f"{ {k: round(x, 1) for k, x in v['ms_by_experts'].items()} } fit {v['fit']}", flush=True)
@@ -182,7 +168,7 @@ def run(args) -> dict:
     return {"command": "python -m readme_jax.bench.serving_latency " + " ".join(args.argv),
             "machine": f"{platform.machine()}, 2-core CPU, jax CPU", "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                           time.gmtime()),
-            "model": str(args.model), "mixed_ffn": args.ffn, "warmup_seconds": {"mixed_step_programs": warm_s, "with_prompt_router": warm_total},
+            "model": str(args.model), "compile_seconds": engine.compile_s,
             "workload": {"requests": args.requests, "rates_per_s": args.rates, "prompt_tokens": [8, 48],
                          "output_tokens": [8, 40], "token_budget": args.budget, "slots": args.slots,
                          "max_wait_steps": args.max_wait, "arrivals": "Poisson, open loop, wall clock"},
@@ -200,10 +186,8 @@ def main(argv=None) -> None:
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--max-wait", type=int, default=16)
-    p.add_argument("--sweep-only", action="store_true",
-                   help="only the step-time vs experts-present sweep, of both mixed-step FFNs")
+    p.add_argument("--sweep-only", action="store_true", help="only the step-time vs experts-present sweep")
     p.add_argument("--sweep-repeats", type=int, default=7)
-    p.add_argument("--ffn", choices=MIXED_FFNS, default="grouped", help="the mixed step's expert FFN")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

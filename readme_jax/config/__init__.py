@@ -6,9 +6,8 @@ serve-bench), ``run`` (the main job). Everything is re-exported here: ``from rea
 """
 
 from readme_jax.config.choices import (CACHE_POLICIES, EXPERT_LAYOUTS, EXPERT_LOSSES, IMPLS, MESH_FFN_COMMS,
-                                       MIXED_FFNS, MOE_FFNS,
                                        ROUTER_TARGETS, SCHEDULER_POLICIES, CachePolicy, Dtype, EmbedInit,
-                                       ExpertLayoutKind, FfnComm, Impl, MoeFfn, RouterLoss, RouterMlp,
+                                       ExpertLayoutKind, FfnComm, Impl, RouterLoss, RouterMlp,
                                        RouterTarget, RunDtype, SchedulerPolicy, ScoreScale, Split, check_choices,
                                        choices)
 from readme_jax.config.loading import deep_merge, from_dict, load, parse_overrides, read_yaml, to_dict
@@ -21,9 +20,9 @@ from readme_jax.errors import ConfigError
 
 __all__ = ["BENCH_WORKLOAD", "CACHE_POLICIES", "EXPERT_LAYOUTS", "EXPERT_LOSSES", "IMPLS",
            "LMSYS_PROMPT_MEAN_TOKENS",
-           "LMSYS_RESPONSE_MEAN_TOKENS", "MESH_FFN_COMMS", "MIXED_FFNS", "MOE_FFNS", "ROUTER_TARGETS", "SCHEDULER_POLICIES",
+           "LMSYS_RESPONSE_MEAN_TOKENS", "MESH_FFN_COMMS", "ROUTER_TARGETS", "SCHEDULER_POLICIES",
            "WORKLOAD_PRESETS", "CachePolicy", "ConfigError", "ConvertConfig", "DataConfig", "Dtype", "EmbedInit",
-           "EngineConfig", "EvalConfig", "ExpertLayoutKind", "FfnComm", "Impl", "MeshConfig", "ModelConfig", "MoeFfn", "RouterConfig",
+           "EngineConfig", "EvalConfig", "ExpertLayoutKind", "FfnComm", "Impl", "MeshConfig", "ModelConfig", "RouterConfig",
            "RouterLoss", "RouterMlp", "RouterTarget", "RunConfig", "RunDtype", "SamplingParams", "SchedulerPolicy", "ScoreScale",
            "ServeBenchConfig", "Split", "StageConfig", "TrainConfig", "WorkloadConfig", "check_choices", "choices",
            "deep_merge", "from_dict", "load", "parse_overrides", "read_yaml", "tiny_model_config", "to_dict"]

@@ -22,11 +22,9 @@ FfnComm = Literal["psum", "all_to_all"]
 SchedulerPolicy = Literal["expert_aware", "decode_first", "prefill_first", "fcfs"]
 CachePolicy = Literal["belady", "lru", "fifo", "random"]
 Remat = Literal["none", "layer"]  # training: recompute each decoder layer in the backward pass (memory for compute)
-MoeFfn = Literal["present", "expert_ffn"]  # serving: only the call's experts | all of them through expert_ffn
 # which blocks of a split a fixed sample takes: evenly spaced over the split | the first ones (docs/DATA.md)
 BlockSampling = Literal["spread", "head"]
 ChannelScore = Literal["activation", "output"]  # expert extraction: mean |h| | mean h^2 x |Wd row|^2
-MixedFfn = Literal["grouped", "cond"]  # mixed step: tokens sorted by expert, row tiles | each present expert on all rows
 
 
 def choices(lit) -> tuple:
@@ -40,8 +38,6 @@ EXPERT_LAYOUTS = choices(ExpertLayoutKind)
 MESH_FFN_COMMS = choices(FfnComm)
 SCHEDULER_POLICIES = choices(SchedulerPolicy)
 CACHE_POLICIES = choices(CachePolicy)
-MOE_FFNS = choices(MoeFfn)
-MIXED_FFNS = choices(MixedFfn)
 BLOCK_SAMPLINGS = choices(BlockSampling)
 REMATS = choices(Remat)
 EXPERT_LOSSES = choices(ExpertLoss)

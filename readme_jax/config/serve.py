@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 
-from readme_jax.config.choices import (CACHE_POLICIES, SCHEDULER_POLICIES, CachePolicy, Impl, MixedFfn, MoeFfn,
+from readme_jax.config.choices import (CACHE_POLICIES, SCHEDULER_POLICIES, CachePolicy,
                                        SchedulerPolicy, Split, check_choices)
 from readme_jax.config.train import MeshConfig
 from readme_jax.errors import ConfigError
@@ -48,39 +48,16 @@ def check_number(key: str, value, *, lo=None, hi=None, lo_open: bool = False, hi
     raise ConfigError(f"{key} must be {what}, got {value!r}")
 
 
-def check_int_tuple(key: str, values, lo: int, hi: int, what: str, none_ok: bool = True,
-                    empty_ok: bool = False) -> None:
-    """One-line ConfigError naming ``key`` unless ``values`` is a tuple of integers in [lo, hi] (non-empty
-    unless ``empty_ok``; None passes when ``none_ok``)."""
-    if values is None and none_ok:
-        return
-    v = tuple(values) if isinstance(values, (tuple, list)) else None
-    if v is None or (not v and not empty_ok) or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or not lo <= x <= hi for x in v):
-        raise ConfigError(f"{key} must be integers in {what}, got {values!r}")
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= ``n`` (>= 1)."""
+    return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
 
 
-def engine_buckets(max_len: int, prefill_buckets) -> tuple[int, ...]:
-    """Prefill lengths compiled: ``prefill_buckets``, or 8, 16, 32, ... up to ``max_len - 1``."""
-    if prefill_buckets is not None:
-        return tuple(sorted({int(x) for x in prefill_buckets}))
-    out, b = [], 8
-    while b < max_len - 1:
-        out.append(b)
-        b *= 2
-    out.append(max_len - 1)
-    return tuple(sorted(set(out)))
-
-
-def check_engine_fields(prefix: str, n_slots, max_len, prefill_buckets, row_buckets, decode_windows) -> None:
+def check_engine_fields(prefix: str, n_slots, max_len, token_budget) -> None:
     """The engine's shape settings (shared by ``EngineConfig`` and the ``serve:`` section, named with ``prefix``)."""
     check_number(f"{prefix}n_slots", n_slots, lo=1, integer=True)
     check_number(f"{prefix}max_len", max_len, lo=2, integer=True)
-    check_int_tuple(f"{prefix}prefill_buckets", prefill_buckets, 1, max_len - 1, f"[1, max_len-1={max_len - 1}]")
-    check_int_tuple(f"{prefix}row_buckets", row_buckets, 1, n_slots, f"[1, n_slots={n_slots}] including n_slots")
-    if row_buckets is not None and max(row_buckets) != n_slots:
-        raise ConfigError(f"{prefix}row_buckets must be integers in [1, n_slots={n_slots}] including n_slots, "
-                          f"got {row_buckets!r}")
-    check_int_tuple(f"{prefix}decode_windows", decode_windows, 2, max_len, f"[2, max_len={max_len}]", empty_ok=True)
+    check_number(f"{prefix}token_budget", token_budget, lo=1, integer=True)
 
 
 def check_mesh_field(key: str, mesh) -> None:
@@ -166,12 +143,8 @@ class ServeBenchConfig:
 
     workload: WorkloadConfig = BENCH_WORKLOAD
     policies: tuple[SchedulerPolicy, ...] = SCHEDULER_POLICIES
-    token_budget: int = 32  # tokens per step, every policy
+    token_budget: int = 32  # tokens per step, every policy (prompts longer than it run in chunks)
     n_slots: int = 64  # > token_budget: decodes compete for the budget
-    # one engine call per step mixing prefill chunks and decodes (chunked prefill for every policy);
-    # False: the split engine (prefill and decode calls apart, prefills whole, longer prompts rejected)
-    mixed_step: bool = True
-    token_buckets: tuple[int, ...] | None = (16, 32)  # mixed step: tokens per call (EngineConfig.token_buckets)
     # serve the workload once, untimed, before the policies: without it the first policy (its
     # compilation excluded) measured a mean latency of 6.58 s and 6.41 s in two runs against
     # 5.42-5.87 s for the others (2026-12-01, 2-core CPU), a slowdown it alone absorbed
@@ -179,11 +152,7 @@ class ServeBenchConfig:
     max_queue: int = 256
     max_wait_steps: int | None = 16
     max_len: int = 192
-    prefill_buckets: tuple[int, ...] | None = None
-    row_buckets: tuple[int, ...] | None = None
-    decode_windows: tuple[int, ...] | None = (64, 128)
-    moe_ffn: MoeFfn = "present"
-    impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
+    min_window: int = 32  # smallest attention window of the engine (EngineConfig.min_window)
     mesh: MeshConfig | None = None  # experts sharded over devices (EngineConfig.mesh, serve/placement.py)
     stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
     temperature: float = 0.0
@@ -216,15 +185,10 @@ class ServeBenchConfig:
         check_number(f"{k}token_budget", self.token_budget, lo=1, integer=True)
         check_number(f"{k}max_queue", self.max_queue, lo=0, integer=True)
         check_number(f"{k}max_wait_steps", self.max_wait_steps, lo=0, integer=True, none_ok=True)
-        check_engine_fields(k, self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets, self.decode_windows)
-        for name in ("mixed_step", "burn_in"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"serve.{name} must be true or false, got {getattr(self, name)!r}")
-        check_int_tuple(f"{k}token_buckets", self.token_buckets, 1, self.max_len, f"[1, max_len={self.max_len}]")
-        if self.mixed_step and max(self.token_buckets or engine_buckets(self.max_len, self.prefill_buckets)) \
-                < self.token_budget:
-            raise ConfigError(f"serve.token_buckets must hold a step of serve.token_budget={self.token_budget} "
-                              f"tokens (the largest bucket is at least the budget), got {self.token_buckets!r}")
+        check_engine_fields(k, self.n_slots, self.max_len, self.token_budget)
+        check_number(f"{k}min_window", self.min_window, lo=1, integer=True)
+        if not isinstance(self.burn_in, bool):
+            raise ConfigError(f"serve.burn_in must be true or false, got {self.burn_in!r}")
         check_number(f"{k}temperature", self.temperature, lo=0)
         if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
             raise ConfigError(f"serve.mesh must be a mesh section (data, expert, model) or null, got {self.mesh!r}")
@@ -235,12 +199,12 @@ class ServeBenchConfig:
         check_number(f"{k}link_latency_s", self.link_latency_s, lo=0)
         for name in ("latency_tokens", "latency_repeats", "sweep_rows", "sweep_repeats"):
             check_number(f"{k}{name}", getattr(self, name), lo=1, integer=True)
-        # the batch-1 latency request: its prompt must fit a prefill bucket and leave room for a token
-        limit = min(max(engine_buckets(self.max_len, self.prefill_buckets)), self.max_len - 2)
+        # the batch-1 latency request: its prompt must leave room for a token within max_len
+        limit = self.max_len - 2
         n = self.latency_prompt_len
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= limit:
-            raise ConfigError(f"serve.latency_prompt_len must be an integer in [1, {limit}] (fit the largest prefill "
-                              f"bucket and leave a token within max_len={self.max_len}), got {n!r}")
+            raise ConfigError(f"serve.latency_prompt_len must be an integer in [1, {limit}] (leave a token within "
+                              f"max_len={self.max_len}), got {n!r}")
         check_number(f"{k}corpus_sep_id", self.corpus_sep_id, lo=0, integer=True, none_ok=True)
         check_number(f"{k}seed", self.seed, lo=0, integer=True)
         if self.domains is not None and not all(isinstance(d, str) and d for d in self.domains):
@@ -252,64 +216,51 @@ class ServeBenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """KV slots and compile buckets. A request needs ``prompt_len + max_new_tokens <= max_len``
-    and ``prompt_len <= max(prefill_buckets)``; ``prefill_buckets`` None: 8, 16, 32, ... up to
-    ``max_len - 1``."""
+    """KV slots and the step's size; the compiled shapes follow from them (docs/SERVING.md, "The engine").
+
+    A request needs ``prompt_len + max_new_tokens <= max_len``; a prompt of any such length runs in
+    chunks of at most ``token_budget`` tokens. A step of n tokens over r requests compiles for
+    powers of two: r rows (1, 2, 4, ... up to ``n_slots``), tokens (1, 2, 4, ...) and an attention
+    window (``min_window``, 2x, 4x, ... then ``max_len``) that covers the positions its requests
+    have reached. Each shape compiles on first use (``Engine.compile_s``; ``Engine.warm`` ahead).
+    """
 
     n_slots: int = 8
     max_len: int = 256
-    prefill_buckets: tuple[int, ...] | None = None
-    row_buckets: tuple[int, ...] | None = None  # rows per call; None: 1, 2, 4, ... n_slots
+    token_budget: int = 64  # tokens one step runs at most (the scheduler's budget)
+    min_window: int = 32  # the smallest attention window (cache positions read per row; capped at max_len)
     eos_id: int | None = None
-    moe_ffn: MoeFfn = "present"  # present: only the batch's experts (present_experts_ffn) | expert_ffn (all, impl)
-    impl: Impl = "xla"  # expert_ffn implementation when moe_ffn = expert_ffn
-    decode_windows: tuple[int, ...] | None = None  # decode attends over the smallest window > positions + 1
-    mixed_step: bool = False  # one call per step: prefill chunks and decodes as one token list (serve/flat.py)
-    token_buckets: tuple[int, ...] | None = None  # mixed step: tokens per call; None: the length buckets
-    mixed_ffn: MixedFfn = "grouped"  # mixed step's expert FFN (serve/flat.py): grouped | cond (the older one)
-    # experts sharded over a device mesh (serve/placement.py): a MeshConfig, or a jax Mesh with axes
+    # experts sharded over a device mesh (serve/engine/placement.py): a MeshConfig, or a jax Mesh with axes
     # (data, expert, model); None: one device
     mesh: MeshConfig | None = None
 
     def __post_init__(self):
-        check_engine_fields("engine.", self.n_slots, self.max_len, self.prefill_buckets, self.row_buckets,
-                            self.decode_windows)
+        check_engine_fields("engine.", self.n_slots, self.max_len, self.token_budget)
+        check_number("engine.min_window", self.min_window, lo=1, integer=True)
         check_mesh_field("engine.mesh", self.mesh)
-        check_int_tuple("engine.token_buckets", self.token_buckets, 1, self.max_len, f"[1, max_len={self.max_len}]")
-        if not isinstance(self.mixed_step, bool):
-            raise ConfigError(f"engine.mixed_step must be true or false, got {self.mixed_step!r}")
-        check_choices(self, "engine.")
         check_number("engine.eos_id", self.eos_id, lo=0, integer=True, none_ok=True)
 
-    def buckets(self) -> tuple[int, ...]:
-        return engine_buckets(self.max_len, self.prefill_buckets)
+    def windows(self) -> tuple[int, ...]:
+        """Every attention window: ``min_window`` doubling while below ``max_len``, then ``max_len``
+        (only ``max_len`` when ``min_window >= max_len``)."""
+        out, w = [], self.min_window
+        while w < self.max_len:
+            out.append(w)
+            w *= 2
+        return tuple(out) + (self.max_len,)
 
-    def window(self, max_pos: int) -> int:
-        """Cache positions a decode reads when its rows sit at positions <= ``max_pos`` (the router
-        writes ``max_pos + 1``): the smallest decode window > ``max_pos + 1``, else ``max_len``."""
-        for w in sorted(self.decode_windows or ()):
-            if w >= max_pos + 2:
-                return int(w)
-        return self.max_len
-
-    def mixed_buckets(self) -> tuple[int, ...]:
-        """Token counts a mixed step is compiled for: ``token_buckets``, else the length buckets."""
-        return tuple(sorted(self.token_buckets)) if self.token_buckets else self.buckets()
-
-    def tokens(self, n: int) -> int:
-        """Token slots of a mixed step with ``n`` real tokens: the smallest of :meth:`mixed_buckets` >= n."""
-        buckets = self.mixed_buckets()
-        for b in buckets:
-            if b >= n:
-                return int(b)
-        raise ConfigError(f"a step of {n} tokens exceeds the largest token bucket {buckets[-1]} "
-                          f"(engine.token_buckets, else prefill_buckets / max_len); lower the scheduler's token budget")
+    def window(self, n_positions: int) -> int:
+        """The smallest window holding cache positions ``0 .. n_positions - 1``."""
+        return next((w for w in self.windows() if w >= n_positions), self.max_len)
 
     def rows(self, n: int) -> int:
-        """Rows a call with ``n`` items runs (the smallest row bucket >= n)."""
-        if self.row_buckets is None:
-            return min(self.n_slots, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-        return min(b for b in self.row_buckets if b >= n)
+        """Rows a step with ``n`` requests runs: the smallest power of two >= n, at most ``n_slots``."""
+        return min(self.n_slots, pow2_at_least(n))
+
+    @staticmethod
+    def tokens(n: int) -> int:
+        """Token slots of a step laid out over ``n``: the smallest power of two >= n."""
+        return pow2_at_least(n)
 
 
 @dataclasses.dataclass(frozen=True)

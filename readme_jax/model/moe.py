@@ -66,42 +66,6 @@ def routed_ffn(impl: str):
     return ffn
 
 
-def present_experts_ffn(lp: dict, h_BTD, ctx):
-    """Read-ME FFN over the experts PRESENT in the call: ``ctx = (route_BT, present_K)``.
-
-    ``present_K`` lists the distinct expert ids of the call (K static, known on the host). For
-    each, one ``expert_ffn`` over that expert's weights alone (a dynamic slice of the layer's
-    stack) runs on every row and keeps its own rows; rows routed to -1 (padding) get 0. Only
-    K experts' weights are read. On XLA:CPU this beats the tile loop of ``expert_ffn(impl='xla')``
-    inside the layer scan by several times at decode batch sizes (docs/SERVING.md); the price is
-    K x the FFN compute, small for decode batches.
-    """
-    route_BT, present_K = ctx
-    B, T, D = h_BTD.shape
-    weights = [[lp[n][present_K[k]] for n in ("wg", "wu", "wd")] for k in range(present_K.shape[0])]
-    r = route_BT.reshape(B * T)
-    local = sum((jnp.where(r == present_K[k], k + 1, 0) for k in range(present_K.shape[0])), jnp.zeros_like(r)) - 1
-    y = _sum_experts(h_BTD.reshape(B * T, D), local, weights)  # local -1: padding or an expert not present
-    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
-
-
-def pool_ffn(lp: dict, h_BTD, local_BT):
-    """Read-ME FFN over the call's expert buffers ``lp["pool"]``: a tuple of K per-expert dicts
-    (``wg, wu: [D, Fe]``, ``wd: [Fe, D]`` at this layer), from the serving expert store;
-    ``local_BT`` indexes that tuple (-1: padding). Same arithmetic as :func:`present_experts_ffn`."""
-    B, T, D = h_BTD.shape
-    y = _sum_experts(h_BTD.reshape(B * T, D), local_BT.reshape(B * T), expert_weights(lp))
-    return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
-
-
-def expert_weights(lp: dict) -> list:
-    """One layer's experts as ``[(wg, wu, wd), ...]``: the stack's, or (expert store) the call's
-    pool buffers ``lp["pool"]``, whose index is what the routes hold."""
-    if "pool" in lp:
-        return [(w["wg"], w["wu"], w["wd"]) for w in lp["pool"]]
-    return [(lp["wg"][e], lp["wu"][e], lp["wd"][e]) for e in range(lp["wg"].shape[0])]
-
-
 def cond_sum_experts(y_ND, x_ND, route_N, experts):
     """``y`` plus, for each ``(e, (wg, wu, wd))`` of ``experts``, :func:`expert_rows` of expert e,
     computed only when some row routes to e (``lax.cond``; ``e`` may be traced). The experts run
@@ -119,14 +83,6 @@ def expert_rows(x_ND, local_N, k, wg, wu, wd):
     0 elsewhere, in float32: it runs on every row and keeps its own."""
     return expert_ffn(x_ND, jnp.where(local_N == k, 0, -1), wg[None], wu[None], wd[None],
                       impl="reference").astype(jnp.float32)
-
-
-def _sum_experts(x_ND, local_N, weights):
-    """Sum over k of :func:`expert_rows` of expert k, in float32."""
-    y = jnp.zeros(x_ND.shape, jnp.float32)
-    for k, (wg, wu, wd) in enumerate(weights):
-        y = y + expert_rows(x_ND, local_N, k, wg, wu, wd)
-    return y
 
 
 def layerwise_ffn(impl: str):

@@ -1,4 +1,4 @@
-"""Stage `serve_bench`: the serving benchmark (readme_jax.serve.bench) on the trained Read-ME model,
+"""Stage `serve_bench`: the serving benchmark (readme_jax.serve.sim.bench) on the trained Read-ME model,
 with the dense source model for the batch-1 latency comparison, prompts from the test split of the
 same domains. ``serve:`` in the run config is a ServeBenchConfig (readme_jax/config/serve.py)."""
 
@@ -8,19 +8,17 @@ import time
 
 import yaml
 
-import dataclasses
-
 from readme_jax.config import ServeBenchConfig, to_dict
 from readme_jax.model.readme_model import DenseModel
-from readme_jax.serve import bench
+from readme_jax.serve.sim import bench
 from readme_jax.workflow.training import load_trained
 from readme_jax.jsonfile import write_json
 from readme_jax.workflow.workspace import Workspace
 
 
 def bench_config(ws: Workspace) -> ServeBenchConfig:
-    """The run's ``serve:`` settings with the run's impl (written beside the results as YAML)."""
-    cfg = dataclasses.replace(ws.cfg.serve, impl=ws.cfg.impl)
+    """The run's ``serve:`` settings (written beside the results as YAML)."""
+    cfg = ws.cfg.serve
     (ws.stage_dir("serve_bench") / "bench_config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     return cfg
 
@@ -49,10 +47,7 @@ def headline(result: dict) -> dict:
     cols = ("normalized_latency_mean_s", "normalized_latency_p95_s", "latency_mean_s", "latency_p95_s",
             "ttft_mean_s", "unique_experts_per_batch_mean", "tokens_per_batch_mean", "throughput_tokens_per_s")
     out = {"policies_measured": {p: {c: s.get(c) for c in cols} for p, s in result.get("policies", {}).items()}}
-    mixed = result.get("config", {}).get("mixed_step")
-    if mixed is not None:
-        out["engine"] = ("one call per step, prefill chunks and decodes together (chunked prefill)" if mixed
-                         else "split: prefill and decode calls apart, prefills whole")
+    out["engine"] = "one call per step, prompt chunks and decodes together (chunked prefill)"
     cal = result.get("calibrated", {}).get("policies", {})
     out["policies_calibrated"] = {p: {c: s.get(c) for c in cols} for p, s in cal.items()}
     if "cost_model_fit" in result.get("calibrated", {}):

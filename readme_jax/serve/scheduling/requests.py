@@ -22,7 +22,7 @@ from readme_jax.errors import RequestError
 class Kind(str, enum.Enum):
     """What a batch item asks the engine to do."""
 
-    PREFILL = "prefill"  # run the whole prompt into the request's KV slot, sample token 1
+    PREFILL = "prefill"  # run prompt tokens (a chunk, or all) into the request's KV slot; the last chunk samples token 1
     DECODE = "decode"  # run the last sampled token (1 token), sample the next one
 
 
@@ -214,7 +214,6 @@ class StepOutput(NamedTuple):
 
     next_routes: dict  # rid -> expert of the token just sampled, None when the request finished
     tokens: dict  # rid -> the token just sampled
-    prefill_s: float  # measured: the step's prefill calls (host prep + device + readback)
-    decode_s: float  # measured: the step's decode call(s)
+    compute_s: float  # measured: the step's call(s), host layout + device + reading back the tokens
     stall_s: float = 0.0  # measured: waiting for expert copies (expert store only)
     experts: frozenset = frozenset()  # the true experts the step's calls ran (union over calls)

@@ -51,13 +51,13 @@ from readme_jax.model.llama import Llama
 from readme_jax.model.readme_model import DenseModel, ExpertLayout, ReadMEModel
 from readme_jax.model.router import make_router
 from readme_jax.serve.engine import Engine, EngineConfig, EngineRunner, SamplingParams
-from readme_jax.serve.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity,
+from readme_jax.serve.sim.metrics import (hit_ratio_table, plot_hit_ratio_vs_capacity,
                                       plot_normalized_latency_hist, plot_unique_experts, request_metrics, summarize)
-from readme_jax.serve.requests import Status
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
-from readme_jax.serve.simulate import CostModel, simulate
-from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
-from readme_jax.serve.workload import generate_workload
+from readme_jax.serve.scheduling.requests import Status
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.sim.simulate import CostModel, simulate
+from readme_jax.serve.sim.transfer import ExpertStoreSim, StoreConfig
+from readme_jax.serve.sim.workload import generate_workload
 
 
 def load_bench_config(path=None, overrides=()) -> ServeBenchConfig:
@@ -188,8 +188,8 @@ def decode_latency(engine: Engine, prompt, n_tokens: int) -> np.ndarray:
     """Measured seconds of each decode step of ONE request (batch 1), ``n_tokens`` steps."""
     engine.reset()
     prompt = np.asarray(prompt, np.int32)
-    sched = Scheduler(SchedulerConfig(policy="fcfs", token_budget=max(prompt.size, 1), n_slots=engine.cfg.n_slots,
-                                      n_experts=engine.model.n_experts))
+    sched = Scheduler(SchedulerConfig(policy="fcfs", token_budget=engine.cfg.token_budget, n_slots=engine.cfg.n_slots,
+                                      n_experts=engine.model.n_experts, chunked_prefill=True))
     sched.add(engine.new_request(0, prompt, n_tokens + 1))
     times = []
     while sched.has_work():
@@ -197,7 +197,7 @@ def decode_latency(engine: Engine, prompt, n_tokens: int) -> np.ndarray:
         out = engine.step(b)
         sched.on_step_done(b, out.next_routes, 0.0)
         if b.decodes:
-            times.append(out.decode_s)
+            times.append(out.compute_s)
     engine.reset()
     return np.asarray(times)
 
@@ -247,10 +247,8 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
         prompt_fn, domain_of = corpus_prompt_fn(models.tokenizer, cfg.domains, cfg.corpus_split, cfg.corpus_sep_id)
     specs = generate_workload(cfg.workload, prompt_fn, with_routes=False)
     eos = getattr(models.tokenizer, "eos_id", None) if cfg.stop_at_eos else None
-    ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, prefill_buckets=cfg.prefill_buckets,
-                        row_buckets=cfg.row_buckets, eos_id=eos, moe_ffn=cfg.moe_ffn, impl=cfg.impl,
-                        decode_windows=cfg.decode_windows, mesh=cfg.mesh, mixed_step=cfg.mixed_step,
-                        token_buckets=cfg.token_buckets if cfg.mixed_step else None)
+    ecfg = EngineConfig(n_slots=cfg.n_slots, max_len=cfg.max_len, token_budget=cfg.token_budget,
+                        min_window=cfg.min_window, eos_id=eos, mesh=cfg.mesh)
     engine = Engine(moe, ecfg)
     policies, outputs, step_sets, routes = {}, {}, {}, {}
     burn_s = 0.0
@@ -302,10 +300,10 @@ def run_serve_bench(models: BenchModels, cfg: ServeBenchConfig, out_dir, *, prom
 
 
 def _scheduler_config(cfg: ServeBenchConfig, policy: str, n_experts: int) -> SchedulerConfig:
-    """The scheduler every run of the bench uses for ``policy`` (the one-call engine chunks prefills)."""
+    """The scheduler every run of the bench uses for ``policy`` (prompts over the budget run in chunks)."""
     return SchedulerConfig(policy=policy, token_budget=cfg.token_budget, n_slots=cfg.n_slots,
                            max_queue=cfg.max_queue, max_wait_steps=cfg.max_wait_steps, n_experts=n_experts,
-                           chunked_prefill=cfg.mixed_step)
+                           chunked_prefill=True)
 
 
 def _run_policy(engine: Engine, specs, policy: str, cfg: ServeBenchConfig, progress: bool, log) -> tuple[dict, Any]:
@@ -325,10 +323,9 @@ def _run_policy(engine: Engine, specs, policy: str, cfg: ServeBenchConfig, progr
     s["reject_reasons"] = sorted({r.reject_reason for r in res.requests if r.status is Status.REJECTED})
     rs = runner.steps
     s["measured_compute_s"] = float(sum(st.compute_s for st in res.steps))
-    s["measured_prefill_s"] = float(sum(r["prefill_s"] for r in rs))
-    s["measured_decode_s"] = float(sum(r["decode_s"] for r in rs))
+    s["measured_step_compute_s"] = float(sum(r["compute_s"] for r in rs))
     s["measured_arrival_routing_s"] = float(sum(r["router_arrival_s"] for r in rs))
-    dec = [r["decode_s"] for r in rs if r["n_decode"] and not r["n_prefill"]]
+    dec = [r["compute_s"] for r in rs if r["n_decode"] and not r["n_prefill"]]
     s["decode_only_step_ms_mean"] = 1e3 * float(np.mean(dec)) if dec else float("nan")
     s["wall_s"] = wall
     s["hit_ratio"] = hit_ratio_table([st.experts for st in res.steps], cfg.capacities, cfg.cache_policies,
@@ -344,16 +341,18 @@ def _run_policy(engine: Engine, specs, policy: str, cfg: ServeBenchConfig, progr
 
 
 def _expert_sweep(engine: Engine, dense_engine: Engine | None, rows: int, pos: int, repeats: int):
-    """Median decode-call ms with k = 1..min(E, rows) experts present (round robin over k, so load
-    noise spreads evenly), and the dense model's at the same batch."""
+    """Median ms of a decode step of ``rows`` requests at position ``pos`` with k = 1..min(E, rows)
+    experts present (round robin over k, so load noise spreads evenly), and the dense model's at the
+    same batch (``Engine.time_step``: the same compute as real decodes at that window)."""
     ks = list(range(1, min(engine.model.n_experts, rows) + 1))
     t: dict = {k: [] for k in ks}
     td = []
+    W = engine.cfg.window(pos + 1)
     for _ in range(repeats):
         for k in ks:
-            t[k].extend(engine.benchmark_decode(np.arange(rows) % k, pos, 1))
+            t[k].extend(engine.time_step(rows, rows, np.arange(rows) % k, window=W))
         if dense_engine is not None:
-            td.extend(dense_engine.benchmark_decode(np.zeros(rows), pos, 1))
+            td.extend(dense_engine.time_step(rows, rows, np.zeros(rows), window=W))
     return {k: 1e3 * float(np.median(v)) for k, v in t.items()}, (1e3 * float(np.median(td)) if td else None)
 
 
@@ -492,7 +491,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    """``python -m readme_jax.serve.bench [--model tiny] [--out DIR] [key=value ...]``."""
+    """``python -m readme_jax.serve.sim.bench [--model tiny] [--out DIR] [key=value ...]``."""
     ap = argparse.ArgumentParser(prog="readme-jax serve-bench", description=__doc__.splitlines()[0])
     add_arguments(ap)
     run(ap.parse_args(argv))

@@ -4,23 +4,23 @@ Each expert's own weights (``wg, wu: [L, D, Fe]``, ``wd: [L, Fe, D]``; the share
 attention stay on the device) live in host memory: memory kind ``pinned_host`` where the
 device has it (CPU and GPU backends do), plain numpy elsewhere. At most ``capacity`` experts
 are on the device, each in its own buffers (one ``jax.device_put`` per load, so loading one
-expert never rewrites another's memory). The engine hands a call's experts to the FFN as a
-tuple of buffers and the tokens' expert ids as indices into it
-(:func:`readme_jax.model.moe.pool_ffn`).
+expert never rewrites another's memory). The engine hands a call's experts to the FFN as its
+expert slots, a tuple of buffers, and the tokens' expert ids as indices into it
+(serve/engine/experts.py).
 
 * ``acquire(experts, future)``: make a call's experts resident (the engine cuts steps into
-  calls of at most ``capacity`` experts, :func:`readme_jax.serve.cache_policy.split_calls`),
-  loading misses on demand and evicting by the policy (never an expert of the call), then
-  WAIT for every copy the call needs. That wait is the measured stall. Only one prompt
-  whose tokens span more experts than the pool can make a call bigger: its extra experts
-  are copied for that call alone and dropped after it (``stats.transient_loads``, misses).
+  calls of at most ``capacity`` experts, serve/engine/calls.py), loading misses on demand and
+  evicting by the policy (never an expert of the call), then WAIT for every copy the call
+  needs. That wait is the measured stall. A call over ``capacity`` experts (not made by the
+  engine, whose calls fit) would get its extra experts copied for that call alone
+  (``stats.transient_loads``, misses).
 * ``prefetch(future, busy)``: with ``prefetch=True``, start the copies of the experts the
   nearest future call needs, while the current call computes (``jax.device_put`` returns
   before the copy ends). It evicts only experts outside ``busy`` (the call in flight) and
   outside that future call. So that there is always such a slot, the engine plans calls of
   at most ``capacity - 1`` experts when prefetching (``max_call_experts``).
 
-Hits and misses are counted by :class:`readme_jax.serve.cache_policy.ExpertCache` (a
+Hits and misses are counted by :class:`readme_jax.serve.scheduling.cache_policy.ExpertCache` (a
 prefetched expert's use is a hit; ``stats.prefetches`` counts the loads started ahead).
 """
 
@@ -35,9 +35,9 @@ import numpy as np
 
 from readme_jax.errors import ConfigError
 from readme_jax.model.readme_model import ReadMEModel
-from readme_jax.serve.cache_policy import ExpertCache, Use
+from readme_jax.serve.engine.experts import EXPERT_KEYS
+from readme_jax.serve.scheduling.cache_policy import ExpertCache, Use
 
-EXPERT_KEYS = ("wg", "wu", "wd")
 
 
 @dataclasses.dataclass
@@ -101,7 +101,7 @@ class ExpertStore:
 
     def scratch_pool(self) -> tuple[dict, ...]:
         """``capacity`` references to one device copy of expert 0, outside the cache (no stats):
-        the pool shape the mixed step compiles for, for warm-up."""
+        the pool shape the step compiles for, for compiling ahead and timing."""
         buf = jax.device_put(self._host[0], self._dev)
         return (buf,) * self.capacity
 

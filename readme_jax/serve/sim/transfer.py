@@ -23,7 +23,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 
 from readme_jax.errors import ConfigError
-from readme_jax.serve.cache_policy import ExpertCache
+from readme_jax.serve.scheduling.cache_policy import ExpertCache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,7 @@ import numpy as np
 
 from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ConfigError, ReadmeError, RequestError
-from readme_jax.serve.requests import Batch, BatchItem, Kind, Request, Status, WorkItem
+from readme_jax.serve.scheduling.requests import Batch, BatchItem, Kind, Request, Status, WorkItem
 
 
 

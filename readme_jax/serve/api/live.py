@@ -4,11 +4,14 @@
 default). ``submit`` validates a request at once (RequestError: bad request; QueueFull: the wait
 queue is full) and returns a :class:`Handle` whose ``events`` queue receives ``("token", id)`` per
 sampled token and finally ``("done", finish_reason)`` (``stop``: EOS; ``length``: max tokens;
-``cancelled``) or ``("error", message)``. ``cancel`` frees the request's slot before the next step.
+``cancelled``) or ``("error", message)`` (or hands them to the handle's ``listener``). ``cancel``
+frees the request's slot before the next step. Prompts of any length up to the engine's
+``max_len`` are accepted: the scheduler runs them in chunks of its token budget.
 
 Only the loop touches the engine and the scheduler: either a background thread (``start`` /
 ``shutdown``, what the HTTP server uses) or the caller, one ``step()`` at a time (what
-``LLM.generate`` does when no thread runs). ``shutdown(drain=True)`` refuses new requests and
+``LLM.generate`` does when no thread runs). The thread never polls: with no work it blocks until a
+submit, a cancel or ``shutdown`` wakes it. ``shutdown(drain=True)`` refuses new requests and
 finishes the running ones first.
 """
 
@@ -19,12 +22,12 @@ import itertools
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from readme_jax.config import SamplingParams
-from readme_jax.errors import ConfigError, ReadmeError, RequestError
+from readme_jax.errors import ReadmeError, RequestError
 from readme_jax.serve.engine import Engine
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
 
 
 class QueueFull(ReadmeError):
@@ -57,6 +60,9 @@ class Handle:
     max_tokens: int
     arrival_s: float
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    # called from the loop's thread with each event instead of queueing it (e.g. into an asyncio
+    # queue with ``loop.call_soon_threadsafe``: the HTTP server); None: events go to ``events``
+    listener: Callable[[tuple], None] | None = None
     tokens: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     first_token_s: float | None = None
@@ -66,19 +72,18 @@ class Handle:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def emit(self, event: tuple) -> None:
+        if self.listener is not None:
+            self.listener(event)
+        else:
+            self.events.put(event)
+
 
 class LiveEngine:
     def __init__(self, engine: Engine, *, policy: str = "expert_aware", token_budget: int | None = None,
                  max_queue: int = 64, max_wait_steps: int | None = 16, metrics: LiveMetrics | None = None):
         self.engine = engine
-        if engine.cfg.mixed_step:  # one call per step: prompts run in chunks up to the largest token bucket
-            top = max(engine.cfg.mixed_buckets())
-            budget = token_budget or top
-            if budget > top:
-                raise ConfigError(f"token budget {budget} exceeds the engine's largest token bucket {top} "
-                                  f"(engine.token_buckets)")
-        else:
-            budget = token_budget or max(engine.max_prompt_len, engine.cfg.n_slots)
+        budget = token_budget or engine.cfg.token_budget  # prompts longer than it run in chunks
         self.max_queue = int(max_queue)
         if self.max_queue < 0:
             raise RequestError(f"max_queue must be >= 0, got {max_queue}")
@@ -86,7 +91,7 @@ class LiveEngine:
         # requests only later, must not refuse what submit accepted, so its own queue limit is open
         self.scheduler = Scheduler(SchedulerConfig(policy=policy, token_budget=budget, n_slots=engine.cfg.n_slots,
                                                    max_queue=2**31 - 1, max_wait_steps=max_wait_steps,
-                                                   chunked_prefill=engine.cfg.mixed_step,
+                                                   chunked_prefill=True,
                                                    n_experts=engine.model.n_experts))
         self.metrics = metrics or LiveMetrics()
         self._rids = itertools.count()
@@ -113,21 +118,21 @@ class LiveEngine:
     def n_running(self) -> int:
         return self.scheduler.n_running
 
-    def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams | None = None) -> Handle:
-        """Queue a request (validated now: RequestError, QueueFull, ShuttingDown)."""
+    def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams | None = None,
+               listener: Callable[[tuple], None] | None = None) -> Handle:
+        """Queue a request (validated now: RequestError, QueueFull, ShuttingDown); ``listener``: see
+        :class:`Handle`."""
         sampling = sampling or SamplingParams()
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         with self._lock:
             rid = next(self._rids)
             ids = self.engine.check_request(rid, prompt_ids, max_tokens, sampling)
-            if ids.size > self.scheduler.cfg.token_budget:
-                raise RequestError(f"prompt has {ids.size} tokens > token budget {self.scheduler.cfg.token_budget}")
             if self.n_waiting >= self.max_queue:
                 self.metrics.rejected("queue_full")
                 raise QueueFull(f"queue full: {self.n_waiting} requests waiting for a slot (max_queue="
                                 f"{self.max_queue}); retry later")
-            h = Handle(rid, int(ids.size), int(max_tokens), time.perf_counter())
+            h = Handle(rid, int(ids.size), int(max_tokens), time.perf_counter(), listener=listener)
             self._handles[rid] = (h, sampling, ids)
             self._n_inbox += 1
             self._inbox.put(rid)
@@ -164,12 +169,12 @@ class LiveEngine:
     def _run(self) -> None:
         try:
             while True:
-                worked = self.step()
-                if not worked:
-                    if self._stop.is_set() and not self._handles:
-                        return
-                    self._wake.wait(0.05)
-                    self._wake.clear()
+                self._wake.clear()  # before looking for work: a submit or cancel after this sets it again
+                if self.step():
+                    continue
+                if self._stop.is_set() and not self._handles:
+                    return
+                self._wake.wait()  # idle: sleep until a submit, a cancel or shutdown (no polling)
         except BaseException as e:  # noqa: BLE001 - the loop must not die silently: fail every request
             self.error = e
             for rid in list(self._handles):
@@ -195,7 +200,7 @@ class LiveEngine:
             if h.first_token_s is None:
                 h.first_token_s = t1
             h.tokens.append(int(tok))
-            h.events.put(("token", int(tok)))
+            h.emit(("token", int(tok)))
             if out.next_routes.get(rid) is None:
                 eos = self.engine.cfg.eos_id
                 self._end(rid, "stop" if eos is not None and tok == eos else "length")
@@ -249,10 +254,10 @@ class LiveEngine:
         h.finish_s = time.perf_counter()
         if error is not None:
             h.finish_reason = "error"
-            h.events.put(("error", error))
+            h.emit(("error", error))
             return
         h.finish_reason = reason
         ttft = None if h.first_token_s is None else h.first_token_s - h.arrival_s
         self.metrics.finished(reason, ttft, h.finish_s - h.arrival_s, len(h.tokens))
-        h.events.put(("done", reason))
+        h.emit(("done", reason))
 

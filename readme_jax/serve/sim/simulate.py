@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from readme_jax.config import SCHEDULER_POLICIES
 from readme_jax.errors import ConfigError, DataError, ReadmeError, RequestError
-from readme_jax.serve.cache_policy import ExpertCache
-from readme_jax.serve.requests import Batch, Request, Status
-from readme_jax.serve.scheduler import Scheduler, SchedulerConfig
-from readme_jax.serve.transfer import ExpertStoreSim, StoreConfig
-from readme_jax.serve.workload import RequestSpec
+from readme_jax.serve.scheduling.cache_policy import ExpertCache
+from readme_jax.serve.scheduling.requests import Batch, Request, Status
+from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
+from readme_jax.serve.sim.transfer import ExpertStoreSim, StoreConfig
+from readme_jax.serve.sim.workload import RequestSpec
 
 
 @dataclasses.dataclass(frozen=True)

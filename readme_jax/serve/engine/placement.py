@@ -15,10 +15,10 @@
   token routes to (``lax.cond``: the number of experts present is a runtime value), runs that
   expert's SwiGLU on every row keeping its own; the partial outputs are summed with one ``psum``
   over ``(expert, model)``. The shared part runs replicated, once.
-* **Communication per step** (decode, prefill or the mixed one-call step): one all-reduce per
-  layer of the FFN output ``[N, D]`` float32 over the ``expert x model`` devices, and nothing
-  else: no expert weight moves (tests/test_serve_mesh.py checks the compiled decode, prefill and
-  mixed programs hold all-reduces and no all-gather / all-to-all / collective-permute).
+* **Communication per step**: one all-reduce per layer of the FFN output ``[N, D]`` float32 over
+  the ``expert x model`` devices, and nothing else: no expert weight moves
+  (tests/test_serve_mesh.py checks the compiled step holds all-reduces and no all-gather /
+  all-to-all / collective-permute).
 * **Exactness**: with ``model = 1`` every row of the psum has exactly one non-zero term (its own
   expert's output; the other devices add exact zeros), so tokens, routes and logits are
   bit-identical to the single-device engine. With ``model > 1`` the down projection's partial
@@ -27,8 +27,7 @@
   slots are not split over ``data``); use ``data=1`` unless that redundancy is wanted.
 
 Refused at construction (ConfigError): an expert store (``store=``; its host pool is one
-device's), ``moe_ffn="expert_ffn"`` (the ``ops.expert_ffn`` path is not sharded here), and a
-mesh with devices of other processes.
+device's) and a mesh with devices of other processes.
 """
 
 from __future__ import annotations
@@ -66,20 +65,17 @@ _FFNS: dict = {}
 
 
 def sharded_experts_ffn(mesh: Mesh) -> Callable:
-    """Read-ME FFN for ``decoder.forward`` / ``flat.flat_forward`` with the layer's experts sharded
-    over ``mesh`` (``wg, wu: [E, D, F]`` E over expert, F over model). ``ctx`` is the route
-    ``[B, T]`` or ``(route, present_K)`` (``present_K`` unused: the experts run are those routed
-    to). One function per mesh, so engines on one mesh share compilations."""
+    """Read-ME FFN ``(layer params, h_ND, route_N) -> y_ND`` (shared part included) of the engine's
+    step with the layer's experts sharded over ``mesh`` (``wg, wu: [E, D, F]`` E over expert, F
+    over model). One function per mesh, so engines on one mesh share compilations."""
     if mesh in _FFNS:
         return _FFNS[mesh]
     sm = jax.shard_map(_local_experts, mesh=mesh, in_specs=(P(), P(), W_IN, W_IN, W_OUT), out_specs=P())
 
-    def ffn(lp, h_BTD, ctx):
-        route = ctx[0] if isinstance(ctx, tuple) else ctx
-        B, T, D = h_BTD.shape
+    def ffn(lp, h_ND, route_N):
         with jax.named_scope("expert_ffn"):
-            y = sm(h_BTD.reshape(B * T, D), route.reshape(B * T).astype(jnp.int32), lp["wg"], lp["wu"], lp["wd"])
-        return shared_ffn(lp, h_BTD, y.astype(h_BTD.dtype).reshape(B, T, D)), None
+            y = sm(h_ND, route_N.astype(jnp.int32), lp["wg"], lp["wu"], lp["wd"])
+        return shared_ffn(lp, h_ND, y.astype(h_ND.dtype))
 
     _FFNS[mesh] = ffn
     return ffn
@@ -128,9 +124,6 @@ def engine_placement(model, cfg: EngineConfig, store=None) -> MeshPlacement | No
     if store is not None:
         raise ConfigError("engine: an expert store (store=) cannot be combined with engine.mesh: the store's "
                           "host pool feeds one device; serve with the store on one device or on a mesh without it")
-    if cfg.moe_ffn == "expert_ffn" and model.is_moe:
-        raise ConfigError("engine.mesh with moe_ffn='expert_ffn' is not built: on a mesh the experts run through "
-                          "the sharded per-expert FFN (serve/placement.py); use moe_ffn='present'")
     mesh = resolve_mesh(cfg.mesh)
     here = jax.process_index()
     if any(d.process_index != here for d in mesh.devices.flat):

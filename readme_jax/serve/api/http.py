@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import uuid
 from typing import Any
@@ -28,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from readme_jax.errors import ReadmeError, RequestError
-from readme_jax.serve.cache_policy import ExpertCache
-from readme_jax.serve.live import LiveMetrics, QueueFull, ShuttingDown
-from readme_jax.serve.llm import LLM, Sampling, TextStream
+from readme_jax.serve.scheduling.cache_policy import ExpertCache
+from readme_jax.serve.api.live import LiveMetrics, QueueFull, ShuttingDown
+from readme_jax.serve.api.llm import LLM, Sampling, TextStream
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -165,8 +166,10 @@ def create_app(llm: LLM, metrics: PrometheusMetrics | None = None, *, model_name
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or 16
         s = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                      seed=body.seed, stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()))
-        try:
-            h = llm.submit(prompt_ids, s)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:  # the engine's thread hands each event to this loop: no thread hop, no polling per token
+            h = llm.submit(prompt_ids, s, listener=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except QueueFull as e:
             return _error(429, str(e), kind="rate_limit_error")
         except ShuttingDown as e:
@@ -176,21 +179,30 @@ def create_app(llm: LLM, metrics: PrometheusMetrics | None = None, *, model_name
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(_sse(llm, h, s, rid, created, name, chat), media_type="text/event-stream")
+            return StreamingResponse(_sse(llm, h, events, s, rid, created, name, chat), media_type="text/event-stream")
+        text = TextStream(llm.tokenizer, s.stop)
+        reason = None
         try:
-            c = await run_in_threadpool(llm.collect, h, s)
+            while reason is None:
+                kind, value = await events.get()
+                if kind == "error":
+                    return _error(500, f"request {h.rid}: {value}", kind="server_error")
+                text.push(list(h.tokens), kind == "done")
+                if text.stopped:
+                    llm.live.cancel(h.rid)
+                    reason = "stop"
+                elif kind == "done":
+                    reason = str(value)
         except asyncio.CancelledError:
             llm.live.cancel(h.rid)
             raise
-        except ReadmeError as e:
-            return _error(500, str(e), kind="server_error")
-        usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids),
-                 "total_tokens": c.prompt_tokens + len(c.token_ids)}
-        choice: dict[str, Any] = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
+        ids = list(h.tokens)
+        usage = {"prompt_tokens": h.prompt_len, "completion_tokens": len(ids), "total_tokens": h.prompt_len + len(ids)}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
+            choice["message"] = {"role": "assistant", "content": text.text}
         else:
-            choice["text"] = c.text
+            choice["text"] = text.text
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": name, "choices": [choice], "usage": usage}
 
@@ -213,7 +225,7 @@ def create_app(llm: LLM, metrics: PrometheusMetrics | None = None, *, model_name
     return app
 
 
-async def _sse(llm: LLM, h, s: Sampling, rid: str, created: int, name: str, chat: bool):
+async def _sse(llm: LLM, h, events: asyncio.Queue, s: Sampling, rid: str, created: int, name: str, chat: bool):
     """Server-sent events of one request; a disconnect (the task cancelled) cancels the request."""
     text = TextStream(llm.tokenizer, s.stop)
     kind_name = "chat.completion.chunk" if chat else "text_completion"
@@ -232,7 +244,7 @@ async def _sse(llm: LLM, h, s: Sampling, rid: str, created: int, name: str, chat
         if chat:
             yield chunk("", None, first=True)
         while True:
-            kind, value = await run_in_threadpool(h.events.get)
+            kind, value = await events.get()
             if kind == "error":
                 yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error"}}) + "\n\n"
                 done = True
@@ -261,10 +273,16 @@ def _param_of(message: str) -> str | None:
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8000, dense: bool = False, policy: str = "expert_aware",
           n_slots: int = 8, max_len: int = 512, max_queue: int = 64, name: str | None = None,
-          log_level: str = "info", mesh=None) -> None:
+          log_level: str = "info", mesh=None, warm: bool = True) -> None:
     """Load the model at ``path`` and serve it until SIGINT/SIGTERM (``mesh``: experts sharded over
-    devices, ``EngineConfig.mesh``)."""
+    devices, ``EngineConfig.mesh``). ``warm``: compile the engine's common programs before listening,
+    a progress line each (the others compile on first use; their time is ``readme_engine_compile_seconds``)."""
     metrics = PrometheusMetrics()
     llm = LLM.open(path, dense=dense, n_slots=n_slots, max_len=max_len, policy=policy, max_queue=max_queue,
                    metrics=metrics, mesh=mesh, **({"name": name} if name else {}))
+    if warm:
+        print(f"[readme-jax serve] compiling the engine's step programs ahead ({len(llm.engine.serving_shapes())})",
+              file=sys.stderr, flush=True)
+        seconds = llm.warm(progress=lambda line: print(f"[readme-jax serve] {line}", file=sys.stderr, flush=True))
+        print(f"[readme-jax serve] compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
     uvicorn.run(create_app(llm, metrics), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)

@@ -17,8 +17,8 @@ import numpy as np
 from readme_jax.config import CACHE_POLICIES
 from readme_jax.errors import ReadmeError
 from readme_jax.figures import new_figure
-from readme_jax.serve.cache_policy import simulate_cache
-from readme_jax.serve.requests import Request, Status
+from readme_jax.serve.scheduling.cache_policy import simulate_cache
+from readme_jax.serve.scheduling.requests import Request, Status
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from readme_jax.config import EngineConfig, SamplingParams
 from readme_jax.errors import CheckpointError, ReadmeError, RequestError
 from readme_jax.model.readme_model import DenseModel
 from readme_jax.serve.engine import Engine, ServedModel
-from readme_jax.serve.live import Handle, LiveEngine, LiveMetrics
+from readme_jax.serve.api.live import Handle, LiveEngine, LiveMetrics
 
 
 @dataclasses.dataclass
@@ -82,15 +82,14 @@ class TextStream:
         return delta
 
 
-SERVING_TOKEN_BUCKETS = (16, 64)  # tokens per step of the served engine: decodes + prompt chunks
+SERVING_TOKEN_BUDGET = 64  # tokens per step of the served engine: decodes + prompt chunks
 
 
-def serving_engine_config(n_slots: int, max_len: int, eos_id, mesh=None) -> EngineConfig:
-    """The served engine: one call per step (prompt chunks and decodes together, chunked prefill),
-    token buckets :data:`SERVING_TOKEN_BUCKETS` (capped at ``max_len``); ``mesh``: experts sharded."""
-    buckets = tuple(b for b in SERVING_TOKEN_BUCKETS if b <= max_len) or (max_len,)
-    return EngineConfig(n_slots=n_slots, max_len=max_len, eos_id=eos_id, mixed_step=True, token_buckets=buckets,
-                        mesh=mesh)
+def serving_engine_config(n_slots: int, max_len: int, eos_id, mesh=None,
+                          token_budget: int = SERVING_TOKEN_BUDGET) -> EngineConfig:
+    """The served engine: ``n_slots`` KV slots of ``max_len`` tokens, steps of at most ``token_budget``
+    tokens (longer prompts run in chunks); ``mesh``: experts sharded."""
+    return EngineConfig(n_slots=n_slots, max_len=max_len, eos_id=eos_id, token_budget=token_budget, mesh=mesh)
 
 
 class LLM:
@@ -144,9 +143,15 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
 
-    def submit(self, prompt_ids: Sequence[int], sampling: Sampling) -> Handle:
-        """Queue one request (RequestError / QueueFull / ShuttingDown at once); events arrive on its handle."""
-        return self.live.submit(prompt_ids, sampling.max_tokens, sampling.engine_params())
+    def submit(self, prompt_ids: Sequence[int], sampling: Sampling, listener=None) -> Handle:
+        """Queue one request (RequestError / QueueFull / ShuttingDown at once); events arrive on its handle
+        (or go to ``listener``, called from the loop's thread: the HTTP server's asyncio queues)."""
+        return self.live.submit(prompt_ids, sampling.max_tokens, sampling.engine_params(), listener)
+
+    def warm(self, shapes=None, progress=None) -> float:
+        """Compile the engine's programs ahead (``Engine.warm``; default: decode steps of every batch
+        size and window, and a new prompt's first chunk of every size); ``progress`` gets a line each."""
+        return self.engine.warm(shapes, progress)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], **sampling) -> list[Completion]:
         """Completions of every prompt (text or token ids), batched through the engine."""

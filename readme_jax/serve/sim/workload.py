@@ -26,7 +26,7 @@ import numpy as np
 
 from readme_jax.config import WorkloadConfig
 from readme_jax.errors import ConfigError, DataError
-from readme_jax.serve.requests import Request
+from readme_jax.serve.scheduling.requests import Request
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RequestSpec:

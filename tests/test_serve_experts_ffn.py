@@ -1,5 +1,6 @@
-"""The mixed step's expert FFNs (serve/flat.py) against a float64 numpy per-token reference, on
-fresh random inputs: group sizes at every tile edge, empty experts, padding, a split layout."""
+"""The engine step's expert FFN (serve/engine/experts.py, plus the shared part) against a float64 numpy
+per-token reference, on fresh random inputs: group sizes at every tile edge, empty experts, padding,
+a split layout, several layers (the layer index picks each expert's slice)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from readme_jax.serve.flat import ROW_TILES, experts_cond_ffn, experts_grouped_ffn, group_plan
+from readme_jax.model.moe import shared_ffn
+from readme_jax.serve.engine.experts import ROW_TILES, expert_slots, group_plan, grouped_experts
 
 
 def _swiglu64(x, wg, wu, wd):
@@ -30,12 +32,14 @@ def _reference(lp, h, route):
     return y.reshape(h.shape)
 
 
-def _layer(rng, E, D, F, shared):
-    lp = {"wg": rng.standard_normal((E, D, F)) * 0.3, "wu": rng.standard_normal((E, D, F)) * 0.3,
-          "wd": rng.standard_normal((E, F, D)) * 0.3}
+def _layers(rng, L, E, D, F, shared):
+    """Stacked layer params ``[L, ...]`` as the backbone holds them."""
+    lp = {"wg": rng.standard_normal((L, E, D, F)) * 0.3, "wu": rng.standard_normal((L, E, D, F)) * 0.3,
+          "wd": rng.standard_normal((L, E, F, D)) * 0.3}
     if shared:
-        lp.update(shared_wg=rng.standard_normal((D, shared)) * 0.3, shared_wu=rng.standard_normal((D, shared)) * 0.3,
-                  shared_wd=rng.standard_normal((shared, D)) * 0.3)
+        lp.update(shared_wg=rng.standard_normal((L, D, shared)) * 0.3,
+                  shared_wu=rng.standard_normal((L, D, shared)) * 0.3,
+                  shared_wd=rng.standard_normal((L, shared, D)) * 0.3)
     return {k: jnp.asarray(v, jnp.float32) for k, v in lp.items()}
 
 
@@ -46,27 +50,31 @@ def _routes(rng, N, E, counts):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("N", [8, 48, 96])
+@pytest.mark.parametrize("N", [1, 8, 48, 96])
 def test_grouped_ffn_equals_float64_per_token_reference(seed, N):
     rng = np.random.default_rng([seed, N])
-    E, D, F = 5, 12, 8
-    lp = _layer(rng, E, D, F, shared=6 if seed % 2 else 0)
-    h = jnp.asarray(rng.standard_normal((N, 1, D)), jnp.float32)
+    L, E, D, F = 3, 5, 12, 8
+    stacks = _layers(rng, L, E, D, F, shared=6 if seed % 2 else 0)
+    slots = expert_slots(stacks)
+    h = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
     # group sizes on both sides of every tile edge, an empty expert, and some padding
     edges = [t + d for t in ROW_TILES for d in (-1, 0, 1)] + [1, N]
     counts = np.zeros(E, int)
-    left = N - rng.integers(0, 4)
+    left = N - rng.integers(0, min(4, N))
     for e in rng.permutation(E)[:-1]:  # one expert stays empty
         c = int(min(left, rng.choice(edges)))
         counts[e], left = c, left - c
     route = _routes(rng, N, E, counts)
-    ffn = jax.jit(lambda lp, h, r: experts_grouped_ffn(lp, h, group_plan(r.reshape(-1), E))[0])
-    got = np.asarray(ffn(lp, h, jnp.asarray(route)[:, None]))
-    want = _reference(lp, np.asarray(h), route[:, None])
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-    # the older FFN gives the same
-    old = np.asarray(jax.jit(lambda lp, h, r: experts_cond_ffn(lp, h, r)[0])(lp, h, jnp.asarray(route)[:, None]))
-    np.testing.assert_allclose(got, old, rtol=2e-5, atol=2e-5)
+
+    def ffn(stacks, slots, h, r, layer):
+        lp = {k: v[layer] for k, v in stacks.items() if k.startswith("shared")}
+        return shared_ffn(lp, h, grouped_experts(h, group_plan(r, E), slots, layer))
+
+    f = jax.jit(ffn)
+    for layer in range(L):  # the layer index is traced: each expert's slice is read in its branch
+        got = np.asarray(f(stacks, slots, h, jnp.asarray(route), jnp.int32(layer)))
+        want = _reference({k: v[layer] for k, v in stacks.items()}, np.asarray(h), route)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_group_plan_sorts_stably_with_padding_last():
