@@ -56,8 +56,11 @@ def all_resident(moe):
     return specs, _serve(Engine(moe, ECFG), specs)[:2]
 
 
-@pytest.mark.parametrize("capacity,policy,prefetch", [(1, "lru", False), (2, "belady", True), (2, "random", False),
-                                                      (4, "lru", False)])
+# lru at capacity 1 (every step swaps) and belady with prefetch pin the fast suite; the other two repeat
+# the same path (20-30 s each in CI) and run under -m slow
+@pytest.mark.parametrize("capacity,policy,prefetch", [(1, "lru", False), (2, "belady", True),
+                                                      pytest.param(2, "random", False, marks=pytest.mark.slow),
+                                                      pytest.param(4, "lru", False, marks=pytest.mark.slow)])
 def test_small_pool_outputs_equal_all_resident(moe, all_resident, capacity, policy, prefetch):
     """Tokens and routes with a pool of ``capacity`` experts equal the all-resident engine's exactly;
     with every expert resident it is one call per step."""

@@ -108,7 +108,7 @@ def test_export_is_readable_without_jax(finished_run, cache_dir, tmp_path):
                                           "--hf-experts", f"output_dir={out}", f"data.cache_dir={cache_dir}"])
     args.fn(args)
     hf = sorted(p.name for p in (tmp_path / "x" / "hf_experts").iterdir())
-    assert hf == ["expert_0_pydoc", "expert_1_code"], hf  # every expert as a standalone HF Llama
+    assert hf == ["expert_0_pydoc", "expert_1_code", "expert_2_chat"], hf  # every expert as a standalone HF Llama
     assert (tmp_path / "x" / "hf_experts" / "expert_0_pydoc" / "model.safetensors").is_file()
     info = json.loads((tmp_path / "x" / "readme_moe.json").read_text())
     t = load_file(str(tmp_path / "x" / "readme_moe.safetensors"))

@@ -23,10 +23,10 @@ SLOW = pytest.mark.slow  # every stage: ~2 min per model on the 2-core CPU
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def _run(model_path, out, cache_dir, stages: str) -> list[float]:
+def _run(model_path, out, cache_dir, stages: str, *extra: str) -> list[float]:
     """Run ``stages`` on ``model_path``; every perplexity the dense (and final) evaluations wrote."""
     rc = cli.main(["run", "--config", "tiny_test", "--no-progress", f"output_dir={out}", f"data.cache_dir={cache_dir}",
-                   f"model={model_path}", stages])
+                   f"model={model_path}", stages, *extra])
     assert rc == 0
     assert (out / "refactor" / "done.json").is_file()
     vals = list(json.loads((out / "dense_eval" / "done.json").read_text())["ppl"].values())
@@ -80,11 +80,11 @@ def test_run_on_a_q4_k_gguf(tmp_path, gguf_writer, llama_arrays, cache_dir, stag
     raw = tensors["blk.1.ffn_down.weight"][0].reshape(cfg.d_model, -1, 144)
     want = np.stack([np.concatenate([ref_q4_k(raw[r, b]) for b in range(raw.shape[1])]) for r in range(raw.shape[0])])
     np.testing.assert_allclose(np.asarray(model.arrays()["layers"]["wd"][1]).T, want, rtol=1e-5, atol=1e-6)
-    _run(path, tmp_path / "run", cache_dir, stages)
+    _run(path, tmp_path / "run", cache_dir, stages, "data.chat_prompts=0")  # a base model: no chat template
 
 
 @pytest.mark.parametrize("stages", [FAST, pytest.param(FULL, marks=SLOW)], ids=["fast", "all_stages"])
-def test_run_on_a_sentencepiece_gguf(tmp_path, gguf_writer, llama_arrays, cache_dir, stages):
+def test_run_on_a_sentencepiece_gguf(tmp_path, gguf_writer, llama_arrays, cache_dir, stages, capsys):
     pytest.importorskip("sentencepiece")
     from test_checkpoints_gguf import gguf_tensors, llama_md
     from test_tokenizer_gguf import sp_vocab, train_sentencepiece
@@ -96,4 +96,9 @@ def test_run_on_a_sentencepiece_gguf(tmp_path, gguf_writer, llama_arrays, cache_
                        tokenizer=vocab)
     _, tok = load_model(path)
     assert tok.encode("hello world")[0] == tok.bos_id  # Llama-2 convention: BOS added
-    _run(path, tmp_path / "run", cache_dir, stages)
+    # the chat domain needs the model's chat template: a base model is told which key turns it off
+    rc = cli.main(["run", "--config", "tiny_test", "--no-progress", f"output_dir={tmp_path / 'chat'}",
+                   f"data.cache_dir={cache_dir}", f"model={path}", "stages=[dense_eval]"])
+    assert rc == 2 and "no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "chat" / "chat_data" / "done.json").exists()
+    _run(path, tmp_path / "run", cache_dir, stages, "data.chat_prompts=0")  # a base model: no chat template

@@ -72,8 +72,9 @@ def test_every_stage_has_dependencies_and_a_function():
     # the pruned twin is cut from the calibration statistics: every calibration setting reaches the baseline
     calib = [f"convert.{f.name}" for f in dataclasses.fields(ConvertConfig) if f.name not in ("layout", "shared_fraction")]
     assert all(reads("baseline", k) for k in calib) and not reads("baseline", "convert.shared_fraction")
-    assert stages.downstream("refactor") == ("refactor_eval", "train", "baseline", "final_eval", "serve_bench",
-                                             "report")
+    assert stages.downstream("refactor") == ("refactor_eval", "train", "baseline", "final_eval", "chat_eval",
+                                             "serve_bench", "report")
+    assert {"refactor", "train", "chat_eval"} <= set(stages.downstream("chat_data"))  # the chat domain is an expert
 
 
 def test_changed_settings_are_refused_naming_the_keys(run_copy, cache_dir):
@@ -133,8 +134,8 @@ def test_damaged_stages_are_recomputed_not_trusted(run_copy, cache_dir):
         assert any(f"{stage}/done.json" in line and "recomputed" in line for line in log), (stage, log)
         assert f"== {stage}" in log
         assert json.loads((run_copy / stage / "done.json").read_text())["fingerprint"]
-    ran = [line[3:] for line in log if line.startswith("== ") and not line.endswith(" s")]
-    assert ran == ["dense_eval", "refactor", "refactor_eval", "baseline", "final_eval"], ran
+    ran = [line[3:] for line in log if line.startswith("== ") and not line.endswith((" s", "skipped"))]
+    assert ran == ["dense_eval", "refactor", "refactor_eval", "baseline", "final_eval"], ran  # chat_data: reused
     assert "pruned_dense_tuned" in json.loads((run_copy / "final_eval" / "done.json").read_text())["ppl"]
 
 

@@ -74,6 +74,9 @@ def run_chat_data(ws: Workspace) -> dict:
 
 def _generate(ws: Workspace, prompts: list[dict], key: str) -> dict:
     model, tok = ws.dense
+    if not tok.chat_template:
+        raise DataError(f"chat_data: {tok.source}: the tokenizer has no chat template (a base model), so the dense "
+                        "model cannot write chat answers; run with data.chat_prompts=0 (no chat domain)")
     dense = DenseModel.from_module(model)
     max_new = ws.cfg.data.chat_max_new_tokens
     rendered = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)

@@ -63,6 +63,11 @@ def chat_models(ws: Workspace) -> dict:
 def run_chat_eval(ws: Workspace) -> dict:
     t0 = time.time()
     tok = ws.tokenizer
+    if not tok.chat_template:
+        out = {"enabled": False, "reason": f"{tok.source}: the tokenizer has no chat template (a base model)"}
+        ws.log(f"chat_eval: skipped: {out['reason']}")
+        ws.mark_done("chat_eval", out, time.time() - t0)
+        return out
     prompts = chat_prompts()
     if ws.cfg.eval.chat_limit:
         prompts = prompts[:ws.cfg.eval.chat_limit]

@@ -46,7 +46,7 @@ def usability_metrics(stages: dict) -> dict:
         if "pruned_dense_tuned" in ood:
             out["ood_ppl_ratio_pruned"] = _geomean(ood["pruned_dense_tuned"].values())
     ce = stages.get("chat_eval")
-    if ce:
+    if ce and "summary" in ce:
         out["chat"] = {name: {k: s.get(k) for k in (*CHAT_KEYS, "facts_stated", "n_facts", "empty_rate")}
                        for name, s in ce["summary"].items()}
     return out

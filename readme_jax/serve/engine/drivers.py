@@ -71,15 +71,24 @@ def generate(engine: Engine, prompts: Sequence, max_new_tokens: int | Sequence[i
 
 
 def greedy_batch(model: ServedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                 eos_id: int | None, n_slots: int = 16) -> list[list[int]]:
+                 eos_id: int | None, n_slots: int = 16, progress: Callable[[int], None] | None = None
+                 ) -> list[list[int]]:
     """Greedy continuations of many prompts (each ends with ``eos_id`` when the model closed it),
-    ``n_slots`` at a time on one engine sized to them, prompts in chunks of 64 tokens: the main
-    job's chat answers (chat_data, chat_eval)."""
+    ``n_slots`` at a time on ONE engine sized to the longest (one set of compiled shapes), prompts in
+    chunks of 64 tokens: the main job's chat answers (chat_data, chat_eval). ``progress(n)`` is called
+    with the number of prompts finished after each group of ``4 * n_slots``."""
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)
     cfg = EngineConfig(n_slots=n_slots, max_len=longest + max_new_tokens, eos_id=eos_id, token_budget=64)
-    return generate(Engine(model, cfg), [list(p) for p in prompts], max_new_tokens)
+    engine = Engine(model, cfg)
+    out: list[list[int]] = []
+    group = 4 * n_slots
+    for s in range(0, len(prompts), group):
+        out += generate(engine, [list(p) for p in prompts[s:s + group]], max_new_tokens)
+        if progress is not None:
+            progress(len(out))
+    return out
 
 
 def complete(model: ServedModel, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_id: int | None = None,
