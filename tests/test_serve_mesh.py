@@ -1,4 +1,4 @@
-"""Serving on a mesh (``EngineConfig.mesh``, serve/placement.py): experts sharded over 8 CPU devices.
+"""Serving on a mesh (``EngineConfig.mesh``, serve/engine/placement.py): experts sharded over 8 CPU devices.
 
 The engine generates greedily for several requests of mixed lengths (prompts in chunks, mixed with
 decodes) on meshes (data, expert, model) = (1, 4, 1) and (2, 2, 2); its tokens and routes must equal

@@ -1,7 +1,7 @@
 """Serving configs: the synthetic workload and the serve-bench settings (``serve:`` of the run config).
 
 Workload length means default to 69.5 prompt and 214.5 response tokens, the averages RECALLED (not
-verified here) from Table 1 of the LMSYS-Chat-1M paper (arXiv 2309.11998); see serve/workload.py.
+verified here) from Table 1 of the LMSYS-Chat-1M paper (arXiv 2309.11998); see serve/sim/workload.py.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ WORKLOAD_KEY = "serve.workload."  # where a WorkloadConfig lives in the run conf
 
 @dataclasses.dataclass(frozen=True)
 class WorkloadConfig:
-    """Synthetic Chatbot-Arena-like requests (serve/workload.py makes them from this)."""
+    """Synthetic Chatbot-Arena-like requests (serve/sim/workload.py makes them from this)."""
 
     n_requests: int = 500
     rate_per_s: float = 1.0  # Poisson arrival rate
@@ -153,7 +153,7 @@ class ServeBenchConfig:
     max_wait_steps: int | None = 16
     max_len: int = 192
     min_window: int = 32  # smallest attention window of the engine (EngineConfig.min_window)
-    mesh: MeshConfig | None = None  # experts sharded over devices (EngineConfig.mesh, serve/placement.py)
+    mesh: MeshConfig | None = None  # experts sharded over devices (EngineConfig.mesh, serve/engine/placement.py)
     stop_at_eos: bool = False  # False: outputs run to the workload's lengths (stand-ins for real replies)
     temperature: float = 0.0
     capacities: tuple[int, ...] = (2, 3, 4, 5)

@@ -110,7 +110,7 @@ class LLM:
         """The Read-ME model of a run folder, its ``train/final`` or an export; ``dense=True``: the run's
         dense source model (the A/B twin), or a dense checkpoint path (GGUF, HF directory). The engine
         gets ``n_slots`` KV slots of ``max_len`` tokens (capped at the model's context) and, with
-        ``mesh`` (a MeshConfig or jax Mesh), its experts sharded over devices (serve/placement.py)."""
+        ``mesh`` (a MeshConfig or jax Mesh), its experts sharded over devices (serve/engine/placement.py)."""
         model, tok, name = open_model(path, dense=dense)
         cfg = serving_engine_config(n_slots, min(max_len, _max_len(model)), tok.eos_id, mesh=mesh)
         return cls(model, tok, cfg, name=kw.pop("name", name), **kw)

@@ -210,7 +210,7 @@ def unique_experts(items: Sequence[WorkItem | BatchItem]) -> frozenset:
 
 
 class StepOutput(NamedTuple):
-    """What one engine step returns (serve/engine.py)."""
+    """What one engine step returns (serve/engine/)."""
 
     next_routes: dict  # rid -> expert of the token just sampled, None when the request finished
     tokens: dict  # rid -> the token just sampled
