@@ -106,7 +106,8 @@ def test_run_accepts_a_hub_id(fake_hub, tmp_path, cache_dir):
     cfg = tiny_run_config(tmp_path / "run", cache_dir, "model=org/tiny")
     assert stages.source_identity(cfg) == {"hub": "org/tiny"}
     rc = cli.main(["run", "--config", "tiny_test", "--no-progress", f"output_dir={tmp_path / 'run'}",
-                   f"data.cache_dir={cache_dir}", "model=org/tiny", "stages=[dense_eval]"])
+                   f"data.cache_dir={cache_dir}", "model=org/tiny", "stages=[dense_eval]",
+                   "data.chat_prompts=0"])  # the hub id is the point here, not the chat domain
     assert rc == 0 and fake_hub[3][0][0] == "org/tiny"
     assert json.loads((tmp_path / "run" / "dense_eval" / "done.json").read_text())["settings"]["source"] == \
         {"hub": "org/tiny"}
