@@ -24,6 +24,7 @@ from readme_jax.config import ModelConfig, RouterConfig
 from readme_jax.model.moe import MoEBackbone
 from readme_jax.model.readme_model import ReadMEModel
 from readme_jax.model.router import make_router
+from readme_jax.serve.api.http import wait_healthy
 from readme_jax.serve.api.llm import LLM
 
 SLOTS, QUEUE, MAX_LEN = 2, 2, 64
@@ -60,18 +61,7 @@ def server(export_dir, tmp_path_factory):
                                  "--no-warm"],  # shapes compile on first use (warming: test_serve_engine.py)
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+    wait_healthy(proc, base, log, 180)
     yield base, proc, log
     if proc.poll() is None:
         proc.terminate()

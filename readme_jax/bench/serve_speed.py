@@ -44,6 +44,7 @@ from readme_jax.bench.floor import StepCost, copy_bandwidth, matmul_rate
 from readme_jax.checkpoints import embedded_gguf_path
 from readme_jax.checkpoints.readme_io import dense_source
 from readme_jax.jsonfile import write_json
+from readme_jax.serve.api.http import wait_healthy
 from readme_jax.serve.api.llm import LLM, open_model, serving_engine_config
 from readme_jax.serve.engine import Engine
 from readme_jax.serve.scheduling.scheduler import Scheduler, SchedulerConfig
@@ -141,17 +142,8 @@ def start_server(run_dir, dense: bool, slots: int, max_len: int, log: Path) -> t
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base, httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start within 600 s")
+    wait_healthy(proc, base, log, 600)
+    return proc, base, httpx.get(base + "/v1/models").json()["data"][0]["id"]
 
 
 def transformers_run(hf, ids: list, n: int, eos) -> dict:
